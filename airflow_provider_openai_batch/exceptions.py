@@ -1,0 +1,89 @@
+"""Errors raised by the OpenAI Batch hook.
+
+One base class, :class:`OpenAIBatchError`, so a caller can catch everything the provider raises, and one
+subclass per decision a caller makes differently: the batch does not exist, the credentials are wrong, the
+batch is past cancelling, the API is overloaded. Every message names the batch (when there is one) and the
+HTTP status; none ever contains the API key.
+"""
+
+from __future__ import annotations
+
+from airflow.sdk.exceptions import AirflowException
+
+
+class OpenAIBatchError(AirflowException):
+    """Base class of every error raised by this provider.
+
+    :param message: human-readable description, already naming the batch and the HTTP status.
+    :param batch_id: the batch the failed request was about, if any.
+    :param status_code: the HTTP status of the last response, or ``None`` when no response arrived.
+    """
+
+    #: Whether waiting and asking again may succeed (overload, outage, network trouble).
+    transient: bool = False
+
+    def __init__(self, message: str, *, batch_id: str | None = None, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.batch_id = batch_id
+        self.status_code = status_code
+
+
+class OpenAIBatchAPIError(OpenAIBatchError):
+    """The API answered with an error not covered by a more specific class.
+
+    :param api_message: the ``error.message`` from the API's response body, if it sent one.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        batch_id: str | None = None,
+        status_code: int | None = None,
+        api_message: str | None = None,
+    ) -> None:
+        super().__init__(message, batch_id=batch_id, status_code=status_code)
+        self.api_message = api_message
+
+    @property
+    def transient(self) -> bool:  # type: ignore[override]
+        return self.status_code is not None and (self.status_code in (408, 429) or self.status_code >= 500)
+
+
+class BatchNotFoundError(OpenAIBatchAPIError):
+    """HTTP 404: no batch with that id is visible to these credentials."""
+
+
+class OpenAIBatchAuthenticationError(OpenAIBatchAPIError):
+    """HTTP 401 or 403: the API key is missing, wrong, or lacks access to this organization or project."""
+
+
+class OpenAIBatchRateLimitError(OpenAIBatchAPIError):
+    """HTTP 429 still answered after every retry."""
+
+
+class BatchNotCancellableError(OpenAIBatchAPIError):
+    """The batch already reached a state that cannot be cancelled (HTTP 409, or 400 on some deployments).
+
+    :param batch_status: the batch's status as reported by the API's message, e.g. ``"completed"``.
+    """
+
+    def __init__(self, message: str, *, batch_status: str | None = None, **kwargs) -> None:
+        super().__init__(message, **kwargs)
+        self.batch_status = batch_status
+
+
+class OpenAIBatchConnectionError(OpenAIBatchError):
+    """No usable HTTP response arrived: connection refused or dropped, or a timeout, after every retry."""
+
+    transient = True
+
+
+class OpenAIBatchResponseError(OpenAIBatchError):
+    """The API answered 2xx with a body that is not a valid Batch object (invalid JSON, an HTML page...).
+
+    Treated as transient: it is almost always a proxy or load balancer hiccup, and the next poll succeeds.
+    """
+
+    transient = True

@@ -1,0 +1,149 @@
+"""Turning an Airflow connection into validated HTTP client settings.
+
+Kept apart from the hook so the sync and the async paths read a connection the same way, and so every
+mistake in a connection is reported, with the field named, before any request is sent.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import httpx
+
+if TYPE_CHECKING:
+    from airflow.sdk import Connection
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+DEFAULT_TIMEOUT = 60.0
+DEFAULT_MAX_RETRIES = 3
+
+#: Extra of the official ``apache-airflow-providers-openai`` connection; read too, so its connections work here.
+OFFICIAL_CLIENT_KWARGS = "openai_client_kwargs"
+
+
+@dataclass(frozen=True)
+class ConnectionSettings:
+    """Everything needed to talk to the Batch API, read once from a connection.
+
+    Frozen and hashable, so equal settings can share one HTTP client; the key is kept out of ``repr``.
+    """
+
+    conn_id: str
+    api_key: str = field(repr=False)
+    base_url: str = DEFAULT_BASE_URL
+    organization: str | None = None
+    project: str | None = None
+    api_type: Literal["openai", "azure"] = "openai"
+    api_version: str | None = None
+    timeout: float = DEFAULT_TIMEOUT
+    max_retries: int = DEFAULT_MAX_RETRIES
+
+    @classmethod
+    def from_connection(cls, conn: Connection) -> ConnectionSettings:
+        """Validate ``conn`` and build settings from it; raise ``ValueError`` naming the faulty field."""
+        conn_id = conn.conn_id
+        extras: dict[str, Any] = conn.extra_dejson or {}
+        client_kwargs = extras.get(OFFICIAL_CLIENT_KWARGS) or {}
+        if not isinstance(client_kwargs, dict):
+            raise ValueError(f"Connection '{conn_id}': extra '{OFFICIAL_CLIENT_KWARGS}' must be a JSON object.")
+
+        def pick(name: str) -> Any:
+            return extras.get(name) or client_kwargs.get(name) or None
+
+        api_key = conn.password or client_kwargs.get("api_key")
+        if not api_key:
+            raise ValueError(
+                f"Connection '{conn_id}' has no API key: set its password (or "
+                f"'{OFFICIAL_CLIENT_KWARGS}.api_key' in its extras)."
+            )
+        api_type = (pick("api_type") or "openai").lower()
+        if api_type not in ("openai", "azure"):
+            raise ValueError(f"Connection '{conn_id}': extra 'api_type' must be 'openai' or 'azure', not {api_type!r}.")
+        return cls(
+            conn_id=conn_id,
+            api_key=api_key,
+            base_url=_validated_base_url(conn_id, conn.host or client_kwargs.get("base_url") or DEFAULT_BASE_URL),
+            organization=pick("organization"),
+            project=pick("project"),
+            api_type=api_type,
+            api_version=pick("api_version"),
+            timeout=_number(conn_id, "timeout", pick("timeout"), DEFAULT_TIMEOUT, float, minimum=0, strict=True),
+            max_retries=_number(conn_id, "max_retries", pick("max_retries"), DEFAULT_MAX_RETRIES, int, minimum=0),
+        )
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Authentication and scoping headers sent with every request."""
+        headers = {"api-key": self.api_key} if self.api_type == "azure" else {"Authorization": f"Bearer {self.api_key}"}
+        if self.organization:
+            headers["OpenAI-Organization"] = self.organization
+        if self.project:
+            headers["OpenAI-Project"] = self.project
+        return headers
+
+    @property
+    def params(self) -> dict[str, str]:
+        """Query parameters sent with every request (Azure OpenAI's ``api-version``)."""
+        return {"api-version": self.api_version} if self.api_version else {}
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments shared by the sync ``httpx.Client`` and the ``httpx.AsyncClient``."""
+        return {
+            "base_url": self.base_url,
+            "headers": self.headers,
+            "params": self.params,
+            "timeout": httpx.Timeout(self.timeout),
+        }
+
+
+def _validated_base_url(conn_id: str, raw: str) -> str:
+    url = httpx.URL(raw.strip())
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(
+            f"Connection '{conn_id}': base URL {raw!r} must be an absolute http(s) URL, "
+            f"e.g. {DEFAULT_BASE_URL!r}."
+        )
+    if url.scheme == "http" and not _is_loopback(url.host):
+        log.warning(
+            "Connection '%s' sends the API key in clear text over http:// to %s; use https://.", conn_id, url.host
+        )
+    return str(url)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _number(
+    conn_id: str,
+    name: str,
+    raw: Any,
+    default: float,
+    kind: type[float] | type[int],
+    *,
+    minimum: float,
+    strict: bool = False,
+) -> Any:
+    """Parse a numeric extra; the UI stores extras as strings, so ``"30"`` is accepted."""
+    if raw is None or raw == "":
+        return default
+    try:
+        if isinstance(raw, bool):
+            raise TypeError
+        value = kind(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"Connection '{conn_id}': extra '{name}' must be a number, got {raw!r}.") from None
+    if value < minimum or (strict and value == minimum):
+        bound = "greater than" if strict else "at least"
+        raise ValueError(f"Connection '{conn_id}': extra '{name}' must be {bound} {minimum}, got {raw!r}.")
+    return value

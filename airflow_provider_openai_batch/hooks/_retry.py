@@ -1,0 +1,76 @@
+"""When to retry a Batch API request and how long to wait first.
+
+The policy only decides; the sync and async hooks do the waiting. It follows the official OpenAI SDKs:
+exponential backoff from 0.5 s doubling to 8 s with up to 25 % jitter, and the server's ``retry-after-ms`` or
+``Retry-After`` when it gives one within a bound. Unlike the SDKs it never retries 409: for a batch, a
+conflict means the batch already finished, and asking again cannot change that.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from time import time
+
+import httpx
+
+from airflow_provider_openai_batch.hooks._connection import DEFAULT_MAX_RETRIES
+
+RETRYABLE_STATUS_CODES = frozenset({408, 429})
+
+
+def is_retryable_status(status_code: int) -> bool:
+    return status_code in RETRYABLE_STATUS_CODES or status_code >= 500
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Capped exponential backoff with jitter that honours the server's retry hints.
+
+    :param max_retries: retries after the first attempt; 0 disables retrying.
+    :param initial_delay: backoff before the first retry, in seconds.
+    :param max_delay: upper bound of the computed backoff, in seconds.
+    :param max_retry_after: a server hint longer than this is ignored in favour of the computed backoff, so a
+        misbehaving proxy cannot park a task for an hour.
+    """
+
+    max_retries: int = DEFAULT_MAX_RETRIES
+    initial_delay: float = 0.5
+    max_delay: float = 8.0
+    max_retry_after: float = 60.0
+
+    def delay_before_retry(self, retries_done: int, outcome: httpx.Response | httpx.TransportError) -> float | None:
+        """Seconds to wait before retrying after ``outcome``, or ``None`` if ``outcome`` is final."""
+        if retries_done >= self.max_retries:
+            return None
+        if isinstance(outcome, httpx.Response):
+            if not is_retryable_status(outcome.status_code):
+                return None
+            hint = retry_after_seconds(outcome.headers)
+            if hint is not None and 0 <= hint <= self.max_retry_after:
+                return hint
+        return self.backoff(retries_done)
+
+    def backoff(self, retries_done: int) -> float:
+        delay = min(self.initial_delay * 2**retries_done, self.max_delay)
+        return delay * (1 - 0.25 * random.random())
+
+
+def retry_after_seconds(headers: httpx.Headers) -> float | None:
+    """The server's retry hint in seconds: ``retry-after-ms``, else ``Retry-After`` as seconds or an HTTP date."""
+    if (millis := headers.get("retry-after-ms")) is not None:
+        try:
+            return float(millis) / 1000
+        except ValueError:
+            pass
+    if (value := headers.get("retry-after")) is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        return parsedate_to_datetime(value).timestamp() - time()
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,377 @@
+"""Hook for the OpenAI Batch API: retrieve, list and cancel batches, sync or async, over httpx."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import AsyncIterator, Iterator
+from functools import cached_property
+from types import TracebackType
+from typing import Any, Self, TypeVar
+from urllib.parse import quote
+
+import httpx
+from airflow.sdk import BaseHook
+from airflow.sdk.log import mask_secret
+from pydantic import BaseModel, ValidationError
+
+from airflow_provider_openai_batch.exceptions import (
+    BatchNotCancellableError,
+    BatchNotFoundError,
+    OpenAIBatchAPIError,
+    OpenAIBatchAuthenticationError,
+    OpenAIBatchConnectionError,
+    OpenAIBatchError,
+    OpenAIBatchRateLimitError,
+    OpenAIBatchResponseError,
+)
+from airflow_provider_openai_batch.hooks import _async_clients
+from airflow_provider_openai_batch.hooks._connection import ConnectionSettings
+from airflow_provider_openai_batch.hooks._retry import RetryPolicy
+from airflow_provider_openai_batch.models import Batch, BatchList, BatchStatus
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+_BATCH_ID = re.compile(r"[A-Za-z0-9_-]{1,256}")
+_NOT_CANCELLABLE = re.compile(r"Cannot cancel a batch with status '(?P<status>[a-z_]+)'")
+_ALREADY_CANCELLED = frozenset({BatchStatus.CANCELLING, BatchStatus.CANCELLED})
+MAX_PAGE_SIZE = 100
+
+
+def validate_batch_id(batch_id: Any) -> str:
+    """Return ``batch_id`` if it is a well-formed batch id, else raise ``ValueError`` saying what is wrong.
+
+    Checked before any request so that a malformed id (``None``, ``""``, ``"../files"``, ``"batch_1/cancel"``)
+    can never be turned into a request to another endpoint.
+    """
+    if not isinstance(batch_id, str):
+        raise ValueError(f"A batch id must be a string, got {type(batch_id).__name__}: {batch_id!r:.80}.")
+    if not _BATCH_ID.fullmatch(batch_id):
+        raise ValueError(
+            f"Invalid batch id {batch_id!r:.80}: expected 1 to 256 ASCII letters, digits, '_' or '-' "
+            "(like 'batch_abc123')."
+        )
+    return batch_id
+
+
+class OpenAIBatchHook(BaseHook):
+    """Talk to the OpenAI Batch API (or Azure OpenAI, or the bundled emulator).
+
+    The connection's password is the API key and its host the base URL (default ``https://api.openai.com/v1``).
+    Extras: ``organization``, ``project``, ``api_type`` (``openai`` or ``azure``), ``api_version``, ``timeout``
+    (seconds) and ``max_retries``. A connection made for the official OpenAI provider, with its
+    ``openai_client_kwargs`` extra, works unchanged, which is why the default connection is ``openai_default``.
+
+    Sync methods share one ``httpx.Client``; ``a``-prefixed twins share one ``httpx.AsyncClient`` per event loop
+    and never block the loop, connection lookup included. Use the hook as a context manager (``with`` or
+    ``async with``) to release its clients.
+
+    :param conn_id: the Airflow connection to use.
+    :param retry_policy: overrides the retry policy built from the connection's ``max_retries``.
+    """
+
+    conn_name_attr = "conn_id"
+    default_conn_name = "openai_default"
+    conn_type = "openai_batch"
+    hook_name = "OpenAI Batch"
+
+    def __init__(self, conn_id: str = default_conn_name, *, retry_policy: RetryPolicy | None = None) -> None:
+        super().__init__()
+        self.conn_id = conn_id
+        self._retry_policy = retry_policy
+        self._settings: ConnectionSettings | None = None
+        self._shared_async_client: _async_clients.SharedAsyncClient | None = None
+
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        return {
+            "hidden_fields": ["schema", "port", "login"],
+            "relabeling": {"password": "API Key", "host": "Base URL"},
+            "placeholders": {"host": "https://api.openai.com/v1"},
+        }
+
+    # -- connection -------------------------------------------------------------------------------------------
+
+    @property
+    def settings(self) -> ConnectionSettings:
+        """Settings of the connection, looked up once (synchronously: not for use on an event loop)."""
+        if self._settings is None:
+            self._settings = self._read_settings(self.get_connection(self.conn_id))
+        return self._settings
+
+    async def asettings(self) -> ConnectionSettings:
+        """Settings of the connection, looked up once without blocking the event loop."""
+        if self._settings is None:
+            self._settings = self._read_settings(await self._aget_connection())
+        return self._settings
+
+    async def _aget_connection(self) -> Any:
+        if hasattr(BaseHook, "aget_connection"):  # Airflow >= 3.1
+            return await self.aget_connection(self.conn_id)
+        from asgiref.sync import sync_to_async
+
+        return await sync_to_async(self.get_connection)(self.conn_id)
+
+    @staticmethod
+    def _read_settings(conn: Any) -> ConnectionSettings:
+        settings = ConnectionSettings.from_connection(conn)
+        mask_secret(settings.api_key)
+        return settings
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        if self._retry_policy is None:
+            self._retry_policy = RetryPolicy(max_retries=self.settings.max_retries)
+        return self._retry_policy
+
+    # -- sync API ---------------------------------------------------------------------------------------------
+
+    @cached_property
+    def client(self) -> httpx.Client:
+        return httpx.Client(**self.settings.client_kwargs())
+
+    def get_conn(self) -> httpx.Client:
+        return self.client
+
+    def get_batch(self, batch_id: str) -> Batch:
+        """Retrieve a batch."""
+        path = _batch_path(batch_id)
+        return _parse(self._send("GET", path, batch_id=batch_id), Batch, batch_id)
+
+    def cancel_batch(self, batch_id: str) -> Batch:
+        """Ask the API to cancel a batch and return it, usually in ``cancelling``.
+
+        Idempotent: a batch already ``cancelling`` or ``cancelled`` is returned as it is, so task retries and
+        concurrent cancels are safe. A batch that already completed, failed or expired raises
+        :class:`BatchNotCancellableError` carrying its status.
+        """
+        path = _batch_path(batch_id, "cancel")
+        try:
+            return _parse(self._send("POST", path, batch_id=batch_id), Batch, batch_id)
+        except BatchNotCancellableError as error:
+            if error.batch_status not in _ALREADY_CANCELLED:
+                raise
+        return self.get_batch(batch_id)
+
+    def list_batches(self, *, after: str | None = None, limit: int = MAX_PAGE_SIZE) -> Iterator[Batch]:
+        """Iterate over the organization's batches, newest first, fetching pages lazily as they are consumed."""
+        params = _list_params(after, limit)
+        while True:
+            page = _parse(self._send("GET", "/batches", params=params), BatchList, None)
+            yield from page.data
+            if (cursor := _next_cursor(page)) is None:
+                return
+            params = {**params, "after": cursor}
+
+    def test_connection(self) -> tuple[bool, str]:
+        """Back the UI's Test button: list a single batch."""
+        try:
+            next(self.list_batches(limit=1), None)
+        except (OpenAIBatchError, ValueError) as error:
+            return False, str(error)
+        return True, "Connection successfully tested: the Batch API listed batches."
+
+    def close(self) -> None:
+        if "client" in self.__dict__:
+            self.client.close()
+            del self.client
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _send(self, method: str, path: str, *, batch_id: str | None = None, params: dict | None = None) -> httpx.Response:
+        request = self.client.build_request(method, path, params=params)
+        retries_done = 0
+        while True:
+            try:
+                outcome: httpx.Response | httpx.TransportError = self.client.send(request)
+            except httpx.TransportError as error:
+                outcome = error
+            if (delay := self._retry_delay(request, retries_done, outcome)) is None:
+                return _successful(outcome, batch_id)
+            time.sleep(delay)
+            retries_done += 1
+
+    # -- async API --------------------------------------------------------------------------------------------
+
+    async def aget_batch(self, batch_id: str) -> Batch:
+        """Retrieve a batch without blocking the event loop."""
+        path = _batch_path(batch_id)
+        return _parse(await self._asend("GET", path, batch_id=batch_id), Batch, batch_id)
+
+    async def acancel_batch(self, batch_id: str) -> Batch:
+        """Async :meth:`cancel_batch`, with the same idempotency."""
+        path = _batch_path(batch_id, "cancel")
+        try:
+            return _parse(await self._asend("POST", path, batch_id=batch_id), Batch, batch_id)
+        except BatchNotCancellableError as error:
+            if error.batch_status not in _ALREADY_CANCELLED:
+                raise
+        return await self.aget_batch(batch_id)
+
+    async def alist_batches(self, *, after: str | None = None, limit: int = MAX_PAGE_SIZE) -> AsyncIterator[Batch]:
+        """Async :meth:`list_batches`."""
+        params = _list_params(after, limit)
+        while True:
+            page = _parse(await self._asend("GET", "/batches", params=params), BatchList, None)
+            for batch in page.data:
+                yield batch
+            if (cursor := _next_cursor(page)) is None:
+                return
+            params = {**params, "after": cursor}
+
+    async def aclose(self) -> None:
+        """Release this hook's use of the shared async client."""
+        if self._shared_async_client is not None:
+            self._shared_async_client = None
+            await _async_clients.release(self._settings)  # type: ignore[arg-type]
+
+    async def __aenter__(self) -> Self:
+        await self._ashared()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def _ashared(self) -> _async_clients.SharedAsyncClient:
+        if self._shared_async_client is None:
+            self._shared_async_client = await _async_clients.acquire(await self.asettings())
+        return self._shared_async_client
+
+    async def _asend(
+        self, method: str, path: str, *, batch_id: str | None = None, params: dict | None = None
+    ) -> httpx.Response:
+        shared = await self._ashared()
+        request = shared.client.build_request(method, path, params=params)
+        retries_done = 0
+        while True:
+            try:
+                async with shared.gate:
+                    outcome: httpx.Response | httpx.TransportError = await shared.client.send(request)
+            except httpx.TransportError as error:
+                outcome = error
+            if (delay := self._retry_delay(request, retries_done, outcome)) is None:
+                return _successful(outcome, batch_id)
+            await asyncio.sleep(delay)
+            retries_done += 1
+
+    # -- shared by both paths ---------------------------------------------------------------------------------
+
+    def _retry_delay(
+        self, request: httpx.Request, retries_done: int, outcome: httpx.Response | httpx.TransportError
+    ) -> float | None:
+        delay = self.retry_policy.delay_before_retry(retries_done, outcome)
+        if delay is not None:
+            self.log.warning(
+                "%s %s got %s; retry %d of %d in %.2f s.",
+                request.method,
+                request.url.path,
+                _describe(outcome),
+                retries_done + 1,
+                self.retry_policy.max_retries,
+                delay,
+            )
+        return delay
+
+
+def _batch_path(batch_id: str, action: str | None = None) -> str:
+    path = f"/batches/{quote(validate_batch_id(batch_id), safe='')}"
+    return f"{path}/{action}" if action else path
+
+
+def _list_params(after: str | None, limit: int) -> dict[str, Any]:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE_SIZE:
+        raise ValueError(f"limit must be an integer from 1 to {MAX_PAGE_SIZE}, got {limit!r}.")
+    params: dict[str, Any] = {"limit": limit}
+    if after is not None:
+        params["after"] = validate_batch_id(after)
+    return params
+
+
+def _next_cursor(page: BatchList) -> str | None:
+    if not page.has_more or not page.data:
+        return None
+    return page.last_id or page.data[-1].id
+
+
+def _describe(outcome: httpx.Response | httpx.TransportError) -> str:
+    if isinstance(outcome, httpx.Response):
+        return f"HTTP {outcome.status_code}"
+    return f"{type(outcome).__name__} ({outcome})" if str(outcome) else type(outcome).__name__
+
+
+def _subject(batch_id: str | None) -> str:
+    return f"batch '{batch_id}'" if batch_id else "the batch list"
+
+
+def _successful(outcome: httpx.Response | httpx.TransportError, batch_id: str | None) -> httpx.Response:
+    """Return a 2xx response, or raise the provider error matching ``outcome``."""
+    if isinstance(outcome, httpx.TransportError):
+        raise OpenAIBatchConnectionError(
+            f"No response from the OpenAI Batch API for {_subject(batch_id)}: {_describe(outcome)}.",
+            batch_id=batch_id,
+        ) from outcome
+    if outcome.is_success:
+        return outcome
+    raise _api_error(outcome, batch_id)
+
+
+def _api_error(response: httpx.Response, batch_id: str | None) -> OpenAIBatchAPIError:
+    """Map an error response to the provider's exception for it, keeping the API's own message."""
+    status = response.status_code
+    api_message = _error_message(response)
+    subject = _subject(batch_id)
+    detail = f": {api_message}" if api_message else "."
+    kwargs: dict[str, Any] = {"batch_id": batch_id, "status_code": status, "api_message": api_message}
+    not_cancellable = _NOT_CANCELLABLE.search(api_message or "")
+    if status == 409 or (status == 400 and not_cancellable):
+        batch_status = not_cancellable["status"] if not_cancellable else None
+        return BatchNotCancellableError(
+            f"Cannot cancel {subject} (HTTP {status}): it is {batch_status or 'no longer cancellable'}{detail}",
+            batch_status=batch_status,
+            **kwargs,
+        )
+    if status == 404:
+        return BatchNotFoundError(f"OpenAI Batch API found no {subject} (HTTP 404){detail}", **kwargs)
+    if status in (401, 403):
+        return OpenAIBatchAuthenticationError(
+            f"OpenAI Batch API refused the credentials for {subject} (HTTP {status}){detail}", **kwargs
+        )
+    if status == 429:
+        return OpenAIBatchRateLimitError(
+            f"OpenAI Batch API is still rate limiting requests for {subject} after all retries (HTTP 429){detail}",
+            **kwargs,
+        )
+    return OpenAIBatchAPIError(f"OpenAI Batch API request for {subject} failed with HTTP {status}{detail}", **kwargs)
+
+
+def _error_message(response: httpx.Response) -> str | None:
+    """The ``error.message`` of an OpenAI error envelope, if the body is one."""
+    try:
+        error = response.json().get("error")
+    except (ValueError, AttributeError):
+        return None
+    message = error.get("message") if isinstance(error, dict) else None
+    return message if isinstance(message, str) else None
+
+
+def _parse(response: httpx.Response, model: type[ModelT], batch_id: str | None) -> ModelT:
+    try:
+        return model.model_validate_json(response.content)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        raise OpenAIBatchResponseError(
+            f"OpenAI Batch API answered HTTP {response.status_code} for {_subject(batch_id)} with a body that is "
+            f"not a valid {model.__name__} ({response.headers.get('content-type', 'no content type')}; "
+            f"{error.error_count()} error(s), first at {where}: {first['msg']}).",
+            batch_id=batch_id,
+            status_code=response.status_code,
+        ) from None
+

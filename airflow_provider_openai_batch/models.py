@@ -1,0 +1,137 @@
+"""Pydantic models of the OpenAI Batch API objects.
+
+They follow the ``Batch`` and ``ListBatchesResponse`` schemas of the official OpenAPI spec field for field.
+Three choices make them safe against a live, evolving API:
+
+* every optional field is nullable, because the API sends ``null`` for unset fields rather than omitting them;
+* unknown fields are kept (``extra="allow"``), so a field added by OpenAI survives a round trip to XCom;
+* an unknown ``status`` string is kept as a plain ``str`` instead of failing validation, so one batch in a
+  new state cannot break the parsing of a whole list.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class BatchStatus(StrEnum):
+    """The eight states of a batch's lifecycle."""
+
+    VALIDATING = "validating"
+    FAILED = "failed"
+    IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"
+    COMPLETED = "completed"
+    EXPIRED = "expired"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        """Whether the batch will never change state again."""
+        return self in TERMINAL_STATUSES
+
+    @property
+    def is_cancellable(self) -> bool:
+        """Whether ``POST /batches/{id}/cancel`` moves the batch to ``cancelling``."""
+        return self in CANCELLABLE_STATUSES
+
+
+TERMINAL_STATUSES = frozenset(
+    {BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.EXPIRED, BatchStatus.CANCELLED}
+)
+CANCELLABLE_STATUSES = frozenset({BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING})
+
+
+class _APIObject(BaseModel):
+    """Base of every API object: keeps unknown fields so newer API versions round-trip intact."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class BatchRequestCounts(_APIObject):
+    total: int
+    completed: int
+    failed: int
+
+
+class BatchError(_APIObject):
+    code: str | None = None
+    message: str | None = None
+    param: str | None = None
+    line: int | None = None
+
+
+class BatchErrors(_APIObject):
+    object: str | None = None
+    data: list[BatchError] = Field(default_factory=list)
+
+
+class BatchInputTokensDetails(_APIObject):
+    cached_tokens: int
+
+
+class BatchOutputTokensDetails(_APIObject):
+    reasoning_tokens: int
+
+
+class BatchUsage(_APIObject):
+    input_tokens: int
+    input_tokens_details: BatchInputTokensDetails
+    output_tokens: int
+    output_tokens_details: BatchOutputTokensDetails
+    total_tokens: int
+
+
+class Batch(_APIObject):
+    """A batch as returned by the retrieve, list and cancel endpoints."""
+
+    id: str
+    object: str
+    endpoint: str
+    input_file_id: str
+    completion_window: str
+    # Left-to-right union: known statuses become ``BatchStatus`` members, an unknown one stays a ``str``.
+    status: BatchStatus | str = Field(union_mode="left_to_right")
+    created_at: int
+    model: str | None = None
+    errors: BatchErrors | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    in_progress_at: int | None = None
+    expires_at: int | None = None
+    finalizing_at: int | None = None
+    completed_at: int | None = None
+    failed_at: int | None = None
+    expired_at: int | None = None
+    cancelling_at: int | None = None
+    cancelled_at: int | None = None
+    request_counts: BatchRequestCounts | None = None
+    usage: BatchUsage | None = None
+    metadata: dict[str, str] | None = None
+
+    @property
+    def is_terminal(self) -> bool:
+        """Whether the batch reached a final state; an unknown status is never taken as final."""
+        return isinstance(self.status, BatchStatus) and self.status.is_terminal
+
+    @property
+    def is_cancellable(self) -> bool:
+        return isinstance(self.status, BatchStatus) and self.status.is_cancellable
+
+    def to_xcom(self) -> dict[str, Any]:
+        """JSON-serialisable form, fit for XCom and trigger events; unknown fields included."""
+        return self.model_dump(mode="json")
+
+
+class BatchList(_APIObject):
+    """One page of ``GET /batches``; ``last_id`` is the cursor for the next page when ``has_more``."""
+
+    object: str
+    data: list[Batch]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
