@@ -1,0 +1,146 @@
+"""What waiting for a cancellation means, shared by the trigger, the multi-batch trigger and the sync operator.
+
+:class:`CancellationWatch` holds no I/O: it is fed each poll's batch or error and answers either "keep
+waiting" (``None``) or the final :class:`CancellationEvent`. The deferrable and the synchronous paths therefore
+end a wait for exactly the same reasons, with the same payload.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from enum import StrEnum
+from typing import Any, Self
+
+from pydantic import BaseModel
+
+from airflow_provider_openai_batch.exceptions import OpenAIBatchError
+from airflow_provider_openai_batch.models import Batch, BatchRequestCounts, BatchStatus
+
+log = logging.getLogger(__name__)
+
+#: Consecutive failed polls (each already retried by the hook) after which a wait gives up.
+MAX_CONSECUTIVE_FAILURES = 5
+
+
+class CancellationStatus(StrEnum):
+    """How a wait ended: the batch's final status, or why the wait stopped without one."""
+
+    CANCELLED = "cancelled"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    TIMEOUT = "timeout"
+    ERROR = "error"
+
+
+#: Final batch statuses reached because the batch finished before the cancel took effect.
+FINISHED_FIRST = frozenset({CancellationStatus.COMPLETED, CancellationStatus.FAILED, CancellationStatus.EXPIRED})
+
+
+class CancellationEvent(BaseModel):
+    """Payload of the trigger's single event, and the result of a synchronous wait.
+
+    :param batch: the last Batch seen, as JSON, or ``None`` if no poll ever succeeded.
+    """
+
+    status: CancellationStatus
+    batch_id: str
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    request_counts: BatchRequestCounts | None = None
+    batch: dict[str, Any] | None = None
+    message: str
+
+    @classmethod
+    def from_batch(cls, batch: Batch, *, status: CancellationStatus | None = None, message: str | None = None) -> Self:
+        final = status or CancellationStatus(batch.status)
+        return cls(
+            status=final,
+            batch_id=batch.id,
+            output_file_id=batch.output_file_id,
+            error_file_id=batch.error_file_id,
+            request_counts=batch.request_counts,
+            batch=batch.to_xcom(),
+            message=message or _final_message(batch),
+        )
+
+    @classmethod
+    def without_batch(cls, batch_id: str, status: CancellationStatus, message: str) -> Self:
+        return cls(status=status, batch_id=batch_id, message=message)
+
+    def to_payload(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _final_message(batch: Batch) -> str:
+    if batch.status == BatchStatus.CANCELLED:
+        return f"Batch '{batch.id}' is cancelled; partial results: output file {batch.output_file_id!r}."
+    return (
+        f"Batch '{batch.id}' finished as '{batch.status}' before the cancellation took effect; "
+        f"output file {batch.output_file_id!r}."
+    )
+
+
+class CancellationWatch:
+    """The state of one wait for a batch to leave ``cancelling``.
+
+    :param batch_id: the batch being waited for.
+    :param deadline: absolute UNIX time after which the wait ends with ``timeout``. Absolute, so that a
+        restarted trigger keeps the clock it was given.
+    :param max_consecutive_failures: transient poll failures in a row tolerated before ending with ``error``.
+    """
+
+    def __init__(
+        self, batch_id: str, deadline: float, max_consecutive_failures: int = MAX_CONSECUTIVE_FAILURES
+    ) -> None:
+        self.batch_id = batch_id
+        self.deadline = deadline
+        self.max_consecutive_failures = max_consecutive_failures
+        self.consecutive_failures = 0
+        self.last_batch: Batch | None = None
+
+    def on_batch(self, batch: Batch) -> CancellationEvent | None:
+        """Record a successful poll; return the final event if the batch reached a final status."""
+        self.consecutive_failures = 0
+        self.last_batch = batch
+        if batch.is_terminal:
+            return CancellationEvent.from_batch(batch)
+        if not isinstance(batch.status, BatchStatus):
+            log.warning("Batch '%s' reports unknown status %r; still waiting for 'cancelled'.", batch.id, batch.status)
+        return self._timeout_if_due()
+
+    def on_error(self, error: OpenAIBatchError) -> CancellationEvent | None:
+        """Record a failed poll; transient failures end the wait only after several in a row."""
+        if not error.transient:
+            return self._error(f"Stopped waiting for batch '{self.batch_id}': {error}")
+        self.consecutive_failures += 1
+        if self.consecutive_failures >= self.max_consecutive_failures:
+            return self._error(
+                f"Stopped waiting for batch '{self.batch_id}' after {self.consecutive_failures} failed polls "
+                f"in a row; last error: {error}"
+            )
+        log.warning("Poll %d of batch '%s' failed, will poll again: %s", self.consecutive_failures, self.batch_id, error)
+        return self._timeout_if_due()
+
+    def seconds_to_next_poll(self, poll_interval: float) -> float:
+        """Sleep before the next poll: the poll interval, shortened so the last poll lands on the deadline."""
+        return max(0.0, min(poll_interval, self.deadline - time.time()))
+
+    def _timeout_if_due(self) -> CancellationEvent | None:
+        if time.time() < self.deadline:
+            return None
+        status = self.last_batch.status if self.last_batch else "unknown"
+        message = (
+            f"Batch '{self.batch_id}' is still '{status}' at the deadline; it may yet be cancelled by OpenAI. "
+            "Raise the operator's timeout to wait longer."
+        )
+        return self._event(CancellationStatus.TIMEOUT, message)
+
+    def _error(self, message: str) -> CancellationEvent:
+        return self._event(CancellationStatus.ERROR, message)
+
+    def _event(self, status: CancellationStatus, message: str) -> CancellationEvent:
+        if self.last_batch is None:
+            return CancellationEvent.without_batch(self.batch_id, status, message)
+        return CancellationEvent.from_batch(self.last_batch, status=status, message=message)
