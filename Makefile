@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test test-system demo bench clean
 
 $(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,14 @@ install: $(STAMP)
 
 test: install
 	$(BIN)/python -m pytest
+
+# A real Airflow deployment (scheduler, triggerer, dag-processor, API server) against the emulator.
+test-system: install
+	$(BIN)/python -m pytest tests/system -p no:cacheprovider
+
+# Benchmarks against the official OpenAI provider; not part of `make test`.
+bench: install
+	$(BIN)/python bench/run_all.py
 
 demo: install
 	$(BIN)/python -m airflow_provider_openai_batch.testing.demo
