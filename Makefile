@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml | $(BIN)/uv
 install: $(STAMP)
 
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --ignore=tests/system
 
 # A real Airflow deployment (scheduler, triggerer, dag-processor, API server) against the emulator.
 test-system: install
