@@ -63,12 +63,16 @@ class OpenAIBatchCancellationTrigger(BaseTrigger):
 
 
 async def wait_for_cancellation(hook: OpenAIBatchHook, watch: CancellationWatch, poll_interval: float) -> CancellationEvent:
-    """Poll ``watch.batch_id`` until ``watch`` reports a final event."""
+    """Poll ``watch.batch_id`` every ``poll_interval`` seconds until ``watch`` reports a final event.
+
+    It sleeps before the first poll: the batch was just seen in ``cancelling``, and on a triggerer restart one
+    interval's delay is cheaper than a wasted request for every resumed trigger.
+    """
     while True:
+        await asyncio.sleep(watch.seconds_to_next_poll(poll_interval))
         try:
             event = watch.on_batch(await hook.aget_batch(watch.batch_id))
         except OpenAIBatchError as error:
             event = watch.on_error(error)
         if event is not None:
             return event
-        await asyncio.sleep(watch.seconds_to_next_poll(poll_interval))
