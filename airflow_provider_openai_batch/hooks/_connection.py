@@ -53,7 +53,10 @@ class ConnectionSettings:
             raise ValueError(f"Connection '{conn_id}': extra '{OFFICIAL_CLIENT_KWARGS}' must be a JSON object.")
 
         def pick(name: str) -> Any:
-            return extras.get(name) or client_kwargs.get(name) or None
+            for source in (extras, client_kwargs):
+                if source.get(name) not in (None, ""):
+                    return source[name]
+            return None
 
         api_key = conn.password or client_kwargs.get("api_key")
         if not api_key:

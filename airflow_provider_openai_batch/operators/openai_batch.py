@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
 from airflow.sdk import BaseOperator, BaseOperatorLink, conf
 from airflow.sdk.exceptions import AirflowException, AirflowSkipException
+from pydantic import BaseModel
 
 from airflow_provider_openai_batch.cancellation import (
     FINISHED_FIRST,
@@ -16,10 +18,14 @@ from airflow_provider_openai_batch.cancellation import (
     CancellationStatus,
     CancellationWatch,
 )
-from airflow_provider_openai_batch.exceptions import BatchNotCancellableError, OpenAIBatchError
+from airflow_provider_openai_batch.exceptions import BatchNotCancellableError, BatchNotFoundError, OpenAIBatchError
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook, validate_batch_id
-from airflow_provider_openai_batch.models import BatchStatus
-from airflow_provider_openai_batch.triggers.openai_batch import OpenAIBatchCancellationTrigger
+from airflow_provider_openai_batch.models import CANCELLABLE_STATUSES, Batch, BatchStatus
+from airflow_provider_openai_batch.triggers.openai_batch import (
+    OpenAIBatchCancellationTrigger,
+    OpenAIBatchesCancellationTrigger,
+    wait_for_cancellations,
+)
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -102,15 +108,12 @@ class OpenAICancelBatchOperator(BaseOperator):
             raise ValueError(f"if_missing must be 'skip' or 'fail', not {if_missing!r}.")
         if if_finished not in ("succeed", "skip", "fail"):
             raise ValueError(f"if_finished must be 'succeed', 'skip' or 'fail', not {if_finished!r}.")
-        timeout_seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
-        if poll_interval <= 0 or timeout_seconds <= 0:
-            raise ValueError(f"poll_interval and timeout must be positive, got {poll_interval!r} and {timeout!r}.")
         self.batch_id = batch_id
         self.conn_id = conn_id
         self.wait_for_cancellation = wait_for_cancellation
         self.deferrable = deferrable
-        self.poll_interval = poll_interval
-        self.timeout_seconds = timeout_seconds
+        self.poll_interval = _positive_seconds("poll_interval", poll_interval)
+        self.timeout_seconds = _positive_seconds("timeout", timeout)
         self.if_missing = if_missing
         self.if_finished = if_finished
 
@@ -186,3 +189,186 @@ class OpenAICancelBatchOperator(BaseOperator):
         for key in ("status", "output_file_id", "error_file_id"):
             ti.xcom_push(key=key, value=batch.get(key))
         return batch
+
+
+class OpenAICancelStaleBatchesOperator(BaseOperator):
+    """Cancel every batch still running past an age limit: the scheduled cleanup of forgotten, costly batches.
+
+    It reads the whole batch list (newest first: the stale batches are the oldest, at its end, so there is no
+    page at which to stop early), selects the batches in ``statuses`` created more than ``older_than`` ago whose
+    metadata and endpoint match, and cancels them concurrently. One batch failing to cancel does not stop the
+    others. With ``wait_for_cancellation`` it then waits for all of them at once (one trigger when deferrable).
+
+    The task returns a JSON summary: ``selected`` ids, ``cancelled`` (with each batch's final status and output
+    file ids), ``already_finished`` (the API answered 409), ``not_found``, and ``failed`` (with the error). If any
+    batch failed the task fails too, after pushing the summary as the XCom ``summary``, so alerts fire.
+
+    :param conn_id: the OpenAI Batch connection (templated).
+    :param older_than: minimum age, measured from the batch's ``created_at``.
+    :param statuses: statuses a batch must be in to be selected (default: the cancellable ones).
+    :param metadata: only batches whose metadata has each of these key/value pairs (templated).
+    :param endpoint: only batches for this endpoint, e.g. ``/v1/chat/completions``.
+    :param dry_run: select and report, but cancel nothing.
+    :param max_concurrency: cancel requests in flight at once.
+    :param wait_for_cancellation: wait until the cancelled batches are ``cancelled``, to report output files.
+    :param deferrable: wait in the triggerer instead of the worker.
+    :param poll_interval: seconds between polling rounds while waiting.
+    :param timeout: how long to wait after the cancels before reporting the still-cancelling batches as failed.
+    """
+
+    template_fields: Sequence[str] = ("conn_id", "metadata")
+    ui_color = "#e8f4ef"
+
+    def __init__(
+        self,
+        *,
+        older_than: timedelta,
+        conn_id: str = OpenAIBatchHook.default_conn_name,
+        statuses: Collection[str] = tuple(CANCELLABLE_STATUSES),
+        metadata: dict[str, str] | None = None,
+        endpoint: str | None = None,
+        dry_run: bool = False,
+        max_concurrency: int = 8,
+        wait_for_cancellation: bool = True,
+        deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        poll_interval: float = 30,
+        timeout: timedelta | float = timedelta(minutes=15),
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if not isinstance(older_than, timedelta) or older_than < timedelta(0):
+            raise ValueError(f"older_than must be a non-negative timedelta, got {older_than!r}.")
+        unknown = set(statuses) - set(BatchStatus)
+        if unknown or not statuses:
+            raise ValueError(f"statuses must be batch statuses ({', '.join(BatchStatus)}), got {sorted(statuses)}.")
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency!r}.")
+        self.conn_id = conn_id
+        self.older_than = older_than
+        self.statuses = frozenset(BatchStatus(status) for status in statuses)
+        self.metadata = metadata or {}
+        self.endpoint = endpoint
+        self.dry_run = dry_run
+        self.max_concurrency = max_concurrency
+        self.wait_for_cancellation = wait_for_cancellation
+        self.deferrable = deferrable
+        self.poll_interval = _positive_seconds("poll_interval", poll_interval)
+        self.timeout_seconds = _positive_seconds("timeout", timeout)
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        hook = OpenAIBatchHook(self.conn_id)
+        with hook:
+            selected = [batch for batch in hook.list_batches() if self._is_stale(batch)]
+        summary = CleanupSummary(dry_run=self.dry_run, selected=[batch.id for batch in selected])
+        self.log.info("Selected %d stale batch(es): %s", len(selected), summary.selected)
+        if self.dry_run or not selected:
+            return self._report(context, summary)
+
+        asyncio.run(self._cancel_all(hook, summary))
+        waiting = [entry["batch_id"] for entry in summary.cancelled if entry["status"] != BatchStatus.CANCELLED]
+        if not (self.wait_for_cancellation and waiting):
+            return self._report(context, summary)
+        deadline = time.time() + self.timeout_seconds
+        if self.deferrable:
+            self.defer(
+                trigger=OpenAIBatchesCancellationTrigger(
+                    batch_ids=waiting, conn_id=self.conn_id, poll_interval=self.poll_interval, deadline=deadline
+                ),
+                method_name="execute_complete",
+                kwargs={"summary": summary.model_dump()},
+            )
+        events = asyncio.run(wait_for_cancellations(self.conn_id, waiting, self.poll_interval, deadline))
+        return self._report(context, summary.with_outcomes(events))
+
+    def execute_complete(
+        self, context: Context, event: dict[str, Any] | None = None, summary: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Resume after the trigger fired: merge each batch's outcome into the summary."""
+        if event is None or summary is None:
+            raise AirflowException("The cancellation trigger fired no event payload; cannot tell the batches' fate.")
+        events = [CancellationEvent.model_validate(payload) for payload in event["events"]]
+        return self._report(context, CleanupSummary.model_validate(summary).with_outcomes(events))
+
+    def _is_stale(self, batch: Batch) -> bool:
+        cutoff = time.time() - self.older_than.total_seconds()
+        return (
+            batch.status in self.statuses
+            and batch.created_at <= cutoff
+            and (self.endpoint is None or batch.endpoint == self.endpoint)
+            and all((batch.metadata or {}).get(key) == value for key, value in self.metadata.items())
+        )
+
+    async def _cancel_all(self, hook: OpenAIBatchHook, summary: CleanupSummary) -> None:
+        gate = asyncio.Semaphore(self.max_concurrency)
+
+        async def cancel(batch_id: str) -> None:
+            async with gate:
+                try:
+                    summary.record_cancel(await hook.acancel_batch(batch_id))
+                except BatchNotCancellableError as error:
+                    summary.already_finished.append({"batch_id": batch_id, "status": error.batch_status})
+                except BatchNotFoundError:
+                    summary.not_found.append(batch_id)
+                except OpenAIBatchError as error:
+                    summary.failed.append({"batch_id": batch_id, "error": str(error)})
+
+        async with hook:
+            await asyncio.gather(*(cancel(batch_id) for batch_id in summary.selected))
+
+    def _report(self, context: Context, summary: CleanupSummary) -> dict[str, Any]:
+        result = summary.model_dump()
+        self.log.info(
+            "Cleanup: %d selected, %d cancelled, %d already finished, %d not found, %d failed%s.",
+            len(summary.selected),
+            len(summary.cancelled),
+            len(summary.already_finished),
+            len(summary.not_found),
+            len(summary.failed),
+            " (dry run: nothing was cancelled)" if summary.dry_run else "",
+        )
+        if summary.failed:
+            context["ti"].xcom_push(key="summary", value=result)
+            raise AirflowException(f"Could not cancel {len(summary.failed)} batch(es): {summary.failed}")
+        return result
+
+
+class CleanupSummary(BaseModel):
+    """What a cleanup run did, batch by batch; JSON-serialisable for XCom and the deferral's kwargs."""
+
+    dry_run: bool
+    selected: list[str]
+    cancelled: list[dict[str, Any]] = []
+    already_finished: list[dict[str, Any]] = []
+    not_found: list[str] = []
+    failed: list[dict[str, Any]] = []
+
+    def record_cancel(self, batch: Batch) -> None:
+        self.cancelled.append(_cancelled_entry(batch.id, batch.status, batch.output_file_id, batch.error_file_id))
+
+    def with_outcomes(self, events: list[CancellationEvent]) -> CleanupSummary:
+        """Update the cancelled batches with how their wait ended; timeouts and errors move to ``failed``."""
+        outcomes = {event.batch_id: event for event in events}
+        summary = self.model_copy(deep=True)
+        summary.cancelled = []
+        for entry in self.cancelled:
+            event = outcomes.get(entry["batch_id"])
+            if event is None:
+                summary.cancelled.append(entry)
+            elif event.status in (CancellationStatus.TIMEOUT, CancellationStatus.ERROR):
+                summary.failed.append({"batch_id": event.batch_id, "error": event.message})
+            else:
+                summary.cancelled.append(
+                    _cancelled_entry(event.batch_id, event.status, event.output_file_id, event.error_file_id)
+                )
+        return summary
+
+
+def _cancelled_entry(batch_id: str, status: str, output_file_id: str | None, error_file_id: str | None) -> dict:
+    return {"batch_id": batch_id, "status": str(status), "output_file_id": output_file_id, "error_file_id": error_file_id}
+
+
+def _positive_seconds(name: str, value: timedelta | float) -> float:
+    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    if seconds <= 0:
+        raise ValueError(f"{name} must be positive, got {value!r}.")
+    return seconds

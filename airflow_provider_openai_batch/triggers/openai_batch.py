@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from airflow.sdk.exceptions import AirflowNotFoundException
@@ -12,6 +12,9 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 from airflow_provider_openai_batch.cancellation import CancellationEvent, CancellationStatus, CancellationWatch
 from airflow_provider_openai_batch.exceptions import OpenAIBatchError
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
+
+#: What can go wrong before the first poll: a missing or invalid connection, or an unreachable API.
+_SETUP_ERRORS = (OpenAIBatchError, ValueError, AirflowNotFoundException)
 
 
 class OpenAIBatchCancellationTrigger(BaseTrigger):
@@ -51,28 +54,75 @@ class OpenAIBatchCancellationTrigger(BaseTrigger):
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        try:
-            async with OpenAIBatchHook(self.conn_id) as hook:
-                watch = CancellationWatch(self.batch_id, self.deadline)
-                event = await wait_for_cancellation(hook, watch, self.poll_interval)
-        except (OpenAIBatchError, ValueError, AirflowNotFoundException) as error:
-            event = CancellationEvent.without_batch(
-                self.batch_id, CancellationStatus.ERROR, f"Cannot poll batch '{self.batch_id}': {error}"
-            )
+        [event] = await wait_for_cancellations(self.conn_id, [self.batch_id], self.poll_interval, self.deadline)
         yield TriggerEvent(event.to_payload())
 
 
-async def wait_for_cancellation(hook: OpenAIBatchHook, watch: CancellationWatch, poll_interval: float) -> CancellationEvent:
-    """Poll ``watch.batch_id`` every ``poll_interval`` seconds until ``watch`` reports a final event.
+class OpenAIBatchesCancellationTrigger(BaseTrigger):
+    """One trigger waiting for many batches to leave ``cancelling``, with the guarantees of the single one.
 
-    It sleeps before the first poll: the batch was just seen in ``cancelling``, and on a triggerer restart one
-    interval's delay is cheaper than a wasted request for every resumed trigger.
+    A cleanup that cancels fifty batches defers once, holds one triggerer slot and one connection lookup, and
+    polls the batches still pending each round, concurrently. It fires a single event when every batch has a
+    final outcome: ``{"events": [CancellationEvent payload, ...]}`` in the order of ``batch_ids``.
+
+    :param batch_ids: the batches whose cancellation to wait for.
+    :param conn_id: the Airflow connection of the OpenAI Batch API.
+    :param poll_interval: seconds between polling rounds.
+    :param deadline: absolute UNIX time at which every batch still pending ends with ``timeout``.
     """
-    while True:
-        await asyncio.sleep(watch.seconds_to_next_poll(poll_interval))
-        try:
-            event = watch.on_batch(await hook.aget_batch(watch.batch_id))
-        except OpenAIBatchError as error:
-            event = watch.on_error(error)
-        if event is not None:
-            return event
+
+    def __init__(self, batch_ids: Sequence[str], conn_id: str, poll_interval: float, deadline: float) -> None:
+        super().__init__()
+        self.batch_ids = list(batch_ids)
+        self.conn_id = conn_id
+        self.poll_interval = poll_interval
+        self.deadline = deadline
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {
+                "batch_ids": self.batch_ids,
+                "conn_id": self.conn_id,
+                "poll_interval": self.poll_interval,
+                "deadline": self.deadline,
+            },
+        )
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        events = await wait_for_cancellations(self.conn_id, self.batch_ids, self.poll_interval, self.deadline)
+        yield TriggerEvent({"events": [event.to_payload() for event in events]})
+
+
+async def wait_for_cancellations(
+    conn_id: str, batch_ids: Sequence[str], poll_interval: float, deadline: float
+) -> list[CancellationEvent]:
+    """Wait for every batch's final outcome, in the order of ``batch_ids``; never raises for API trouble.
+
+    Polls all pending batches every ``poll_interval`` seconds. It sleeps before the first round: the batches were
+    just seen in ``cancelling``, and after a triggerer restart one interval's delay is cheaper than a wasted
+    request per resumed trigger.
+    """
+    watches = [CancellationWatch(batch_id, deadline) for batch_id in batch_ids]
+    try:
+        async with OpenAIBatchHook(conn_id) as hook:
+            pending = watches
+            finished: dict[str, CancellationEvent] = {}
+            while pending:
+                await asyncio.sleep(pending[0].seconds_to_next_poll(poll_interval))
+                outcomes = await asyncio.gather(*(_poll(hook, watch) for watch in pending))
+                finished.update((watch.batch_id, event) for watch, event in zip(pending, outcomes) if event)
+                pending = [watch for watch in pending if watch.batch_id not in finished]
+    except _SETUP_ERRORS as error:
+        return [
+            CancellationEvent.without_batch(watch.batch_id, CancellationStatus.ERROR, f"Cannot poll batch '{watch.batch_id}': {error}")
+            for watch in watches
+        ]
+    return [finished[batch_id] for batch_id in batch_ids]
+
+
+async def _poll(hook: OpenAIBatchHook, watch: CancellationWatch) -> CancellationEvent | None:
+    try:
+        return watch.on_batch(await hook.aget_batch(watch.batch_id))
+    except OpenAIBatchError as error:
+        return watch.on_error(error)

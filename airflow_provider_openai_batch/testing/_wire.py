@@ -1,0 +1,167 @@
+"""OpenAI's wire format: authentication, the error envelope, and the Batch object with its lifecycle.
+
+A batch is kept as the exact JSON dict the API returns (all 22 fields, unset ones null), so answering is a
+single ``json.dumps`` and tests compare against what a client really receives.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from airflow_provider_openai_batch.testing._http import Response
+
+FIELDS = (
+    "id", "object", "endpoint", "model", "errors", "input_file_id", "completion_window", "status",
+    "output_file_id", "error_file_id", "created_at", "in_progress_at", "expires_at", "finalizing_at",
+    "completed_at", "failed_at", "expired_at", "cancelling_at", "cancelled_at", "request_counts", "usage",
+    "metadata",
+)  # fmt: skip
+#: Per status, the timestamps a batch in it has passed through; the last one is the status's own.
+TIMESTAMPS: dict[str, tuple[str, ...]] = {
+    "validating": (),
+    "in_progress": ("in_progress_at",),
+    "finalizing": ("in_progress_at", "finalizing_at"),
+    "completed": ("in_progress_at", "finalizing_at", "completed_at"),
+    "failed": ("failed_at",),
+    "expired": ("in_progress_at", "expired_at"),
+    "cancelling": ("in_progress_at", "cancelling_at"),
+    "cancelled": ("in_progress_at", "cancelling_at", "cancelled_at"),
+}
+TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
+_NO_KEY_MESSAGE = (
+    "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer "
+    "auth (i.e. Authorization: Bearer YOUR_KEY). You can obtain an API key from "
+    "https://platform.openai.com/account/api-keys."
+)
+
+
+class Reply(Exception):
+    """Raised inside a route to answer at once with ``response`` (an error, usually)."""
+
+    def __init__(self, response: Response) -> None:
+        super().__init__(response.status)
+        self.response = response
+
+
+def json_response(status: int, payload: Any, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(status, json.dumps(payload).encode(), headers=headers or {})
+
+
+def error(
+    status: int,
+    message: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    kind: str = "invalid_request_error",
+    headers: Mapping[str, str] | None = None,
+) -> Response:
+    """OpenAI's error envelope, which clients parse to build their exception messages."""
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return json_response(status, body, headers)
+
+
+def invalid_url(method: str, path: str) -> Response:
+    return error(404, f"Invalid URL ({method} {path})")
+
+
+def _mask(key: str) -> str:
+    """Mask a rejected key the way OpenAI does, so even a wrong key never travels back whole."""
+    return "***" if len(key) < 12 else f"{key[:3]}{'*' * (len(key) - 7)}{key[-4:]}"
+
+
+def authenticate(api_key: str, headers: dict[str, str]) -> Response | None:
+    """Accept ``Authorization: Bearer <key>`` or Azure's ``api-key: <key>``; otherwise OpenAI's 401."""
+    authorization = headers.get("authorization", "").strip()
+    scheme, _, token = authorization.partition(" ")
+    bearer = token.strip() if scheme.lower() == "bearer" else authorization
+    azure = headers.get("api-key")
+    if api_key in (bearer, azure):
+        return None
+    offered = azure or bearer
+    if not offered:
+        return error(401, _NO_KEY_MESSAGE)
+    message = (
+        f"Incorrect API key provided: {_mask(offered)}. "
+        "You can find your API key at https://platform.openai.com/account/api-keys."
+    )
+    return error(401, message, code="invalid_api_key")
+
+
+def new_batch(
+    batch_id: str, seq: int, *, created_at: int, endpoint: str, metadata: dict[str, str] | None, total: int
+) -> dict[str, Any]:
+    """A fresh batch dict; ``seq`` numbers its input file. Its status is set by :meth:`Entry.move_to`."""
+    batch: dict[str, Any] = dict.fromkeys(FIELDS)
+    batch.update(
+        id=batch_id, object="batch", endpoint=endpoint, model="gpt-4o-mini", input_file_id=f"file-in-{seq}",
+        completion_window="24h", created_at=created_at, expires_at=created_at + 86400, metadata=metadata,
+        request_counts={"total": total, "completed": 0, "failed": 0},
+    )  # fmt: skip
+    return batch
+
+
+def _settle(batch: dict[str, Any], status: str) -> None:
+    """Fill in what a batch reaching ``status`` carries: result files, final counts or errors."""
+    suffix = batch["id"].removeprefix("batch_")
+    counts = batch["request_counts"]
+    total = counts["total"]
+    if status in ("completed", "cancelled", "expired"):
+        batch["output_file_id"] = f"file-out-{suffix}"
+    if status in ("completed", "cancelled"):
+        batch["error_file_id"] = f"file-err-{suffix}"
+    if status == "completed":
+        counts.update(completed=total - total // 20, failed=total // 20)
+    elif status in ("cancelled", "expired"):  # partial results: about a third done, one failure
+        counts.update(completed=total // 3, failed=min(total, 1))
+    elif status == "failed":
+        error = {"code": "emulated_failure", "message": "The batch failed.", "param": None, "line": None}
+        batch["errors"] = {"object": "list", "data": [error]}
+
+
+@dataclass(slots=True)
+class Entry:
+    """A stored batch plus the bookkeeping its cancellation needs. Callers hold the emulator's lock."""
+
+    batch: dict[str, Any]
+    seq: int  #: insertion order, which breaks ``created_at`` ties in lists
+    cancel_after_polls: int
+    cancel_after_seconds: float | None
+    finish_as: str
+    polls: int = 0  #: GETs of this batch by id, ever
+    polls_at_cancel: int = 0
+    cancel_started: float = 0.0  #: ``time.monotonic()``, finer than the integer ``cancelling_at``
+
+    def __post_init__(self) -> None:
+        if self.finish_as not in TERMINAL:
+            raise ValueError(f"finish_as must be one of {sorted(TERMINAL)}, not {self.finish_as!r}.")
+
+    def move_to(self, status: str, at: int) -> None:
+        """Set ``status``, its own timestamp, any missing earlier ones, and what the status carries."""
+        if status not in TIMESTAMPS:
+            raise ValueError(f"Unknown batch status {status!r}; expected one of {sorted(TIMESTAMPS)}.")
+        stamps = TIMESTAMPS[status]
+        for name in stamps[:-1]:
+            if self.batch[name] is None:
+                self.batch[name] = at
+        if stamps:
+            self.batch[stamps[-1]] = at
+        self.batch["status"] = status
+        if status == "cancelling":
+            self.polls_at_cancel, self.cancel_started = self.polls, time.monotonic()
+        _settle(self.batch, status)
+
+    def poll(self) -> None:
+        """Count a GET; a cancelling batch turns final on the Nth GET since the cancel, or after the delay."""
+        self.polls += 1
+        if self.batch["status"] != "cancelling":
+            return
+        timed_out = self.cancel_after_seconds is not None and (
+            time.monotonic() - self.cancel_started >= self.cancel_after_seconds
+        )
+        if timed_out or self.polls - self.polls_at_cancel >= self.cancel_after_polls:
+            self.move_to(self.finish_as, int(time.time()))

@@ -1,0 +1,462 @@
+"""A local HTTP emulator of the OpenAI Batch API (list, retrieve and cancel), built on the standard library.
+
+It speaks real HTTP/1.1 with keep-alive over loopback, so the provider's actual HTTP clients, retry logic and
+timeouts are exercised exactly as against api.openai.com, in-process (unit tests) or out of process (Airflow
+workers, triggerers, benchmarks). Tests steer it through Python methods or, from another process, through the
+unauthenticated ``/_emulator`` control endpoints (see :class:`EmulatorControl`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import json
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from http.client import responses
+from typing import Any, Literal
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
+
+import httpx
+
+from airflow_provider_openai_batch.testing._http import THREAD_NAME, Response, Server
+from airflow_provider_openai_batch.testing._wire import (
+    TERMINAL,
+    Entry,
+    Reply,
+    authenticate,
+    error,
+    invalid_url,
+    json_response,
+    new_batch,
+)
+
+DEFAULT_API_KEY = "sk-emulator-key"
+
+_SECRET_HEADERS = frozenset({"authorization", "api-key"})
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One request as the emulator received it, so tests can assert on what a client really sent."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]  #: names lower-cased; values as received (the API key included)
+    body: bytes
+    status: int  #: the status the emulator answered with; 0 when it dropped the connection
+    at: float  #: ``time.monotonic()`` at arrival
+
+
+@dataclass
+class Fault:
+    """A misbehaviour to inject: the next ``times`` requests matching ``method`` and ``path`` suffer it.
+
+    ``status`` answers ``status`` with ``body`` (default: OpenAI's error envelope); ``body`` answers
+    ``status`` with the raw ``body`` (broken JSON, a proxy's HTML page...); ``delay`` waits ``delay`` seconds,
+    then answers normally; ``drop`` sends headers announcing more body than it sends, then closes the
+    connection. ``headers`` are added to the answer, e.g. ``{"Retry-After": "1"}``. A ``str`` body is sent
+    UTF-8 encoded.
+    """
+
+    kind: Literal["status", "delay", "drop", "body"]
+    times: int = 1
+    method: str | None = None
+    path: str | None = None  #: a regex searched in the request path, e.g. ``r"/cancel$"``
+    status: int = 500
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes | str | None = None
+    content_type: str = "application/json"
+    delay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("status", "delay", "drop", "body"):
+            raise ValueError(f"Unknown fault kind {self.kind!r}.")
+        if self.times < 1:
+            raise ValueError("A fault must affect at least one request (times >= 1).")
+
+    @classmethod
+    def rate_limited(cls, times: int = 1, *, retry_after: float | None = None, **match: Any) -> Fault:
+        """A 429 like OpenAI's, with a ``Retry-After`` header (seconds) when ``retry_after`` is given."""
+        headers = {} if retry_after is None else {"Retry-After": f"{retry_after:g}"}
+        return cls("status", times=times, status=429, headers=headers, **match)
+
+    def matches(self, method: str, path: str) -> bool:
+        """Whether this fault applies to a request, by method and by regex search in the path."""
+        return (self.method is None or self.method.upper() == method) and (
+            self.path is None or re.search(self.path, path) is not None
+        )
+
+
+def _fault_response(fault: Fault) -> Response:
+    if fault.kind == "status" and fault.body is None:
+        if fault.status == 429:
+            message, kind, code = "Rate limit reached for requests.", "requests", "rate_limit_exceeded"
+        else:
+            kind = "server_error" if fault.status >= 500 else "invalid_request_error"
+            message, code = f"Emulated {fault.status} {responses.get(fault.status, 'error')}.", None
+        return error(fault.status, message, code=code, kind=kind, headers=fault.headers)
+    body = fault.body.encode() if isinstance(fault.body, str) else fault.body or b""
+    return Response(fault.status, body, fault.content_type, fault.headers)
+
+
+class BatchAPIEmulator:
+    """An OpenAI Batch API server on loopback; use it as a context manager or with :meth:`start`/:meth:`stop`.
+
+    Cancellation: ``POST .../cancel`` makes a batch ``cancelling``; it becomes its ``finish_as`` status
+    (normally ``cancelled``) at the first GET of that batch where either ``cancel_after_polls`` GETs have been
+    made since the cancel (so 0 and 1 both mean the first GET, 2 the second), or ``cancel_after_seconds`` (if
+    not None) have passed since it. Only GETs of the batch itself count: list responses never advance it.
+    Pass ``cancel_after_polls=10**9`` to hold a batch in ``cancelling``, or to make it purely time-based.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        api_key: str = DEFAULT_API_KEY,
+        cancel_after_polls: int = 2,
+        cancel_after_seconds: float | None = None,
+    ) -> None:
+        self.api_key = api_key
+        self._address = (host, port)
+        self._cancel_after = (cancel_after_polls, cancel_after_seconds)
+        self._lock = threading.Lock()  # guards every attribute below it
+        self._entries: dict[str, Entry] = {}
+        self._order: list[str] | None = None  # list order, rebuilt lazily after batches change
+        self._positions: dict[str, int] = {}
+        self._seq = itertools.count(1)
+        self._faults: list[Fault] = []
+        self._requests: list[RecordedRequest] = []
+        self._cancels: dict[str, int] = {}
+        self._stopping = threading.Event()  # cuts "delay" faults short when the server stops
+        self._server: Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> BatchAPIEmulator:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def start(self) -> BatchAPIEmulator:
+        """Bind the port and serve in a daemon thread; returns ``self``."""
+        if self._server is not None:
+            raise RuntimeError("The emulator is already running.")
+        self._stopping.clear()
+        self._server = Server(self._address, self._respond)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name=THREAD_NAME, daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving, close every connection (idle keep-alive ones too) and join every thread."""
+        if self._server is None or self._thread is None:
+            return
+        self._stopping.set()
+        self._server.shutdown()
+        self._server.close_connections(timeout=2.0)
+        self._server.server_close()
+        self._thread.join()
+        self._server = self._thread = None
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("The emulator is not running: call start() first.")
+        return int(self._server.server_address[1])
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self._address[0]}:{self.port}/v1"
+
+    def add_batch(
+        self,
+        batch_id: str | None = None,
+        *,
+        status: str = "in_progress",
+        created_at: int | None = None,
+        metadata: dict[str, str] | None = None,
+        endpoint: str = "/v1/chat/completions",
+        cancel_after_polls: int | None = None,
+        cancel_after_seconds: float | None = None,
+        finish_as: str = "cancelled",
+        total_requests: int = 100,
+        **fields: Any,
+    ) -> dict[str, Any]:
+        """Seed a batch, its timestamps consistent with ``status``; ``fields`` then override any field.
+
+        ``created_at`` defaults to now; ``cancel_after_*`` default to the emulator's. ``finish_as`` is what a
+        cancellation ends in: ``cancelled``, or ``completed``/``failed``/``expired`` to emulate a batch that
+        finished before the cancel took effect.
+        """
+        created = int(time.time()) if created_at is None else created_at
+        default_polls, default_seconds = self._cancel_after
+        with self._lock:
+            seq = next(self._seq)
+            batch_id = batch_id or f"batch_{secrets.token_hex(12)}"
+            if batch_id in self._entries:
+                raise ValueError(f"A batch with id {batch_id!r} already exists.")
+            batch = new_batch(
+                batch_id, seq, created_at=created, endpoint=endpoint, metadata=metadata, total=total_requests
+            )
+            entry = Entry(
+                batch,
+                seq,
+                default_polls if cancel_after_polls is None else cancel_after_polls,
+                default_seconds if cancel_after_seconds is None else cancel_after_seconds,
+                finish_as,
+            )
+            entry.move_to(status, created)
+            batch.update(fields)
+            self._entries[batch_id] = entry
+            self._order = None
+            return copy.deepcopy(batch)
+
+    def add_batches(self, count: int, **kwargs: Any) -> list[dict[str, Any]]:
+        """Seed ``count`` batches with random ids, all with the same :meth:`add_batch` arguments."""
+        return [self.add_batch(**kwargs) for _ in range(count)]
+
+    def batch(self, batch_id: str) -> dict[str, Any]:
+        """A copy of the batch's current state (``KeyError`` if unknown). Not a poll: it advances nothing."""
+        with self._lock:
+            return copy.deepcopy(self._entries[batch_id].batch)
+
+    def set_status(self, batch_id: str, status: str, **fields: Any) -> dict[str, Any]:
+        """Force ``status`` now, with its timestamp and outcome as the API shows them, then ``fields``."""
+        with self._lock:
+            entry = self._entries[batch_id]
+            entry.move_to(status, int(time.time()))
+            entry.batch.update(fields)
+            self._order = None
+            return copy.deepcopy(entry.batch)
+
+    def inject(self, fault: Fault) -> None:
+        """Queue a copy of ``fault``; each request gets the first queued fault that matches it, if any."""
+        with self._lock:
+            self._faults.append(dataclasses.replace(fault))
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        """Every request received, control endpoints excluded; recorded before its answer is sent."""
+        with self._lock:
+            return list(self._requests)
+
+    def clear_requests(self) -> None:
+        with self._lock:
+            self._requests.clear()
+
+    def cancel_count(self, batch_id: str) -> int:
+        """``POST .../cancel`` requests received for ``batch_id``, even those answered by a fault or a 401."""
+        with self._lock:
+            return self._cancels.get(batch_id, 0)
+
+    def _respond(self, method: str, target: str, headers: dict[str, str], body: bytes) -> Response | None:
+        """Answer one HTTP request, on its connection's thread; None drops the connection."""
+        url = urlsplit(target)
+        segments = [unquote(part) for part in url.path.split("/")[1:]]
+        if segments[:1] == ["_emulator"]:
+            return self._control(method, segments[1:], body)
+        query = dict(parse_qsl(url.query, keep_blank_values=True))
+        request = RecordedRequest(method, url.path, query, headers, body, 0, time.monotonic())
+        response = self._answer(request, segments)
+        with self._lock:
+            self._requests.append(dataclasses.replace(request, status=response.status if response else 0))
+        return response
+
+    def _answer(self, request: RecordedRequest, segments: list[str]) -> Response | None:
+        fault = self._admit(request.method, request.path, segments)
+        if fault is None:
+            return self._api(request, segments)
+        if fault.kind == "drop" or (fault.kind == "delay" and self._stopping.wait(fault.delay)):
+            return None
+        if fault.kind == "delay":
+            response = self._api(request, segments)
+            return response._replace(headers={**response.headers, **fault.headers})
+        return _fault_response(fault)
+
+    def _admit(self, method: str, path: str, segments: list[str]) -> Fault | None:
+        """Count a cancel request and take the fault it triggers, if any, spending one of its ``times``."""
+        with self._lock:
+            match (method, segments):
+                case ("POST", ["v1", "batches", batch_id, "cancel"]):
+                    self._cancels[batch_id] = self._cancels.get(batch_id, 0) + 1
+            for index, fault in enumerate(self._faults):
+                if fault.matches(method, path):
+                    fault.times -= 1
+                    if fault.times == 0:
+                        del self._faults[index]
+                    return fault
+        return None
+
+    def _api(self, request: RecordedRequest, segments: list[str]) -> Response:
+        """Authenticate and route a request that no fault intercepted."""
+        if segments[:1] != ["v1"]:
+            return invalid_url(request.method, request.path)
+        denied = authenticate(self.api_key, request.headers)
+        if denied is not None:
+            return denied
+        try:
+            match (request.method, segments[1:]):
+                case ("GET", ["batches"]):
+                    return self._list(request.query)
+                case ("GET", ["batches", batch_id]) if batch_id:
+                    return self._retrieve(batch_id)
+                case ("POST", ["batches", batch_id, "cancel"]) if batch_id:
+                    return self._cancel(batch_id)
+        except Reply as reply:
+            return reply.response
+        return invalid_url(request.method, request.path)
+
+    def _list(self, query: dict[str, str]) -> Response:
+        raw_limit = query.get("limit", "20")
+        try:
+            limit = int(raw_limit)
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= 100:
+            message = f"Invalid 'limit': expected an integer between 1 and 100, but got '{raw_limit}'."
+            return error(400, message, param="limit")
+        after = query.get("after")
+        with self._lock:
+            order = self._sorted_ids()
+            start = self._positions.get(after, len(order)) + 1 if after else 0  # unknown cursor: empty page
+            page = order[start : start + limit]
+            body = {
+                "object": "list",
+                "data": [self._entries[batch_id].batch for batch_id in page],
+                "first_id": page[0] if page else None,
+                "last_id": page[-1] if page else None,
+                "has_more": start + limit < len(order),
+            }
+            return json_response(200, body)
+
+    def _sorted_ids(self) -> list[str]:
+        """Ids newest first (then last inserted first), cached because thousands of pollers may list."""
+        if self._order is None:
+            entries = self._entries
+            self._order = sorted(entries, key=lambda i: (entries[i].batch["created_at"], entries[i].seq))
+            self._order.reverse()
+            self._positions = {batch_id: index for index, batch_id in enumerate(self._order)}
+        return self._order
+
+    def _entry_or_404(self, batch_id: str) -> Entry:
+        entry = self._entries.get(batch_id)
+        if entry is None:
+            raise Reply(error(404, f"No batch found with id '{batch_id}'."))
+        return entry
+
+    def _retrieve(self, batch_id: str) -> Response:
+        with self._lock:
+            entry = self._entry_or_404(batch_id)
+            entry.poll()
+            return json_response(200, entry.batch)
+
+    def _cancel(self, batch_id: str) -> Response:
+        with self._lock:
+            entry = self._entry_or_404(batch_id)
+            status = entry.batch["status"]
+            if status in TERMINAL:
+                raise Reply(error(409, f"Cannot cancel a batch with status '{status}'."))
+            if status != "cancelling":
+                entry.move_to("cancelling", int(time.time()))
+            return json_response(200, entry.batch)
+
+    def _control(self, method: str, segments: list[str], body: bytes) -> Response:
+        """Serve ``/_emulator/...``: the Python API for tests whose client runs in another process."""
+        try:
+            match (method, segments):
+                case ("POST", ["batches"]):
+                    return json_response(200, self.add_batch(**_json_object(body)))
+                case ("GET", ["batches", batch_id]):
+                    return json_response(200, self._inspect(batch_id))
+                case ("POST", ["faults"]):
+                    self.inject(Fault(**_json_object(body)))
+                    return Response(204, b"")
+                case ("GET", ["requests"]):
+                    return json_response(200, [_describe(request) for request in self.requests])
+        except Reply as reply:
+            return reply.response
+        except (TypeError, ValueError) as exc:
+            return error(400, str(exc))
+        return invalid_url(method, "/_emulator/" + "/".join(segments))
+
+    def _inspect(self, batch_id: str) -> dict[str, Any]:
+        with self._lock:
+            entry = self._entry_or_404(batch_id)
+            counters = {"cancel_requests": self._cancels.get(batch_id, 0), "polls": entry.polls}
+            return copy.deepcopy(entry.batch) | counters
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    payload = json.loads(body or b"{}")
+    if not isinstance(payload, dict):
+        raise ValueError("The request body must be a JSON object.")
+    return payload
+
+
+def _describe(request: RecordedRequest) -> dict[str, Any]:
+    """A recorded request as JSON for the control endpoint, with credentials masked."""
+    headers = {name: "***" if name in _SECRET_HEADERS else value for name, value in request.headers.items()}
+    return dataclasses.asdict(request) | {"headers": headers, "body": request.body.decode("latin-1")}
+
+
+class EmulatorControl:
+    """Drive an emulator running in another process through its ``/_emulator`` endpoints.
+
+    ``base_url`` may be the emulator's API URL (``.../v1``) or its root.
+    """
+
+    def __init__(self, base_url: str, *, timeout: float = 10.0) -> None:
+        self.root = base_url.rstrip("/").removesuffix("/v1") + "/_emulator"
+        self.timeout = timeout
+
+    def add_batch(self, **kwargs: Any) -> dict[str, Any]:
+        """Same arguments as :meth:`BatchAPIEmulator.add_batch` (JSON-serialisable values only)."""
+        return self._call("POST", "/batches", kwargs)
+
+    def batch(self, batch_id: str) -> dict[str, Any]:
+        """The batch's state plus ``cancel_requests`` and ``polls`` counters."""
+        return self._call("GET", f"/batches/{quote(batch_id, safe='')}")
+
+    def inject(self, fault: Fault) -> None:
+        """Queue ``fault`` in the emulator; a bytes body must be UTF-8 to travel as JSON."""
+        payload = dataclasses.asdict(fault)
+        if isinstance(fault.body, bytes):
+            payload["body"] = fault.body.decode()
+        self._call("POST", "/faults", payload)
+
+    def requests(self) -> list[dict[str, Any]]:
+        """Recorded requests as JSON: body as latin-1 text, credential headers masked as ``***``."""
+        return self._call("GET", "/requests")
+
+    def _call(self, method: str, path: str, payload: dict[str, Any] | None = None) -> Any:
+        response = httpx.request(method, self.root + path, json=payload, timeout=self.timeout)
+        response.raise_for_status()
+        return response.json() if response.content else None
+
+
+def seed_demo(emulator: BatchAPIEmulator) -> list[dict[str, Any]]:
+    """Seed the demo set: fresh and stale ``search`` batches, a finished one, and another team's."""
+    day, now = 86400, int(time.time())
+    search = {"team": "search"}
+    return [
+        *(emulator.add_batch(f"batch_demo_search_{n}", metadata=dict(search)) for n in (1, 2, 3)),
+        emulator.add_batch("batch_demo_completed", status="completed", metadata=dict(search)),
+        emulator.add_batch(
+            "batch_demo_stale", created_at=now - 3 * day, metadata={**search, "purpose": "nightly-eval"}
+        ),
+        emulator.add_batch("batch_demo_other_team", created_at=now - 2 * day, metadata={"team": "ads"}),
+    ]

@@ -1,0 +1,168 @@
+"""OpenAIBatchCancellationTrigger against the emulator over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from airflow.sdk._shared.module_loading import import_string
+
+from airflow_provider_openai_batch.hooks import _async_clients
+from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
+from airflow_provider_openai_batch.testing import BatchAPIEmulator, Fault
+from airflow_provider_openai_batch.triggers.openai_batch import OpenAIBatchCancellationTrigger
+from tests.conftest import FAKE_API_KEY
+
+CLASSPATH = "airflow_provider_openai_batch.triggers.openai_batch.OpenAIBatchCancellationTrigger"
+
+
+def make_trigger(batch_id: str, *, deadline_in: float = 30, poll_interval: float = 0.01) -> OpenAIBatchCancellationTrigger:
+    return OpenAIBatchCancellationTrigger(
+        batch_id=batch_id, conn_id="openai_default", poll_interval=poll_interval, deadline=time.time() + deadline_in
+    )
+
+
+async def run_to_end(trigger: OpenAIBatchCancellationTrigger) -> dict[str, Any]:
+    """Run as the triggerer does; assert the trigger fires exactly one event and then stops."""
+    events = [event async for event in trigger.run()]
+    assert len(events) == 1
+    return events[0].payload
+
+
+@pytest.fixture
+def fast_connection(emulator: BatchAPIEmulator, set_connection: Callable) -> BatchAPIEmulator:
+    """The emulator, with hook retries off so transient-failure tests run in milliseconds."""
+    set_connection(password=FAKE_API_KEY, host=emulator.base_url, extra={"max_retries": 0})
+    return emulator
+
+
+def cancelling(emulator: BatchAPIEmulator, **kwargs: Any) -> str:
+    batch_id = emulator.add_batch(**kwargs)["id"]
+    emulator.set_status(batch_id, "cancelling")
+    return batch_id
+
+
+def test_serialize_round_trip() -> None:
+    trigger = OpenAIBatchCancellationTrigger(batch_id="batch_1", conn_id="my_conn", poll_interval=15, deadline=1.8e9)
+    classpath, kwargs = trigger.serialize()
+    assert classpath == CLASSPATH
+    assert kwargs == {"batch_id": "batch_1", "conn_id": "my_conn", "poll_interval": 15, "deadline": 1.8e9}
+    assert import_string(classpath)(**kwargs).serialize() == (classpath, kwargs)
+
+
+async def test_waits_until_cancelled_and_reports_partial_results(emulator_connection: BatchAPIEmulator) -> None:
+    batch_id = cancelling(emulator_connection, cancel_after_polls=3)
+    event = await run_to_end(make_trigger(batch_id))
+    assert event["status"] == "cancelled"
+    assert event["batch_id"] == batch_id
+    assert event["output_file_id"] == emulator_connection.batch(batch_id)["output_file_id"] is not None
+    assert event["error_file_id"] == emulator_connection.batch(batch_id)["error_file_id"] is not None
+    assert event["request_counts"] == emulator_connection.batch(batch_id)["request_counts"]
+    assert event["batch"] == emulator_connection.batch(batch_id)
+    assert "cancelled" in event["message"]
+    assert [r.path for r in emulator_connection.requests] == [f"/v1/batches/{batch_id}"] * 3
+
+
+@pytest.mark.parametrize("finish_as", ["completed", "failed", "expired"])
+async def test_batch_that_finishes_before_the_cancel(emulator_connection: BatchAPIEmulator, finish_as: str) -> None:
+    batch_id = cancelling(emulator_connection, cancel_after_polls=1, finish_as=finish_as)
+    event = await run_to_end(make_trigger(batch_id))
+    assert event["status"] == finish_as
+    assert event["batch"]["status"] == finish_as
+    assert "before the cancellation took effect" in event["message"]
+
+
+async def test_times_out_at_the_deadline(emulator_connection: BatchAPIEmulator) -> None:
+    batch_id = cancelling(emulator_connection, cancel_after_polls=10**9)
+    started = time.monotonic()
+    event = await run_to_end(make_trigger(batch_id, deadline_in=0.5, poll_interval=0.1))
+    assert 0.45 <= time.monotonic() - started < 3
+    assert event["status"] == "timeout"
+    assert event["batch"]["status"] == "cancelling"
+    assert event["output_file_id"] is None
+    assert "still 'cancelling' at the deadline" in event["message"]
+
+
+async def test_deadline_already_passed_polls_once_then_times_out(emulator_connection: BatchAPIEmulator) -> None:
+    batch_id = cancelling(emulator_connection, cancel_after_polls=10**9)
+    event = await run_to_end(make_trigger(batch_id, deadline_in=-5, poll_interval=60))
+    assert event["status"] == "timeout"
+    assert len(emulator_connection.requests) == 1
+
+
+async def test_transient_failures_do_not_end_the_wait(fast_connection: BatchAPIEmulator) -> None:
+    batch_id = cancelling(fast_connection, cancel_after_polls=1)
+    fast_connection.inject(Fault(kind="status", status=503, times=2))
+    fast_connection.inject(Fault(kind="drop", times=1))
+    fast_connection.inject(Fault(kind="body", status=200, body=b"<html>oops</html>", content_type="text/html"))
+    event = await run_to_end(make_trigger(batch_id))
+    assert event["status"] == "cancelled"
+    assert [r.status for r in fast_connection.requests] == [503, 503, 0, 200, 200]
+
+
+async def test_persistent_transient_failures_end_with_error(fast_connection: BatchAPIEmulator) -> None:
+    batch_id = cancelling(fast_connection)
+    fast_connection.inject(Fault(kind="status", status=502, times=100))
+    event = await run_to_end(make_trigger(batch_id))
+    assert event["status"] == "error"
+    assert "after 5 failed polls in a row" in event["message"] and "HTTP 502" in event["message"]
+    assert len(fast_connection.requests) == 5
+
+
+@pytest.mark.parametrize(("status", "expected"), [(404, "HTTP 404"), (401, "HTTP 401")])
+async def test_permanent_errors_end_the_wait_at_once(
+    fast_connection: BatchAPIEmulator, status: int, expected: str
+) -> None:
+    batch_id = cancelling(fast_connection)
+    fast_connection.inject(Fault(kind="status", status=status, times=100))
+    event = await run_to_end(make_trigger(batch_id))
+    assert event["status"] == "error"
+    assert expected in event["message"] and batch_id in event["message"]
+    assert len(fast_connection.requests) == 1
+
+
+async def test_missing_connection_is_an_error_event(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AIRFLOW_CONN_OPENAI_DEFAULT", raising=False)
+    event = await run_to_end(make_trigger("batch_1"))
+    assert event["status"] == "error"
+    assert "openai_default" in event["message"]
+
+
+async def test_never_blocks_the_loop_and_releases_everything(emulator_connection: BatchAPIEmulator, mocker) -> None:
+    batch_id = cancelling(emulator_connection, cancel_after_polls=2)
+    sync_lookup = mocker.patch.object(OpenAIBatchHook, "get_connection", side_effect=AssertionError("sync lookup"))
+    sync_send = mocker.patch("httpx.Client.send", side_effect=AssertionError("sync HTTP inside a trigger"))
+    before = asyncio.all_tasks()
+    assert (await run_to_end(make_trigger(batch_id)))["status"] == "cancelled"
+    assert sync_lookup.call_count == 0 and sync_send.call_count == 0
+    assert asyncio.all_tasks() == before
+    assert _async_clients._clients.get(asyncio.get_running_loop(), {}) == {}
+
+
+async def test_restart_resumes_with_the_same_deadline(emulator_connection: BatchAPIEmulator) -> None:
+    batch_id = cancelling(emulator_connection, cancel_after_polls=10**9, cancel_after_seconds=0.6)
+    first = make_trigger(batch_id, poll_interval=0.05)
+    task = asyncio.create_task(run_to_end(first))
+    await asyncio.sleep(0.2)
+    task.cancel()  # the triggerer stops: the wait is abandoned mid-way
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert _async_clients._clients.get(asyncio.get_running_loop(), {}) == {}, "the client is released on cancel"
+
+    classpath, kwargs = first.serialize()
+    second = import_string(classpath)(**kwargs)
+    assert second.deadline == first.deadline
+    event = await run_to_end(second)
+    assert event["status"] == "cancelled"
+    assert emulator_connection.cancel_count(batch_id) == 0, "the trigger only polls; it never re-sends the cancel"
+
+
+async def test_many_triggers_share_one_client(emulator_connection: BatchAPIEmulator, mocker) -> None:
+    ids = [cancelling(emulator_connection, cancel_after_polls=2) for _ in range(50)]
+    constructed = mocker.spy(_async_clients.httpx, "AsyncClient")
+    events = await asyncio.gather(*(run_to_end(make_trigger(batch_id)) for batch_id in ids))
+    assert {event["status"] for event in events} == {"cancelled"}
+    assert constructed.call_count == 1
