@@ -12,8 +12,14 @@ from pathlib import Path
 _AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="openai-batch-tests-"))
 os.environ["AIRFLOW_HOME"] = str(_AIRFLOW_HOME)
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
-os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(Path(__file__).parent / "dags")
+# dag.test() only runs DAGs whose files sit in the DAGs folder: gather the test DAGs and the examples there.
+DAGS_FOLDER = _AIRFLOW_HOME / "dags"
+DAGS_FOLDER.mkdir()
+for _dag_file in [*(Path(__file__).parent / "dags").glob("*.py"), *(Path(__file__).parents[1] / "example_dags").glob("*.py")]:
+    (DAGS_FOLDER / _dag_file.name).symlink_to(_dag_file)
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(DAGS_FOLDER)
 os.environ.pop("AIRFLOW_CONN_OPENAI_DEFAULT", None)
+os.environ["OPENAI_BATCH_POLL_INTERVAL"] = "0.2"  # the example DAGs poll every 30 s by default
 
 import pytest  # noqa: E402
 

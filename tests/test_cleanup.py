@@ -124,8 +124,14 @@ def test_deferrable_defers_once_for_all_batches(emulator_connection: BatchAPIEmu
     assert sorted(trigger.batch_ids) == sorted(ids)
     assert before + 300 <= trigger.deadline <= time.time() + 300
 
+    assert deferred.value.kwargs is None
+    saved = context["ti"].xcom_push.call_args.kwargs
+    assert saved["key"] == "summary" and sorted(saved["value"]["selected"]) == sorted(ids)
+
     event = asyncio.run(first_event(trigger))
-    summary = cleanup(deferrable=True).execute_complete(context, event, **deferred.value.kwargs)
+    context["ti"].xcom_pull.return_value = saved["value"]
+    summary = cleanup(deferrable=True).execute_complete(context, event)
+    assert context["ti"].xcom_pull.call_args.kwargs["key"] == "summary"
     assert {entry["status"] for entry in summary["cancelled"]} == {"cancelled"}
     assert {entry["output_file_id"] for entry in summary["cancelled"]} == {
         emulator_connection.batch(batch_id)["output_file_id"] for batch_id in ids

@@ -11,10 +11,9 @@ from typing import Any
 import pytest
 
 from airflow_provider_openai_batch.testing import BatchAPIEmulator
+from tests.conftest import DAGS_FOLDER
 
 pytestmark = pytest.mark.e2e
-
-DAGS = Path(__file__).parent / "dags"
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +28,7 @@ def metadata_db() -> None:
 def dagbag(metadata_db: None) -> Any:
     from airflow.dag_processing.dagbag import DagBag
 
-    bag = DagBag(dag_folder=str(DAGS))
+    bag = DagBag(dag_folder=str(DAGS_FOLDER))
     assert bag.import_errors == {}
     return bag
 

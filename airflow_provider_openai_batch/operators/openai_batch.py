@@ -201,14 +201,15 @@ class OpenAICancelStaleBatchesOperator(BaseOperator):
 
     The task returns a JSON summary: ``selected`` ids, ``cancelled`` (with each batch's final status and output
     file ids), ``already_finished`` (the API answered 409), ``not_found``, and ``failed`` (with the error). If any
-    batch failed the task fails too, after pushing the summary as the XCom ``summary``, so alerts fire.
+    batch failed the task fails too, after pushing the summary as the XCom ``summary``, so alerts fire. Before
+    deferring, the summary so far is kept in that same XCom, for the resumed task to complete.
 
     :param conn_id: the OpenAI Batch connection (templated).
     :param older_than: minimum age, measured from the batch's ``created_at``.
     :param statuses: statuses a batch must be in to be selected (default: the cancellable ones).
     :param metadata: only batches whose metadata has each of these key/value pairs (templated).
     :param endpoint: only batches for this endpoint, e.g. ``/v1/chat/completions``.
-    :param dry_run: select and report, but cancel nothing.
+    :param dry_run: select and report, but cancel nothing (templated: must render to a boolean).
     :param max_concurrency: cancel requests in flight at once.
     :param wait_for_cancellation: wait until the cancelled batches are ``cancelled``, to report output files.
     :param deferrable: wait in the triggerer instead of the worker.
@@ -216,7 +217,7 @@ class OpenAICancelStaleBatchesOperator(BaseOperator):
     :param timeout: how long to wait after the cancels before reporting the still-cancelling batches as failed.
     """
 
-    template_fields: Sequence[str] = ("conn_id", "metadata")
+    template_fields: Sequence[str] = ("conn_id", "metadata", "dry_run")
     ui_color = "#e8f4ef"
 
     def __init__(
@@ -227,7 +228,7 @@ class OpenAICancelStaleBatchesOperator(BaseOperator):
         statuses: Collection[str] = tuple(CANCELLABLE_STATUSES),
         metadata: dict[str, str] | None = None,
         endpoint: str | None = None,
-        dry_run: bool = False,
+        dry_run: bool | str = False,
         max_concurrency: int = 8,
         wait_for_cancellation: bool = True,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
@@ -256,6 +257,11 @@ class OpenAICancelStaleBatchesOperator(BaseOperator):
         self.timeout_seconds = _positive_seconds("timeout", timeout)
 
     def execute(self, context: Context) -> dict[str, Any]:
+        if not isinstance(self.dry_run, bool):
+            raise ValueError(
+                f"dry_run rendered to {self.dry_run!r}, not a boolean: template it in a DAG with "
+                "render_template_as_native_obj=True."
+            )
         hook = OpenAIBatchHook(self.conn_id)
         with hook:
             selected = [batch for batch in hook.list_batches() if self._is_stale(batch)]
@@ -270,24 +276,27 @@ class OpenAICancelStaleBatchesOperator(BaseOperator):
             return self._report(context, summary)
         deadline = time.time() + self.timeout_seconds
         if self.deferrable:
+            # Kept in XCom rather than in the deferral's kwargs, which dag.test() drops on resume.
+            context["ti"].xcom_push(key="summary", value=summary.model_dump())
             self.defer(
                 trigger=OpenAIBatchesCancellationTrigger(
                     batch_ids=waiting, conn_id=self.conn_id, poll_interval=self.poll_interval, deadline=deadline
                 ),
                 method_name="execute_complete",
-                kwargs={"summary": summary.model_dump()},
             )
         events = asyncio.run(wait_for_cancellations(self.conn_id, waiting, self.poll_interval, deadline))
         return self._report(context, summary.with_outcomes(events))
 
-    def execute_complete(
-        self, context: Context, event: dict[str, Any] | None = None, summary: dict[str, Any] | None = None
-    ) -> dict[str, Any]:
-        """Resume after the trigger fired: merge each batch's outcome into the summary."""
-        if event is None or summary is None:
+    def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Resume after the trigger fired: merge each batch's outcome into the summary saved before deferring."""
+        if event is None:
             raise AirflowException("The cancellation trigger fired no event payload; cannot tell the batches' fate.")
+        ti = context["ti"]
+        saved = ti.xcom_pull(task_ids=ti.task_id, key="summary", map_indexes=ti.map_index)
+        if saved is None:
+            raise AirflowException("The cleanup summary saved before deferring is missing from XCom.")
         events = [CancellationEvent.model_validate(payload) for payload in event["events"]]
-        return self._report(context, CleanupSummary.model_validate(summary).with_outcomes(events))
+        return self._report(context, CleanupSummary.model_validate(saved).with_outcomes(events))
 
     def _is_stale(self, batch: Batch) -> bool:
         cutoff = time.time() - self.older_than.total_seconds()

@@ -36,6 +36,8 @@ class Server(ThreadingHTTPServer):
 
     ``block_on_close`` is off because the stock implementation would join threads still blocked reading the
     next request of a keep-alive connection; :meth:`close_connections` wakes and joins them instead.
+    Threads are tracked apart from sockets because a thread outlives the moment its socket is forgotten;
+    finished ones are dropped only when the list has doubled, as scanning thousands per accept is slow.
     """
 
     daemon_threads = True
@@ -44,7 +46,9 @@ class Server(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], respond: Responder) -> None:
         self.respond = respond
-        self._connections: dict[socket.socket, threading.Thread] = {}
+        self._connections: set[socket.socket] = set()
+        self._handler_threads: list[threading.Thread] = []
+        self._reap_at = 64
         self._connections_lock = threading.Lock()
         super().__init__(address, _Handler)
 
@@ -53,12 +57,16 @@ class Server(ThreadingHTTPServer):
             target=self.process_request_thread, args=(request, client_address), name=THREAD_NAME, daemon=True
         )
         with self._connections_lock:
-            self._connections[request] = thread
+            self._connections.add(request)
+            self._handler_threads.append(thread)
+            if len(self._handler_threads) >= self._reap_at:
+                self._handler_threads = [alive for alive in self._handler_threads if alive.is_alive()]
+                self._reap_at = 2 * len(self._handler_threads) + 64
         thread.start()
 
     def shutdown_request(self, request: Any) -> None:
         with self._connections_lock:
-            self._connections.pop(request, None)
+            self._connections.discard(request)
         super().shutdown_request(request)
 
     def close_connections(self, timeout: float) -> None:
@@ -67,14 +75,14 @@ class Server(ThreadingHTTPServer):
         Call after ``shutdown()``: no connection can be accepted any more, so none is missed.
         """
         with self._connections_lock:
-            connections = list(self._connections.items())
-        for connection, _ in connections:
+            connections, threads = list(self._connections), list(self._handler_threads)
+        for connection in connections:
             try:
                 connection.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass  # already closed by its own thread
         deadline = time.monotonic() + timeout
-        for _, thread in connections:
+        for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
 
     def handle_error(self, request: Any, client_address: Any) -> None:
