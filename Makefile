@@ -29,7 +29,7 @@ bench: install
 	$(BIN)/python bench/run_all.py
 
 demo: install
-	$(BIN)/python -m airflow_provider_openai_batch.testing.demo
+	$(BIN)/python demo/run_demo.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .airflow-demo
