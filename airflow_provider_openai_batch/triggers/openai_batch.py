@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from airflow.sdk.exceptions import AirflowNotFoundException
 from airflow.triggers.base import BaseTrigger, TriggerEvent
@@ -17,7 +17,17 @@ from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
 _SETUP_ERRORS = (OpenAIBatchError, ValueError, AirflowNotFoundException)
 
 
-class OpenAIBatchCancellationTrigger(BaseTrigger):
+class _PlainKwargsTrigger(BaseTrigger):
+    """A trigger rebuilt from the plain attributes named in ``serialized_fields``: no key, no connection."""
+
+    serialized_fields: ClassVar[tuple[str, ...]]
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        classpath = f"{type(self).__module__}.{type(self).__qualname__}"
+        return classpath, {name: getattr(self, name) for name in self.serialized_fields}
+
+
+class OpenAIBatchCancellationTrigger(_PlainKwargsTrigger):
     """Poll a batch until it leaves ``cancelling``, then fire one event with its partial results.
 
     The event's payload is a :class:`~airflow_provider_openai_batch.cancellation.CancellationEvent`: ``status``
@@ -35,6 +45,8 @@ class OpenAIBatchCancellationTrigger(BaseTrigger):
     :param deadline: absolute UNIX time at which to stop waiting with a ``timeout`` event.
     """
 
+    serialized_fields = ("batch_id", "conn_id", "poll_interval", "deadline")
+
     def __init__(self, batch_id: str, conn_id: str, poll_interval: float, deadline: float) -> None:
         super().__init__()
         self.batch_id = batch_id
@@ -42,23 +54,12 @@ class OpenAIBatchCancellationTrigger(BaseTrigger):
         self.poll_interval = poll_interval
         self.deadline = deadline
 
-    def serialize(self) -> tuple[str, dict[str, Any]]:
-        return (
-            f"{type(self).__module__}.{type(self).__qualname__}",
-            {
-                "batch_id": self.batch_id,
-                "conn_id": self.conn_id,
-                "poll_interval": self.poll_interval,
-                "deadline": self.deadline,
-            },
-        )
-
     async def run(self) -> AsyncIterator[TriggerEvent]:
         [event] = await wait_for_cancellations(self.conn_id, [self.batch_id], self.poll_interval, self.deadline)
         yield TriggerEvent(event.to_payload())
 
 
-class OpenAIBatchesCancellationTrigger(BaseTrigger):
+class OpenAIBatchesCancellationTrigger(_PlainKwargsTrigger):
     """One trigger waiting for many batches to leave ``cancelling``, with the guarantees of the single one.
 
     A cleanup that cancels fifty batches defers once, holds one triggerer slot and one connection lookup, and
@@ -71,23 +72,14 @@ class OpenAIBatchesCancellationTrigger(BaseTrigger):
     :param deadline: absolute UNIX time at which every batch still pending ends with ``timeout``.
     """
 
+    serialized_fields = ("batch_ids", "conn_id", "poll_interval", "deadline")
+
     def __init__(self, batch_ids: Sequence[str], conn_id: str, poll_interval: float, deadline: float) -> None:
         super().__init__()
         self.batch_ids = list(batch_ids)
         self.conn_id = conn_id
         self.poll_interval = poll_interval
         self.deadline = deadline
-
-    def serialize(self) -> tuple[str, dict[str, Any]]:
-        return (
-            f"{type(self).__module__}.{type(self).__qualname__}",
-            {
-                "batch_ids": self.batch_ids,
-                "conn_id": self.conn_id,
-                "poll_interval": self.poll_interval,
-                "deadline": self.deadline,
-            },
-        )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         events = await wait_for_cancellations(self.conn_id, self.batch_ids, self.poll_interval, self.deadline)
