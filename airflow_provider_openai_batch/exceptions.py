@@ -26,7 +26,8 @@ class OpenAIBatchError(AirflowException):
         super().__init__(message)
         self.message = message
         self.batch_id = batch_id
-        self.status_code = status_code
+        # Named like httpx's and the OpenAI SDK's; an int here, where AirflowException declares an HTTPStatus.
+        self.status_code = status_code  # type: ignore[assignment]
 
 
 class OpenAIBatchAPIError(OpenAIBatchError):

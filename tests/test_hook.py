@@ -347,7 +347,8 @@ def test_clear_text_http_to_a_remote_host_warns(set_connection: Callable, caplog
 
 def test_loopback_http_does_not_warn(emulator_connection: BatchAPIEmulator, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
-        hook().settings
+        settings = hook().settings
+    assert settings.base_url == emulator_connection.base_url
     assert "clear text" not in caplog.text
 
 

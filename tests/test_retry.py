@@ -1,7 +1,7 @@
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
-from datetime import datetime, timedelta, timezone
 
 import httpx
 import pytest
@@ -53,7 +53,7 @@ def test_retry_after_ms_wins_over_retry_after() -> None:
 
 
 def test_retry_after_http_date() -> None:
-    when = datetime.now(timezone.utc) + timedelta(seconds=5)
+    when = datetime.now(UTC) + timedelta(seconds=5)
     seconds = retry_after_seconds(httpx.Headers({"Retry-After": format_datetime(when, usegmt=True)}))
     assert seconds is not None and 3.5 < seconds <= 5
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import httpx
 
@@ -73,7 +73,7 @@ class ConnectionSettings:
             base_url=_validated_base_url(conn_id, conn.host or client_kwargs.get("base_url") or DEFAULT_BASE_URL),
             organization=pick("organization"),
             project=pick("project"),
-            api_type=api_type,
+            api_type=cast(Literal["openai", "azure"], api_type),
             api_version=pick("api_version"),
             timeout=_number(conn_id, "timeout", pick("timeout"), DEFAULT_TIMEOUT, float, minimum=0, strict=True),
             max_retries=_number(conn_id, "max_retries", pick("max_retries"), DEFAULT_MAX_RETRIES, int, minimum=0),

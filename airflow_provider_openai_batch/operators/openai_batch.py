@@ -18,7 +18,11 @@ from airflow_provider_openai_batch.cancellation import (
     CancellationStatus,
     CancellationWatch,
 )
-from airflow_provider_openai_batch.exceptions import BatchNotCancellableError, BatchNotFoundError, OpenAIBatchError
+from airflow_provider_openai_batch.exceptions import (
+    BatchNotCancellableError,
+    BatchNotFoundError,
+    OpenAIBatchError,
+)
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook, validate_batch_id
 from airflow_provider_openai_batch.models import CANCELLABLE_STATUSES, Batch, BatchStatus
 from airflow_provider_openai_batch.triggers.openai_batch import (
@@ -249,7 +253,8 @@ class OpenAICancelStaleBatchesOperator(BaseOperator):
         self.statuses = frozenset(BatchStatus(status) for status in statuses)
         self.metadata = metadata or {}
         self.endpoint = endpoint
-        self.dry_run = dry_run
+        # Shadows BaseOperator.dry_run(), a template-rendering helper nothing in Airflow 3 calls.
+        self.dry_run = dry_run  # type: ignore[method-assign,assignment]
         self.max_concurrency = max_concurrency
         self.wait_for_cancellation = wait_for_cancellation
         self.deferrable = deferrable

@@ -9,7 +9,11 @@ from typing import Any, ClassVar
 from airflow.sdk.exceptions import AirflowNotFoundException
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from airflow_provider_openai_batch.cancellation import CancellationEvent, CancellationStatus, CancellationWatch
+from airflow_provider_openai_batch.cancellation import (
+    CancellationEvent,
+    CancellationStatus,
+    CancellationWatch,
+)
 from airflow_provider_openai_batch.exceptions import OpenAIBatchError
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
 
@@ -103,7 +107,7 @@ async def wait_for_cancellations(
             while pending:
                 await asyncio.sleep(pending[0].seconds_to_next_poll(poll_interval))
                 outcomes = await asyncio.gather(*(_poll(hook, watch) for watch in pending))
-                finished.update((watch.batch_id, event) for watch, event in zip(pending, outcomes) if event)
+                finished.update((watch.batch_id, event) for watch, event in zip(pending, outcomes, strict=True) if event)
                 pending = [watch for watch in pending if watch.batch_id not in finished]
     except _SETUP_ERRORS as error:
         return [
