@@ -11,14 +11,12 @@ CPU.
 from __future__ import annotations
 
 import asyncio
-import ssl
 import weakref
 from dataclasses import dataclass, field
-from functools import cache
 
 import httpx
 
-from airflow_provider_openai_batch.hooks._connection import ConnectionSettings
+from airflow_provider_openai_batch.hooks._connection import ConnectionSettings, shared_ssl_context
 
 #: Requests in flight per shared client; also its connection pool size.
 MAX_CONCURRENT_REQUESTS = 100
@@ -38,21 +36,16 @@ _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[ConnectionSe
 )
 
 
-@cache
-def _ssl_context() -> ssl.SSLContext:
-    return httpx.create_ssl_context()
-
-
 async def acquire(settings: ConnectionSettings) -> SharedAsyncClient:
     """Return the loop's client for ``settings``, creating it on first use; pair every call with :func:`release`."""
-    if _ssl_context.cache_info().currsize == 0:
+    if shared_ssl_context.cache_info().currsize == 0:
         # Reads the CA bundle from disk: done once per process, off the event loop.
-        await asyncio.to_thread(_ssl_context)
+        await asyncio.to_thread(shared_ssl_context)
     per_loop = _clients.setdefault(asyncio.get_running_loop(), {})
     shared = per_loop.get(settings)
     if shared is None:
         limits = httpx.Limits(max_connections=MAX_CONCURRENT_REQUESTS, max_keepalive_connections=MAX_CONCURRENT_REQUESTS)
-        client = httpx.AsyncClient(**settings.client_kwargs(), verify=_ssl_context(), limits=limits)
+        client = httpx.AsyncClient(**settings.client_kwargs(), limits=limits)
         shared = per_loop[settings] = SharedAsyncClient(client)
     shared.users += 1
     return shared

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import ssl
 from dataclasses import dataclass, field
+from functools import cache
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import httpx
@@ -101,7 +103,14 @@ class ConnectionSettings:
             "headers": self.headers,
             "params": self.params,
             "timeout": httpx.Timeout(self.timeout),
+            "verify": shared_ssl_context(),
         }
+
+
+@cache
+def shared_ssl_context() -> ssl.SSLContext:
+    """One TLS context per process: building one reads the CA bundle from disk, so it is never done twice."""
+    return httpx.create_ssl_context()
 
 
 def _validated_base_url(conn_id: str, raw: str) -> str:

@@ -192,7 +192,7 @@ class OpenAIBatchHook(BaseHook):
             except httpx.TransportError as error:
                 outcome = error
             if (delay := self._retry_delay(request, retries_done, outcome)) is None:
-                return _successful(outcome, batch_id)
+                return _successful(outcome, batch_id, self.settings.api_key)
             time.sleep(delay)
             retries_done += 1
 
@@ -257,7 +257,7 @@ class OpenAIBatchHook(BaseHook):
             except httpx.TransportError as error:
                 outcome = error
             if (delay := self._retry_delay(request, retries_done, outcome)) is None:
-                return _successful(outcome, batch_id)
+                return _successful(outcome, batch_id, (await self.asettings()).api_key)
             await asyncio.sleep(delay)
             retries_done += 1
 
@@ -310,7 +310,9 @@ def _subject(batch_id: str | None) -> str:
     return f"batch '{batch_id}'" if batch_id else "the batch list"
 
 
-def _successful(outcome: httpx.Response | httpx.TransportError, batch_id: str | None) -> httpx.Response:
+def _successful(
+    outcome: httpx.Response | httpx.TransportError, batch_id: str | None, api_key: str
+) -> httpx.Response:
     """Return a 2xx response, or raise the provider error matching ``outcome``."""
     if isinstance(outcome, httpx.TransportError):
         raise OpenAIBatchConnectionError(
@@ -319,13 +321,13 @@ def _successful(outcome: httpx.Response | httpx.TransportError, batch_id: str | 
         ) from outcome
     if outcome.is_success:
         return outcome
-    raise _api_error(outcome, batch_id)
+    raise _api_error(outcome, batch_id, api_key)
 
 
-def _api_error(response: httpx.Response, batch_id: str | None) -> OpenAIBatchAPIError:
+def _api_error(response: httpx.Response, batch_id: str | None, api_key: str) -> OpenAIBatchAPIError:
     """Map an error response to the provider's exception for it, keeping the API's own message."""
     status = response.status_code
-    api_message = _error_message(response)
+    api_message = _error_message(response, api_key)
     subject = _subject(batch_id)
     detail = f": {api_message}" if api_message else "."
     kwargs: dict[str, Any] = {"batch_id": batch_id, "status_code": status, "api_message": api_message}
@@ -351,14 +353,18 @@ def _api_error(response: httpx.Response, batch_id: str | None) -> OpenAIBatchAPI
     return OpenAIBatchAPIError(f"OpenAI Batch API request for {subject} failed with HTTP {status}{detail}", **kwargs)
 
 
-def _error_message(response: httpx.Response) -> str | None:
-    """The ``error.message`` of an OpenAI error envelope, if the body is one."""
+def _error_message(response: httpx.Response, api_key: str) -> str | None:
+    """The ``error.message`` of an OpenAI error envelope, if the body is one, with the key blanked out.
+
+    A proxy or gateway may quote the request's headers back; the message ends up in exceptions, trigger events
+    and XComs, which the log masker does not cover.
+    """
     try:
         error = response.json().get("error")
     except (ValueError, AttributeError):
         return None
     message = error.get("message") if isinstance(error, dict) else None
-    return message if isinstance(message, str) else None
+    return message.replace(api_key, "***") if isinstance(message, str) else None
 
 
 def _parse(response: httpx.Response, model: type[ModelT], batch_id: str | None) -> ModelT:

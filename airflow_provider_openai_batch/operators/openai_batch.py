@@ -323,7 +323,7 @@ class OpenAICancelStaleBatchesOperator(BaseOperator):
                     summary.already_finished.append({"batch_id": batch_id, "status": error.batch_status})
                 except BatchNotFoundError:
                     summary.not_found.append(batch_id)
-                except OpenAIBatchError as error:
+                except (OpenAIBatchError, ValueError) as error:  # ValueError: a malformed id in the listing
                     summary.failed.append({"batch_id": batch_id, "error": str(error)})
 
         async with hook:

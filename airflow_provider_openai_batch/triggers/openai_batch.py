@@ -122,3 +122,5 @@ async def _poll(hook: OpenAIBatchHook, watch: CancellationWatch) -> Cancellation
         return watch.on_batch(await hook.aget_batch(watch.batch_id))
     except OpenAIBatchError as error:
         return watch.on_error(error)
+    except ValueError as error:  # a malformed id: only this batch's wait ends, the others go on
+        return CancellationEvent.without_batch(watch.batch_id, CancellationStatus.ERROR, str(error))
