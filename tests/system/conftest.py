@@ -1,0 +1,84 @@
+"""Fixtures of the system tests: the Batch API emulator and a real Airflow 3 deployment, once per session.
+
+See ``deployment.py`` for what runs. When a test fails (or the deployment fails to start), the tails of every
+Airflow process's log, the task logs written during the test and a tally of the emulator's requests are
+attached to the test's report.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.system.deployment import Deployment
+
+try:
+    from airflow_provider_openai_batch.testing import BatchAPIEmulator
+except ImportError:  # the package's re-export may not be there
+    from airflow_provider_openai_batch.testing.emulator import BatchAPIEmulator
+
+#: The deployment, as soon as processes may exist, for the report hook.
+_DEPLOYMENT: Deployment | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "system: runs against the real Airflow deployment of tests/system")
+
+
+@pytest.fixture(scope="session")
+def api_key() -> str:
+    """Recognisable fake key: the leak checks look for it in the metadata DB and in every log."""
+    return "sk-system-SECRET-" + secrets.token_hex(8)
+
+
+@pytest.fixture(scope="session")
+def system_emulator(api_key: str) -> Iterator[BatchAPIEmulator]:
+    """The Batch API, in this process, reached by every Airflow process over loopback."""
+    with BatchAPIEmulator(api_key=api_key, cancel_after_polls=2) as emulator:
+        yield emulator
+
+
+@pytest.fixture(scope="session")
+def deployment(
+    tmp_path_factory: pytest.TempPathFactory, system_emulator: BatchAPIEmulator, api_key: str
+) -> Iterator[Deployment]:
+    global _DEPLOYMENT
+    _DEPLOYMENT = Deployment(tmp_path_factory.mktemp("airflow-home"), system_emulator, api_key)
+    try:
+        started = time.monotonic()
+        _DEPLOYMENT.start()
+        print(f"\nAirflow deployment ready in {time.monotonic() - started:.0f}s in {_DEPLOYMENT.home}")
+        yield _DEPLOYMENT
+    finally:
+        _DEPLOYMENT.stop()
+
+
+@pytest.fixture
+def emulator(deployment: Deployment) -> Iterator[BatchAPIEmulator]:
+    """The deployment's emulator, its injected faults cleared after each test."""
+    yield deployment.emulator
+    deployment.emulator.clear_faults()
+
+
+@pytest.fixture(autouse=True)
+def _test_started_at(request: pytest.FixtureRequest) -> None:
+    request.node.stash[_STARTED_AT] = time.time()
+
+
+_STARTED_AT = pytest.StashKey[float]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """On a failure of a test, or of starting the deployment, attach the deployment's logs to the report."""
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
+    if report.failed and report.when in ("setup", "call") and _DEPLOYMENT is not None:
+        since = item.stash.get(_STARTED_AT, _DEPLOYMENT.started_at)
+        try:
+            report.sections.extend(_DEPLOYMENT.failure_report(since))
+        except Exception as error:  # noqa: BLE001 - never hide the real failure behind a reporting one
+            report.sections.append(("deployment logs", f"could not collect them: {error!r}"))

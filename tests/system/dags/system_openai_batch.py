@@ -1,0 +1,91 @@
+"""DAGs for the system tests of the OpenAI Batch provider; batch ids come from the run's ``conf``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow.sdk import DAG, task
+
+from airflow_provider_openai_batch.operators.openai_batch import OpenAICancelBatchOperator
+
+DEFAULT_ARGS = {"retries": 0}
+
+# An upstream task fails; the batch it was feeding is cancelled and its partial results reach a downstream task.
+with DAG(
+    "system_openai_batch_cancel_on_upstream_failure",
+    schedule=None,
+    catchup=False,
+    default_args=DEFAULT_ARGS,
+    tags=["system-test"],
+):
+
+    @task
+    def submit(**context: Any) -> str:
+        """Stands for the task that submitted the batch: its id comes from the run's conf."""
+        return context["dag_run"].conf["batch_id"]
+
+    @task
+    def process_results() -> None:
+        raise RuntimeError("Simulated failure of the task consuming the batch.")
+
+    @task
+    def collect_partial_results(output_file_id: str, status: str) -> dict[str, str]:
+        if not output_file_id or output_file_id == "None":
+            raise ValueError(f"No output file id reached the downstream task: {output_file_id!r}")
+        return {"output_file_id": output_file_id, "status": status}
+
+    batch = submit()
+    failing = process_results()
+    cancel = OpenAICancelBatchOperator(
+        task_id="cancel",
+        batch_id=batch,
+        trigger_rule="one_failed",
+        deferrable=True,
+        poll_interval=1,
+        timeout=300,
+    )
+    batch >> failing >> cancel
+    cancel >> collect_partial_results(
+        "{{ ti.xcom_pull(task_ids='cancel', key='output_file_id') }}",
+        "{{ ti.xcom_pull(task_ids='cancel', key='status') }}",
+    )
+
+# One cancellation, its id templated from conf: for the triggerer-restart and stored-kwargs scenarios.
+with DAG(
+    "system_openai_batch_cancel_one",
+    schedule=None,
+    catchup=False,
+    default_args=DEFAULT_ARGS,
+    tags=["system-test"],
+):
+    cancel_one = OpenAICancelBatchOperator(
+        task_id="cancel",
+        batch_id="{{ dag_run.conf['batch_id'] }}",
+        deferrable=True,
+        poll_interval=1,
+        timeout=600,
+    )
+
+    @task
+    def report(output_file_id: str) -> str:
+        return output_file_id
+
+    cancel_one >> report("{{ ti.xcom_pull(task_ids='cancel', key='output_file_id') }}")
+
+# Many deferred cancellations at once: one mapped task instance per batch id in conf.
+with DAG(
+    "system_openai_batch_cancel_many",
+    schedule=None,
+    catchup=False,
+    default_args=DEFAULT_ARGS,
+    max_active_tasks=256,
+    tags=["system-test"],
+):
+
+    @task
+    def batch_ids(**context: Any) -> list[str]:
+        return list(context["dag_run"].conf["batch_ids"])
+
+    OpenAICancelBatchOperator.partial(task_id="cancel", deferrable=True, poll_interval=2, timeout=600).expand(
+        batch_id=batch_ids()
+    )
