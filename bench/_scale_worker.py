@@ -1,0 +1,259 @@
+"""One trigger-scale measurement in a fresh process: N triggers of one provider in one event loop.
+
+Usage: .bench-venv/bin/python bench/_scale_worker.py --provider ours|official --ids-file F --poll-interval P
+(started by bench/trigger_scale.py, which seeds the emulator, sets ``AIRFLOW_CONN_*`` and samples this process)
+
+Like the triggerer, it runs every trigger's ``run()`` async generator as its own asyncio task and consumes its
+first event. Protocol on stdout, one JSON object a line: ``{"phase": "ready", ...}`` once imports, one warm-up
+trigger (so lazily imported modules and one-time caches are not counted per trigger) and a ``gc.collect()`` are
+done; the parent then writes one line to stdin to start the measured run; ``{"phase": "done", ...}`` ends it. If
+``--cap`` seconds pass first, a watchdog thread reports ``complete: false`` with what was measured so far and
+exits: the official trigger's synchronous HTTP calls can hold the loop long enough that the loop itself could
+never notice the cap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import peak_rss_bytes, percentile, reset_peak_rss, rss_bytes  # noqa: E402
+
+PROBE_INTERVAL = 0.010  #: the lag probe sleeps this long and records how late it wakes up
+SPIKE = 0.1  #: lags above this are also reported with the time they started at, to find their cause
+
+
+def make_trigger(provider: str, conn_id: str, batch_id: str, poll_interval: float, timeout: float) -> Any:
+    """The provider's trigger, built with the arguments its operator would serialise."""
+    if provider == "ours":
+        from airflow_provider_openai_batch.triggers.openai_batch import OpenAIBatchCancellationTrigger
+
+        return OpenAIBatchCancellationTrigger(
+            batch_id=batch_id, conn_id=conn_id, poll_interval=poll_interval, deadline=time.time() + timeout
+        )
+    from airflow.providers.openai.triggers.openai import OpenAIBatchTrigger
+
+    return OpenAIBatchTrigger(conn_id=conn_id, batch_id=batch_id, poll_interval=poll_interval, timeout=timeout)
+
+
+class Run:
+    """State of the measured run, readable by the watchdog thread while the loop is busy."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.lags: list[float] = []
+        self.spikes: list[tuple[float, float]] = []
+        self.constructions: Counter[str] = Counter()
+        self.gc_pauses: list[tuple[int, float, int]] = []  # (generation, seconds, objects freed) per GC run
+        self._gc_started = 0.0
+        self.event_times: list[float] = []
+        self.statuses: Counter[str] = Counter()
+        self.done = 0
+        self.started = 0.0
+        self.cpu_started = 0.0
+        self.last_event = 0.0
+        self.baseline_rss = 0
+        self.pool_size: int | None = None
+        self.tracked_objects_baseline = 0
+        self.full_collect_baseline_s = 0.0
+        self.hwm_reset = False
+        self.reported = threading.Lock()
+
+    def on_gc(self, phase: str, info: dict[str, int]) -> None:
+        """``gc.callbacks`` hook: time each collection, so lag spikes can be told apart from GC pauses."""
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            self.gc_pauses.append((info["generation"], time.perf_counter() - self._gc_started, info["collected"]))
+
+    def report(self, complete: bool) -> dict[str, Any]:
+        now = time.perf_counter()
+        lags = list(self.lags)
+        return {
+            "phase": "done",
+            "complete": complete,
+            "n": self.n,
+            "events": self.done,
+            "statuses": dict(self.statuses),
+            "wall_s": (self.last_event if complete else now) - self.started,
+            "elapsed_s": now - self.started,
+            "cpu_s": time.process_time() - self.cpu_started,
+            "lag_max_s": max(lags, default=0.0),
+            "lag_p99_s": percentile(lags, 99),
+            "lag_p50_s": percentile(lags, 50),
+            "lag_samples": len(lags),
+            "lag_over_200ms": sum(1 for lag in lags if lag > 0.2),
+            "lag_spikes": list(self.spikes),
+            "constructions": dict(self.constructions),
+            "gc_collections": len(self.gc_pauses),
+            "gc_pause_max_s": max((pause for _, pause, _ in self.gc_pauses), default=0.0),
+            "gc_pause_total_s": sum(pause for _, pause, _ in self.gc_pauses),
+            "gc_collected": sum(collected for _, _, collected in self.gc_pauses),
+            "gc_gen2": [(round(pause, 4), collected) for gen, pause, collected in self.gc_pauses if gen == 2][:20],
+            "tracked_objects_baseline": self.tracked_objects_baseline,
+            "full_collect_baseline_s": self.full_collect_baseline_s,
+            "tracked_objects_now": len(gc.get_objects()),
+            "first_event_s": min(self.event_times, default=None),
+            "median_event_s": percentile(self.event_times, 50) if self.event_times else None,
+            "baseline_rss": self.baseline_rss,
+            "peak_rss": peak_rss_bytes(),
+            "end_rss": rss_bytes(),
+            "hwm_reset": self.hwm_reset,
+            "pool_size": self.pool_size,
+        }
+
+
+def count_constructions(counts: Counter[str]) -> None:
+    """Count, from now on, every HTTP client and TLS context built, whichever provider builds them.
+
+    ``httpx`` is this provider's HTTP library; the ``openai`` SDK the official provider uses builds on its
+    ``httpx2`` fork. A shared client shows up as one construction per run, a per-trigger one as N or more.
+    """
+    import importlib
+    import ssl
+
+    for module_name in ("httpx", "httpx2"):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        for class_name in ("Client", "AsyncClient"):
+            cls = getattr(module, class_name)
+            cls.__init__ = _counting(cls.__init__, counts, f"{module_name}.{class_name}")
+    original_new = ssl.SSLContext.__new__
+
+    def counting_new(cls: type, *args: Any, **kwargs: Any) -> Any:
+        counts["ssl.SSLContext"] += 1
+        return original_new(cls, *args, **kwargs)
+
+    ssl.SSLContext.__new__ = staticmethod(counting_new)  # type: ignore[method-assign,assignment]
+
+
+def _counting(init: Any, counts: Counter[str], key: str) -> Any:
+    def counting_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        counts[key] += 1
+        init(self, *args, **kwargs)
+
+    return counting_init
+
+
+def emit(payload: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(payload) + "\n")
+    sys.stdout.flush()
+
+
+async def consume(trigger: Any, run: Run) -> None:
+    """What the triggerer's ``run_trigger`` does, minus logging, tracing and the database: drain ``run()``."""
+    async for event in trigger.run():
+        run.statuses[str(event.payload.get("status"))] += 1
+        run.done += 1
+        run.last_event = time.perf_counter()
+        run.event_times.append(run.last_event - run.started)
+
+
+async def start_all(triggers: list[Any], run: Run) -> list[asyncio.Task[None]]:
+    """Start one task per trigger the way the triggerer's ``create_triggers`` does: yielding to the loop twice
+    per trigger (after loading its class and before creating its task), so earlier triggers start running while
+    later ones are created."""
+    tasks = []
+    for trigger in triggers:
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        tasks.append(asyncio.create_task(consume(trigger, run)))
+    return tasks
+
+
+async def probe(run: Run, stop: asyncio.Event) -> None:
+    """Sleep ``PROBE_INTERVAL`` over and over, recording how late each wake-up is: the loop's lag."""
+    while not stop.is_set():
+        start = time.perf_counter()
+        await asyncio.sleep(PROBE_INTERVAL)
+        lag = max(0.0, time.perf_counter() - start - PROBE_INTERVAL)
+        run.lags.append(lag)
+        if lag > SPIKE and len(run.spikes) < 50:
+            run.spikes.append((round(start - run.started, 3), round(lag, 4)))
+
+
+def _apply_experiments() -> None:
+    """Diagnosis only: ``BENCH_POOL_SIZE`` overrides this provider's shared-client pool size and request gate;
+    ``BENCH_GC_FREEZE=1`` moves everything allocated before the measured run out of the cyclic GC's reach."""
+    if os.environ.get("BENCH_GC_FREEZE") == "1":
+        gc.freeze()
+    if pool_size := os.environ.get("BENCH_POOL_SIZE"):
+        from airflow_provider_openai_batch.hooks import _async_clients
+
+        _async_clients.MAX_CONCURRENT_REQUESTS = int(pool_size)
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    targets: list[list[str]] = json.loads(Path(args.ids_file).read_text())
+    warmup_conn, warmup_batch = targets.pop(0)
+    if args.cold:
+        make_trigger(args.provider, warmup_conn, warmup_batch, 1.0, 1.0)  # imports only: nothing runs
+    else:
+        # Warm-up: one full wait, quick, so first-use imports and caches are in the baseline.
+        await consume(make_trigger(args.provider, warmup_conn, warmup_batch, 0.05, args.cap + 60), Run(1))
+    collect_started = time.perf_counter()
+    gc.collect()
+    full_collect_s = time.perf_counter() - collect_started
+    _apply_experiments()
+    run = Run(len(targets))
+    if args.provider == "ours":
+        from airflow_provider_openai_batch.hooks import _async_clients
+
+        run.pool_size = _async_clients.MAX_CONCURRENT_REQUESTS
+    run.tracked_objects_baseline = len(gc.get_objects())
+    run.full_collect_baseline_s = full_collect_s
+    run.baseline_rss = rss_bytes()
+    run.hwm_reset = reset_peak_rss()
+    count_constructions(run.constructions)
+    emit({"phase": "ready", "pid": os.getpid(), "baseline_rss": run.baseline_rss})
+    sys.stdin.readline()  # blocking on purpose: nothing else runs yet, and no executor thread is created
+
+    watchdog = threading.Timer(args.cap, _give_up, args=(run,))
+    watchdog.daemon = True
+    run.started = time.perf_counter()
+    run.cpu_started = time.process_time()
+    watchdog.start()
+    gc.callbacks.append(run.on_gc)
+    stop = asyncio.Event()
+    prober = asyncio.create_task(probe(run, stop))
+    triggers = [make_trigger(args.provider, conn, batch, args.poll_interval, args.cap + 60) for conn, batch in targets]
+    await asyncio.gather(*await start_all(triggers, run))
+    stop.set()
+    await prober
+    watchdog.cancel()
+    if run.reported.acquire(blocking=False):
+        emit(run.report(complete=True))
+
+
+def _give_up(run: Run) -> None:
+    if run.reported.acquire(blocking=False):
+        emit(run.report(complete=False))
+        os._exit(0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--provider", choices=("ours", "official"), required=True)
+    parser.add_argument("--ids-file", required=True, help="JSON list of [conn_id, batch_id]; the first is warm-up")
+    parser.add_argument("--poll-interval", type=float, required=True)
+    parser.add_argument("--cap", type=float, default=600.0, help="give up after this many seconds")
+    parser.add_argument("--cold", action="store_true",
+                        help="no warm-up: the run starts like a freshly started triggerer (imports excepted)")
+    asyncio.run(main_async(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

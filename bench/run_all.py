@@ -1,0 +1,215 @@
+"""Run every benchmark against the official OpenAI provider and write a report; what ``make bench`` runs.
+
+Usage: .venv/bin/python bench/run_all.py [--quick] [--n 100,1000,5000] [--repeats 3] [--skip scale,parse,requests]
+
+Creates ``.bench-venv`` (official provider 2.2.0) on first use, then runs bench/parse_cost.py,
+bench/requests_per_cancel.py and bench/trigger_scale.py, and writes ``bench/results/latest.json`` (every run's
+raw numbers) and ``bench/results/latest.md`` (machine, tables, targets), also printed at the end. ``--quick`` is a
+smoke run of a minute or two (N=100 once, fewer samples); the full run takes about 20 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import parse_cost  # noqa: E402
+import requests_per_cancel  # noqa: E402
+import trigger_scale  # noqa: E402
+from _common import (  # noqa: E402
+    BENCH_DIR,
+    BENCH_PYTHON,
+    RESULTS_DIR,
+    ROOT,
+    bench_env,
+    ensure_official_venv,
+    machine_info,
+    package_digest,
+    wait_until_quiet,
+    write_json,
+)
+
+#: The issue's targets for this provider at N = 1,000, and for the parse cost.
+TARGET_N = 1000
+TARGET_LAG_MAX_S = 0.050
+TARGET_RSS_PER_TRIGGER = 50 * 1024
+TARGET_CPU_PER_POLL_S = 0.001
+TARGET_PARSE_RATIO = 0.1
+
+
+def source_state() -> dict[str, Any]:
+    """Which code was measured: the commit, and a digest of the package's files as they were (edits included)."""
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--short", "airflow_provider_openai_batch"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.split("\n")
+    return {"commit": commit, "package_sha256": package_digest(), "uncommitted": [d for d in dirty if d]}
+
+
+def run_requests_per_cancel(batches: int, quick: bool) -> dict[str, Any]:
+    """Run bench/requests_per_cancel.py in ``.bench-venv`` (it needs both providers) and read its JSON."""
+    out = RESULTS_DIR / "requests_per_cancel.json"
+    cases = ["--cases", "1:0.25,3:1"] if quick else []
+    subprocess.run(
+        [str(BENCH_PYTHON), str(BENCH_DIR / "requests_per_cancel.py"), "--batches", str(batches), "--json", str(out),
+         *cases],
+        check=True,
+        env=bench_env(),
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    return json.loads(out.read_text())
+
+
+def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target: measured value, threshold, met or not (None when its measurement was not run)."""
+    targets: list[dict[str, Any]] = []
+    scale = results.get("trigger_scale", {}).get("by_n", {}).get(str(TARGET_N))
+    ours = scale["summary"].get("ours") if scale else None
+
+    def add(name: str, value: Any, threshold: str, met: bool | None) -> None:
+        targets.append({"target": name, "measured": value, "threshold": threshold, "met": met})
+
+    if ours:
+        add("event-loop max lag at N=1000", f"{1000 * ours['lag_max_s']:.0f} ms", "< 50 ms",
+            ours["lag_max_s"] < TARGET_LAG_MAX_S)
+        constructions = [run["constructions"] for run in scale["runs"]["ours"]]
+        clients = max(c.get("httpx.AsyncClient", 0) + c.get("httpx.Client", 0) for c in constructions)
+        add("no per-poll client construction at N=1000",
+            f"{clients} HTTP client(s) for {ours['requests']:.0f} polls", "1 shared client", clients <= 1)
+        add("RSS per waiting trigger at N=1000", f"{ours['rss_per_trigger'] / 1024:.1f} KiB", "< 50 KB",
+            ours["rss_per_trigger"] < TARGET_RSS_PER_TRIGGER)
+        add("CPU per poll at N=1000", f"{1000 * ours['cpu_per_request_s']:.2f} ms", "< 1 ms",
+            ours["cpu_per_request_s"] < TARGET_CPU_PER_POLL_S)
+    parse = results.get("parse_cost")
+    if parse:
+        ratio = parse["ratios"]["import_seconds"]
+        add("parse cost (import time) vs official", f"{ratio:.3f}x", "<= 0.1x", ratio <= TARGET_PARSE_RATIO)
+        mem_ratio = parse["ratios"]["rss_bytes"]
+        add("parse cost (RSS) vs official", f"{mem_ratio:.3f}x", "<= 0.1x", mem_ratio <= TARGET_PARSE_RATIO)
+    return targets  # fmt: skip
+
+
+def format_report(results: dict[str, Any]) -> str:
+    machine = results["machine"]
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Run {results['started']} in {results['duration_s'] / 60:.1f} min; mode: {results['mode']}."
+        + "".join(f" {part} reused from the run of {when}." for part, when in results.get("reused", {}).items()),
+        f"Code: commit {results['source']['commit'][:12]}, package digest {results['source']['package_sha256']}"
+        + (f" (uncommitted: {', '.join(results['source']['uncommitted'])})" if results["source"]["uncommitted"] else ""),
+        "",
+        f"Machine: {machine['nproc']} CPUs ({machine['cpu_model']}), {machine['ram_gib']} GiB RAM, Linux "
+        f"{machine['kernel']}, Python {machine['python']}, apache-airflow {machine['apache-airflow']} (task SDK "
+        f"{machine['apache-airflow-task-sdk']}), apache-airflow-providers-openai "
+        f"{machine['apache-airflow-providers-openai']} (openai {machine['openai']}), httpx {machine['httpx']}, "
+        f"pydantic {machine['pydantic']}.",
+    ]
+    if "trigger_scale" in results:
+        scale = results["trigger_scale"]
+        repeats = {n: block["summary"]["ours"]["repeats"] for n, block in scale["by_n"].items() if "ours" in block["summary"]}
+        lines += [
+            "",
+            "## Trigger scale",
+            "",
+            f"{scale['polls_per_wait']} polls per wait; medians over runs per N: "
+            + ", ".join(f"N={n}: {r}" for n, r in repeats.items())
+            + f"; cap {scale['cap_s']:.0f} s per run.",
+            "",
+            trigger_scale.format_table(scale),
+        ]
+    if "parse_cost" in results:
+        parse = results["parse_cost"]
+        lines += [
+            "",
+            "## Parse cost",
+            "",
+            f"Median of {parse['runs']} fresh interpreters (heap: {parse['heap_runs']}), on top of `import airflow.sdk`.",
+            "",
+            parse_cost.format_table(parse),
+        ]
+    if "requests_per_cancel" in results:
+        lines += [
+            "",
+            "## Requests per cancellation",
+            "",
+            f"{results['requests_per_cancel']['batches']} batches per case and flow.",
+            "",
+            requests_per_cancel.format_table(results["requests_per_cancel"]),
+        ]
+    if results.get("targets"):
+        lines += ["", "## Targets", "", "| target | measured | threshold | met |", "|---|---|---|---|"]
+        for target in results["targets"]:
+            met = {True: "yes", False: "**no**", None: "n/a"}[target["met"]]
+            lines.append(f"| {target['target']} | {target['measured']} | {target['threshold']} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: N=100 once, fewer samples")
+    parser.add_argument("--n", help="trigger counts (default 100,1000,5000; --quick: 100)")
+    parser.add_argument("--repeats", type=int, help="trigger-scale runs per N <= 1000 (default 3; --quick: 1)")
+    parser.add_argument("--cap", type=float, default=300.0,
+                        help="wall-time cap of one trigger-scale run, seconds (default 300: keeps the run near 20 min)")
+    parser.add_argument("--skip", default="", help="comma-separated: scale, parse, requests")
+    parser.add_argument("--reuse", type=Path, help="take the skipped parts' results from this earlier JSON")
+    parser.add_argument("--wait-quiet", type=float, default=600.0,
+                        help="before each part, wait up to this many seconds for other processes to go quiet")
+    args = parser.parse_args(argv)
+    skip = set(filter(None, args.skip.split(",")))
+    ns = [int(n) for n in (args.n or ("100" if args.quick else "100,1000,5000")).split(",")]
+    repeats = args.repeats or (1 if args.quick else 3)
+
+    started = time.time()
+    ensure_official_venv()
+    results: dict[str, Any] = {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
+        "mode": "quick" if args.quick else "full",
+        "machine": machine_info(),
+        "source": source_state(),
+    }
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    results["other_load_at_start"] = {}
+    if "parse" not in skip:
+        results["other_load_at_start"]["parse_cost"] = wait_until_quiet(args.wait_quiet)
+        print("parse cost ...", file=sys.stderr, flush=True)
+        results["parse_cost"] = parse_cost.measure(runs=3 if args.quick else 7, heap_runs=1 if args.quick else 3)
+    if "requests" not in skip:
+        results["other_load_at_start"]["requests_per_cancel"] = wait_until_quiet(args.wait_quiet)
+        print("requests per cancellation ...", file=sys.stderr, flush=True)
+        results["requests_per_cancel"] = run_requests_per_cancel(batches=3 if args.quick else 10, quick=args.quick)
+    if args.reuse:
+        earlier = json.loads(args.reuse.read_text())
+        keys = {"parse": "parse_cost", "requests": "requests_per_cancel", "scale": "trigger_scale"}
+        for part in skip:
+            if keys[part] in earlier:
+                results[keys[part]] = earlier[keys[part]]
+                results.setdefault("reused", {})[keys[part]] = earlier.get("started")
+                results.setdefault("reused_source", earlier.get("source"))
+    if "scale" not in skip:
+        results["other_load_at_start"]["trigger_scale"] = wait_until_quiet(args.wait_quiet)
+        print("trigger scale ...", file=sys.stderr, flush=True)
+        results["trigger_scale"] = trigger_scale.measure(
+            ns, {n: repeats if n <= 1000 else 1 for n in ns}, polls=3, cap=args.cap
+        )
+    results["targets"] = evaluate_targets(results)
+    results["duration_s"] = time.time() - started
+    if args.reuse:
+        results["reused_from"] = str(args.reuse)
+    write_json(RESULTS_DIR / "latest.json", results)
+    report = format_report(results)
+    (RESULTS_DIR / "latest.md").write_text(report)
+    print(report)
+    return results
+
+
+if __name__ == "__main__":
+    main()
