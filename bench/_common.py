@@ -116,8 +116,12 @@ def wait_until_quiet(max_wait: float, threshold: float = 0.25) -> float:
         busy = busy_cores()
         if busy < threshold or time.monotonic() >= deadline:
             if busy >= threshold:
-                print(f"WARNING: the machine is busy ({busy:.2f} CPUs used by other processes); numbers will be "
-                      "noisy (see each run's 'other load').", file=sys.stderr, flush=True)
+                print(
+                    f"WARNING: the machine is busy ({busy:.2f} CPUs used by other processes); numbers will be "
+                    "noisy (see each run's 'other load').",
+                    file=sys.stderr,
+                    flush=True,
+                )
             return busy
         print(f"  waiting for a quiet machine ({busy:.2f} CPUs busy) ...", file=sys.stderr, flush=True)
         time.sleep(10)

@@ -21,7 +21,7 @@ import sys
 import threading
 from collections import Counter
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Self
 
 from airflow_provider_openai_batch.testing.emulator import BatchAPIEmulator
 
@@ -33,8 +33,10 @@ class BenchEmulator(BatchAPIEmulator):
         super().__init__(**kwargs)
         self._record_statuses = record_statuses
         self._served: dict[str, str] = {}  # batch id -> status in the last GET answered for it
-        if not callable(getattr(super(), "_retrieve", None)):
-            raise RuntimeError("BatchAPIEmulator no longer has _retrieve(batch_id): update bench/_emulator.py.")
+        if not hasattr(BatchAPIEmulator, "_retrieve"):
+            raise RuntimeError(
+                "BatchAPIEmulator no longer has _retrieve(batch_id): update bench/_emulator.py."
+            )
         self._finish_after: dict[str, tuple[int, str]] = {}
         self._gets: dict[str, int] = {}
         self._bench_lock = threading.Lock()
@@ -72,7 +74,8 @@ class BenchEmulator(BatchAPIEmulator):
 
 
 def _serve(args: argparse.Namespace, commands: IO[str], replies: IO[str]) -> None:
-    emulator = BenchEmulator(cancel_after_polls=args.cancel_after_polls, record_statuses=args.record_statuses).start()
+    emulator = BenchEmulator(cancel_after_polls=args.cancel_after_polls, record_statuses=args.record_statuses)
+    emulator.start()
     print(json.dumps({"base_url": emulator.base_url, "api_key": emulator.api_key}), file=replies, flush=True)
     try:
         for line in commands:
@@ -106,8 +109,6 @@ def _execute(emulator: BenchEmulator, command: dict[str, Any]) -> dict[str, Any]
                 if len(parts) > 3 and parts[3] in wanted:
                     per_batch[parts[3]] += 1
             return {"per_batch": dict(per_batch)}
-        case "status_of":
-            return {"statuses": dict(Counter(emulator.batch(i)["status"] for i in command["ids"]))}
         case "last_served":
             return {"statuses": {i: emulator._served.get(i) for i in command["ids"]}}
     return {"error": f"unknown command {command['cmd']!r}"}
@@ -120,8 +121,13 @@ class EmulatorProcess:
         self, python: str | Path = sys.executable, cancel_after_polls: int = 2, record_statuses: bool = False
     ) -> None:
         self._process = subprocess.Popen(
-            [str(python), str(Path(__file__).resolve()), "--cancel-after-polls", str(cancel_after_polls),
-             *(["--record-statuses"] if record_statuses else [])],
+            [
+                str(python),
+                str(Path(__file__).resolve()),
+                "--cancel-after-polls",
+                str(cancel_after_polls),
+                *(["--record-statuses"] if record_statuses else []),
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -159,7 +165,7 @@ class EmulatorProcess:
                 self._process.kill()
                 self._process.wait()
 
-    def __enter__(self) -> EmulatorProcess:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

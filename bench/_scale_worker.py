@@ -28,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import peak_rss_bytes, percentile, reset_peak_rss, rss_bytes  # noqa: E402
+from _common import peak_rss_bytes, percentile, reset_peak_rss, rss_bytes
 
 PROBE_INTERVAL = 0.010  #: the lag probe sleeps this long and records how late it wakes up
 SPIKE = 0.1  #: lags above this are also reported with the time they started at, to find their cause
@@ -44,7 +44,9 @@ def make_trigger(provider: str, conn_id: str, batch_id: str, poll_interval: floa
         )
     from airflow.providers.openai.triggers.openai import OpenAIBatchTrigger
 
-    return OpenAIBatchTrigger(conn_id=conn_id, batch_id=batch_id, poll_interval=poll_interval, timeout=timeout)
+    return OpenAIBatchTrigger(
+        conn_id=conn_id, batch_id=batch_id, poll_interval=poll_interval, timeout=timeout
+    )
 
 
 class Run:
@@ -75,7 +77,9 @@ class Run:
         if phase == "start":
             self._gc_started = time.perf_counter()
         else:
-            self.gc_pauses.append((info["generation"], time.perf_counter() - self._gc_started, info["collected"]))
+            self.gc_pauses.append(
+                (info["generation"], time.perf_counter() - self._gc_started, info["collected"])
+            )
 
     def report(self, complete: bool) -> dict[str, Any]:
         now = time.perf_counter()
@@ -100,7 +104,9 @@ class Run:
             "gc_pause_max_s": max((pause for _, pause, _ in self.gc_pauses), default=0.0),
             "gc_pause_total_s": sum(pause for _, pause, _ in self.gc_pauses),
             "gc_collected": sum(collected for _, _, collected in self.gc_pauses),
-            "gc_gen2": [(round(pause, 4), collected) for gen, pause, collected in self.gc_pauses if gen == 2][:20],
+            "gc_gen2": [(round(pause, 4), collected) for gen, pause, collected in self.gc_pauses if gen == 2][
+                :20
+            ],
             "tracked_objects_baseline": self.tracked_objects_baseline,
             "full_collect_baseline_s": self.full_collect_baseline_s,
             "tracked_objects_now": len(gc.get_objects()),
@@ -229,7 +235,9 @@ async def main_async(args: argparse.Namespace) -> None:
     gc.callbacks.append(run.on_gc)
     stop = asyncio.Event()
     prober = asyncio.create_task(probe(run, stop))
-    triggers = [make_trigger(args.provider, conn, batch, args.poll_interval, args.cap + 60) for conn, batch in targets]
+    triggers = [
+        make_trigger(args.provider, conn, batch, args.poll_interval, args.cap + 60) for conn, batch in targets
+    ]
     await asyncio.gather(*await start_all(triggers, run))
     stop.set()
     await prober
@@ -247,11 +255,16 @@ def _give_up(run: Run) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--provider", choices=("ours", "official"), required=True)
-    parser.add_argument("--ids-file", required=True, help="JSON list of [conn_id, batch_id]; the first is warm-up")
+    parser.add_argument(
+        "--ids-file", required=True, help="JSON list of [conn_id, batch_id]; the first is warm-up"
+    )
     parser.add_argument("--poll-interval", type=float, required=True)
     parser.add_argument("--cap", type=float, default=600.0, help="give up after this many seconds")
-    parser.add_argument("--cold", action="store_true",
-                        help="no warm-up: the run starts like a freshly started triggerer (imports excepted)")
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="no warm-up: the run starts like a freshly started triggerer (imports excepted)",
+    )
     asyncio.run(main_async(parser.parse_args(argv)))
 
 

@@ -23,8 +23,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import MAIN_PYTHON, connection_json, wait_until_quiet  # noqa: E402
-from _emulator import EmulatorProcess  # noqa: E402
+from _common import MAIN_PYTHON, connection_json, wait_until_quiet
+from _emulator import EmulatorProcess
 
 WARMUP = 100
 
@@ -53,11 +53,12 @@ async def _raw(emulator: EmulatorProcess, ids: list[str]) -> float:
 
     async def get(batch_id: str) -> bytes:
         writer.write(
-            f"GET /v1/batches/{batch_id} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {emulator.api_key}\r\n\r\n"
-            .encode()
+            f"GET /v1/batches/{batch_id} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {emulator.api_key}\r\n\r\n".encode()
         )
         head = await reader.readuntil(b"\r\n\r\n")
-        length = next(int(h.split(b":", 1)[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length"))
+        length = next(
+            int(h.split(b":", 1)[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")
+        )
         return await reader.readexactly(length)
 
     try:
@@ -97,7 +98,9 @@ def measure(requests: int, repeats: int = 3) -> dict[str, float]:
     os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="bench-airflow-home-"))
     best: dict[str, float] = {}
     with EmulatorProcess(MAIN_PYTHON) as emulator:
-        os.environ["AIRFLOW_CONN_BENCH"] = connection_json("openai_batch", emulator.api_key, emulator.base_url)
+        os.environ["AIRFLOW_CONN_BENCH"] = connection_json(
+            "openai_batch", emulator.api_key, emulator.base_url
+        )
         ids = emulator.seed(requests)
         for _ in range(repeats):
             wait_until_quiet(120)

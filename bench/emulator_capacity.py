@@ -19,8 +19,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import MAIN_PYTHON, cpu_seconds, wait_until_quiet  # noqa: E402
-from _emulator import EmulatorProcess  # noqa: E402
+from _common import MAIN_PYTHON, cpu_seconds, wait_until_quiet
+from _emulator import EmulatorProcess
 
 
 async def _client(host: str, port: int, api_key: str, ids: list[str]) -> None:
@@ -32,7 +32,9 @@ async def _client(host: str, port: int, api_key: str, ids: list[str]) -> None:
             )
             head = await reader.readuntil(b"\r\n\r\n")
             length = next(
-                int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length")
             )
             await reader.readexactly(length)
     finally:
@@ -71,7 +73,10 @@ def measure(connection_counts: list[int], requests: int, repeats: int = 3) -> li
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| connections | requests/s | emulator CPU per request | emulator busy (of one core) |", "|---:|---:|---:|---:|"]
+    lines = [
+        "| connections | requests/s | emulator CPU per request | emulator busy (of one core) |",
+        "|---:|---:|---:|---:|",
+    ]
     lines += [
         f"| {row['connections']} | {row['requests_per_s']:.0f} | {row['emulator_cpu_per_request_ms']:.2f} ms "
         f"| {100 * row['emulator_busy']:.0f}% |"

@@ -21,7 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import BENCH_PYTHON, bench_env, ensure_official_venv, median, wait_until_quiet, write_json  # noqa: E402
+from _common import BENCH_PYTHON, bench_env, ensure_official_venv, median, wait_until_quiet, write_json
 
 #: The import line a DAG file adds for each provider.
 IMPORTS: dict[str, str] = {
@@ -85,8 +85,10 @@ def measure(runs: int = 7, heap_runs: int = 3) -> dict[str, Any]:
         wait_until_quiet(120)
         for provider in IMPORTS:
             samples[provider].append(sample(provider, "time", env))
-            print(f"  parse cost {provider} run {run + 1}/{runs}: {samples[provider][-1]['seconds'] * 1000:.1f} ms",
-                  file=sys.stderr)
+            print(
+                f"  parse cost {provider} run {run + 1}/{runs}: {samples[provider][-1]['seconds'] * 1000:.1f} ms",
+                file=sys.stderr,
+            )
     for _ in range(heap_runs):
         wait_until_quiet(120)
         for provider in IMPORTS:
@@ -113,17 +115,20 @@ def measure(runs: int = 7, heap_runs: int = 3) -> dict[str, Any]:
 def format_table(result: dict[str, Any]) -> str:
     """Markdown table of the medians and the ours/official ratios."""
     ours, official, ratios = result["providers"]["ours"], result["providers"]["official"], result["ratios"]
+    rows = [
+        ("Extra import time", f"{ours['import_seconds'] * 1000:.1f} ms", f"{official['import_seconds'] * 1000:.1f} ms",
+         f"{ratios['import_seconds']:.3f}"),
+        ("Extra RSS", f"{ours['rss_bytes'] / 2**20:.2f} MiB", f"{official['rss_bytes'] / 2**20:.2f} MiB",
+         _ratio(ratios["rss_bytes"])),
+        ("Python heap retained (tracemalloc)", f"{ours['heap_bytes'] / 2**20:.2f} MiB",
+         f"{official['heap_bytes'] / 2**20:.2f} MiB", _ratio(ratios["heap_bytes"])),
+        ("Modules added", f"{ours['modules']:.0f}", f"{official['modules']:.0f}", _ratio(ratios["modules"])),
+    ]  # fmt: skip
     lines = [
         "| Metric (median) | this provider | official 2.2.0 | ratio (this / official) |",
         "|---|---:|---:|---:|",
-        f"| Extra import time | {ours['import_seconds'] * 1000:.1f} ms | {official['import_seconds'] * 1000:.1f} ms "
-        f"| {ratios['import_seconds']:.3f} |",
-        f"| Extra RSS | {ours['rss_bytes'] / 2**20:.2f} MiB | {official['rss_bytes'] / 2**20:.2f} MiB "
-        f"| {_ratio(ratios['rss_bytes'])} |",
-        f"| Python heap retained (tracemalloc) | {ours['heap_bytes'] / 2**20:.2f} MiB "
-        f"| {official['heap_bytes'] / 2**20:.2f} MiB | {_ratio(ratios['heap_bytes'])} |",
-        f"| Modules added | {ours['modules']:.0f} | {official['modules']:.0f} | {_ratio(ratios['modules'])} |",
     ]
+    lines += [f"| {name} | {this} | {theirs} | {ratio} |" for name, this, theirs, ratio in rows]
     return "\n".join(lines)
 
 
@@ -133,7 +138,9 @@ def _ratio(value: float | None) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=7, help="timed fresh interpreters per provider (default 7)")
+    parser.add_argument(
+        "--runs", type=int, default=7, help="timed fresh interpreters per provider (default 7)"
+    )
     parser.add_argument("--heap-runs", type=int, default=3, help="tracemalloc interpreters per provider")
     parser.add_argument("--json", type=Path, help="write the full result here")
     args = parser.parse_args(argv)

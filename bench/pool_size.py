@@ -18,8 +18,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import trigger_scale  # noqa: E402
-from _common import ensure_official_venv, write_json  # noqa: E402
+import trigger_scale
+from _common import ensure_official_venv, write_json
 
 
 def measure(n: int, pools: list[int], repeats: int, gc_freeze: bool, polls: int = 3) -> list[dict[str, Any]]:
@@ -41,8 +41,10 @@ def measure(n: int, pools: list[int], repeats: int, gc_freeze: bool, polls: int 
 
 def format_table(n: int, rows: list[dict[str, Any]]) -> str:
     lines = [
-        f"| N | pool size | gc.freeze | wall s | CPU/poll ms | lag max ms | lag p99 ms | max GC pause ms "
-        "| RSS/trigger KiB | sockets at peak |",
+        (
+            "| N | pool size | gc.freeze | wall s | CPU/poll ms | lag max ms | lag p99 ms | max GC pause ms "
+            "| RSS/trigger KiB | sockets at peak |"
+        ),
         "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:

@@ -32,8 +32,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import MAIN_PYTHON, connection_json, median, write_json  # noqa: E402
-from _emulator import EmulatorProcess  # noqa: E402
+from _common import MAIN_PYTHON, connection_json, median, write_json
+from _emulator import EmulatorProcess
 
 #: (cancelling time T, poll interval P) pairs, in seconds.
 CASES: tuple[tuple[float, float], ...] = ((0.5, 1.0), (1.0, 0.25), (2.0, 0.5), (3.0, 1.0), (5.0, 2.0))
@@ -72,7 +72,7 @@ def ours_deferrable(batch_ids: list[str], poll_interval: float) -> list[dict[str
             poll_interval=poll_interval, timeout=120,
         )  # fmt: skip
         try:
-            operator.execute({"ti": _TaskInstance()})  # type: ignore[arg-type]
+            operator.execute({"ti": _TaskInstance()})  # type: ignore[typeddict-item]
         except TaskDeferred as deferred:
             return deferred.trigger
         raise RuntimeError(f"the operator did not defer for {batch_id}")
@@ -95,7 +95,7 @@ def ours_blocking(batch_ids: list[str], poll_interval: float) -> list[dict[str, 
             task_id=f"cancel_{batch_id}", batch_id=batch_id, conn_id="bench", deferrable=False,
             poll_interval=poll_interval, timeout=120,
         )  # fmt: skip
-        return operator.execute({"ti": _TaskInstance()})  # type: ignore[arg-type]
+        return operator.execute({"ti": _TaskInstance()})  # type: ignore[typeddict-item]
 
     with ThreadPoolExecutor(len(batch_ids)) as pool:
         return list(pool.map(one, batch_ids))
@@ -108,8 +108,11 @@ def official(batch_ids: list[str], poll_interval: float) -> list[dict[str, Any]]
 
     async def wait(batch_id: str) -> dict[str, Any]:
         await asyncio.to_thread(OpenAIHook(conn_id="bench_official").cancel_batch, batch_id)
-        return await _drain(OpenAIBatchTrigger(conn_id="bench_official", batch_id=batch_id,
-                                               poll_interval=poll_interval, timeout=120))
+        return await _drain(
+            OpenAIBatchTrigger(
+                conn_id="bench_official", batch_id=batch_id, poll_interval=poll_interval, timeout=120
+            )
+        )
 
     async def run_all() -> list[dict[str, Any]]:
         return await asyncio.gather(*(wait(batch_id) for batch_id in batch_ids))
@@ -126,8 +129,12 @@ def measure_case(cancelling_seconds: float, poll_interval: float, batches: int) 
     }
     flows = ("ours_deferrable", "ours_blocking", "official")
     with EmulatorProcess(MAIN_PYTHON, cancel_after_polls=HOLD, record_statuses=True) as emulator:
-        os.environ["AIRFLOW_CONN_BENCH"] = connection_json("openai_batch", emulator.api_key, emulator.base_url)
-        os.environ["AIRFLOW_CONN_BENCH_OFFICIAL"] = connection_json("openai", emulator.api_key, emulator.base_url)
+        os.environ["AIRFLOW_CONN_BENCH"] = connection_json(
+            "openai_batch", emulator.api_key, emulator.base_url
+        )
+        os.environ["AIRFLOW_CONN_BENCH_OFFICIAL"] = connection_json(
+            "openai", emulator.api_key, emulator.base_url
+        )
         for flow in flows:
             ids = emulator.seed(batches, status="in_progress", cancel_after_polls=HOLD,
                                 cancel_after_seconds=cancelling_seconds)  # fmt: skip
@@ -159,8 +166,10 @@ def measure_case(cancelling_seconds: float, poll_interval: float, batches: int) 
 
 def format_table(result: dict[str, Any]) -> str:
     lines = [
-        "| cancelling T s | poll P s | minimum 1+ceil(T/P) | this, deferrable (median / max) "
-        "| this, not deferrable (median / max) | official hook + trigger | official event while really cancelled |",
+        (
+            "| cancelling T s | poll P s | minimum 1+ceil(T/P) | this, deferrable (median / max) "
+            "| this, not deferrable (median / max) | official hook + trigger | official event while really cancelled |"
+        ),
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["cases"]:
@@ -180,7 +189,11 @@ def measure(batches: int = 10, cases: tuple[tuple[float, float], ...] = CASES) -
     os.environ.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "WARNING")
     rows = []
     for cancelling_seconds, poll_interval in cases:
-        print(f"  requests per cancel T={cancelling_seconds:g} s P={poll_interval:g} s", file=sys.stderr, flush=True)
+        print(
+            f"  requests per cancel T={cancelling_seconds:g} s P={poll_interval:g} s",
+            file=sys.stderr,
+            flush=True,
+        )
         rows.append(measure_case(cancelling_seconds, poll_interval, batches))
     return {"batches": batches, "cases": rows}
 

@@ -20,10 +20,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import parse_cost  # noqa: E402
-import requests_per_cancel  # noqa: E402
-import trigger_scale  # noqa: E402
-from _common import (  # noqa: E402
+import parse_cost
+import requests_per_cancel
+import trigger_scale
+from _common import (
     BENCH_DIR,
     BENCH_PYTHON,
     RESULTS_DIR,
@@ -39,16 +39,22 @@ from _common import (  # noqa: E402
 #: The issue's targets for this provider at N = 1,000, and for the parse cost.
 TARGET_N = 1000
 TARGET_LAG_MAX_S = 0.050
-TARGET_RSS_PER_TRIGGER = 50 * 1024
+TARGET_RSS_PER_TRIGGER = 50_000  # bytes: "50 KB"
 TARGET_CPU_PER_POLL_S = 0.001
 TARGET_PARSE_RATIO = 0.1
 
 
 def source_state() -> dict[str, Any]:
     """Which code was measured: the commit, and a digest of the package's files as they were (edits included)."""
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
+    ).stdout.strip()
     dirty = subprocess.run(
-        ["git", "status", "--short", "airflow_provider_openai_batch"], cwd=ROOT, capture_output=True, text=True
+        ["git", "status", "--short", "airflow_provider_openai_batch"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
     ).stdout.split("\n")
     return {"commit": commit, "package_sha256": package_digest(), "uncommitted": [d for d in dirty if d]}
 
@@ -77,23 +83,39 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         targets.append({"target": name, "measured": value, "threshold": threshold, "met": met})
 
     if ours:
-        add("event-loop max lag at N=1000", f"{1000 * ours['lag_max_s']:.0f} ms", "< 50 ms",
-            ours["lag_max_s"] < TARGET_LAG_MAX_S)
+        add(
+            "event-loop max lag at N=1000",
+            f"{1000 * ours['lag_max_s']:.0f} ms",
+            "< 50 ms",
+            ours["lag_max_s"] < TARGET_LAG_MAX_S,
+        )
         constructions = [run["constructions"] for run in scale["runs"]["ours"]]
         clients = max(c.get("httpx.AsyncClient", 0) + c.get("httpx.Client", 0) for c in constructions)
-        add("no per-poll client construction at N=1000",
-            f"{clients} HTTP client(s) for {ours['requests']:.0f} polls", "1 shared client", clients <= 1)
-        add("RSS per waiting trigger at N=1000", f"{ours['rss_per_trigger'] / 1024:.1f} KiB", "< 50 KB",
-            ours["rss_per_trigger"] < TARGET_RSS_PER_TRIGGER)
-        add("CPU per poll at N=1000", f"{1000 * ours['cpu_per_request_s']:.2f} ms", "< 1 ms",
-            ours["cpu_per_request_s"] < TARGET_CPU_PER_POLL_S)
+        add(
+            "no per-poll client construction at N=1000",
+            f"{clients} HTTP client(s) for {ours['requests']:.0f} polls",
+            "1 shared client",
+            clients <= 1,
+        )
+        add(
+            "RSS per waiting trigger at N=1000",
+            f"{ours['rss_per_trigger'] / 1024:.1f} KiB",
+            "< 50 KB",
+            ours["rss_per_trigger"] < TARGET_RSS_PER_TRIGGER,
+        )
+        add(
+            "CPU per poll at N=1000",
+            f"{1000 * ours['cpu_per_request_s']:.2f} ms",
+            "< 1 ms",
+            ours["cpu_per_request_s"] < TARGET_CPU_PER_POLL_S,
+        )
     parse = results.get("parse_cost")
     if parse:
         ratio = parse["ratios"]["import_seconds"]
         add("parse cost (import time) vs official", f"{ratio:.3f}x", "<= 0.1x", ratio <= TARGET_PARSE_RATIO)
         mem_ratio = parse["ratios"]["rss_bytes"]
         add("parse cost (RSS) vs official", f"{mem_ratio:.3f}x", "<= 0.1x", mem_ratio <= TARGET_PARSE_RATIO)
-    return targets  # fmt: skip
+    return targets
 
 
 def format_report(results: dict[str, Any]) -> str:
@@ -102,19 +124,31 @@ def format_report(results: dict[str, Any]) -> str:
         "# Benchmark results",
         "",
         f"Run {results['started']} in {results['duration_s'] / 60:.1f} min; mode: {results['mode']}."
-        + "".join(f" {part} reused from the run of {when}." for part, when in results.get("reused", {}).items()),
+        + "".join(
+            f" {part} reused from the run of {when}." for part, when in results.get("reused", {}).items()
+        ),
         f"Code: commit {results['source']['commit'][:12]}, package digest {results['source']['package_sha256']}"
-        + (f" (uncommitted: {', '.join(results['source']['uncommitted'])})" if results["source"]["uncommitted"] else ""),
+        + (
+            f" (uncommitted: {', '.join(results['source']['uncommitted'])})"
+            if results["source"]["uncommitted"]
+            else ""
+        ),
         "",
-        f"Machine: {machine['nproc']} CPUs ({machine['cpu_model']}), {machine['ram_gib']} GiB RAM, Linux "
-        f"{machine['kernel']}, Python {machine['python']}, apache-airflow {machine['apache-airflow']} (task SDK "
-        f"{machine['apache-airflow-task-sdk']}), apache-airflow-providers-openai "
-        f"{machine['apache-airflow-providers-openai']} (openai {machine['openai']}), httpx {machine['httpx']}, "
-        f"pydantic {machine['pydantic']}.",
+        (
+            f"Machine: {machine['nproc']} CPUs ({machine['cpu_model']}), {machine['ram_gib']} GiB RAM, Linux "
+            f"{machine['kernel']}, Python {machine['python']}, apache-airflow {machine['apache-airflow']} (task SDK "
+            f"{machine['apache-airflow-task-sdk']}), apache-airflow-providers-openai "
+            f"{machine['apache-airflow-providers-openai']} (openai {machine['openai']}), httpx {machine['httpx']}, "
+            f"pydantic {machine['pydantic']}."
+        ),
     ]
     if "trigger_scale" in results:
         scale = results["trigger_scale"]
-        repeats = {n: block["summary"]["ours"]["repeats"] for n, block in scale["by_n"].items() if "ours" in block["summary"]}
+        repeats = {
+            n: block["summary"]["ours"]["repeats"]
+            for n, block in scale["by_n"].items()
+            if "ours" in block["summary"]
+        }
         lines += [
             "",
             "## Trigger scale",
@@ -156,13 +190,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: N=100 once, fewer samples")
     parser.add_argument("--n", help="trigger counts (default 100,1000,5000; --quick: 100)")
-    parser.add_argument("--repeats", type=int, help="trigger-scale runs per N <= 1000 (default 3; --quick: 1)")
-    parser.add_argument("--cap", type=float, default=300.0,
-                        help="wall-time cap of one trigger-scale run, seconds (default 300: keeps the run near 20 min)")
+    parser.add_argument(
+        "--repeats", type=int, help="trigger-scale runs per N <= 1000 (default 3; --quick: 1)"
+    )
+    parser.add_argument(
+        "--cap",
+        type=float,
+        default=300.0,
+        help="wall-time cap of one trigger-scale run, seconds (default 300: keeps the run near 20 min)",
+    )
     parser.add_argument("--skip", default="", help="comma-separated: scale, parse, requests")
     parser.add_argument("--reuse", type=Path, help="take the skipped parts' results from this earlier JSON")
-    parser.add_argument("--wait-quiet", type=float, default=600.0,
-                        help="before each part, wait up to this many seconds for other processes to go quiet")
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=600.0,
+        help="before each part, wait up to this many seconds for other processes to go quiet",
+    )
     args = parser.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     ns = [int(n) for n in (args.n or ("100" if args.quick else "100,1000,5000")).split(",")]
@@ -181,11 +225,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "parse" not in skip:
         results["other_load_at_start"]["parse_cost"] = wait_until_quiet(args.wait_quiet)
         print("parse cost ...", file=sys.stderr, flush=True)
-        results["parse_cost"] = parse_cost.measure(runs=3 if args.quick else 7, heap_runs=1 if args.quick else 3)
+        results["parse_cost"] = parse_cost.measure(
+            runs=3 if args.quick else 7, heap_runs=1 if args.quick else 3
+        )
     if "requests" not in skip:
         results["other_load_at_start"]["requests_per_cancel"] = wait_until_quiet(args.wait_quiet)
         print("requests per cancellation ...", file=sys.stderr, flush=True)
-        results["requests_per_cancel"] = run_requests_per_cancel(batches=3 if args.quick else 10, quick=args.quick)
+        results["requests_per_cancel"] = run_requests_per_cancel(
+            batches=3 if args.quick else 10, quick=args.quick
+        )
     if args.reuse:
         earlier = json.loads(args.reuse.read_text())
         keys = {"parse": "parse_cost", "requests": "requests_per_cancel", "scale": "trigger_scale"}

@@ -48,9 +48,15 @@ def summarise(path: Path, thread: str | None, top: int, match: str | None) -> st
     lines += [f"  {count:7d}  {name}" for name, count in per_thread.most_common()]
     lines.append(f"selected: {total} samples (thread={thread!r}, match={match!r})")
     lines.append("inclusive (share of selected samples with the function on the stack):")
-    lines += [f"  {100 * count / total:5.1f}%  {name}" for name, count in inclusive.most_common(top)] if total else []
+    lines += (
+        [f"  {100 * count / total:5.1f}%  {name}" for name, count in inclusive.most_common(top)]
+        if total
+        else []
+    )
     lines.append("leaf (share of selected samples where the function is running):")
-    lines += [f"  {100 * count / total:5.1f}%  {name}" for name, count in leaf.most_common(top)] if total else []
+    lines += (
+        [f"  {100 * count / total:5.1f}%  {name}" for name, count in leaf.most_common(top)] if total else []
+    )
     return "\n".join(lines)
 
 

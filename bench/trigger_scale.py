@@ -32,7 +32,7 @@ from typing import IO, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (  # noqa: E402
+from _common import (
     BENCH_DIR,
     BENCH_PYTHON,
     MAIN_PYTHON,
@@ -42,15 +42,15 @@ from _common import (  # noqa: E402
     ensure_official_venv,
     load_average,
     machine_busy_seconds,
-    wait_until_quiet,
     median,
     package_digest,
     rss_bytes,
     socket_count,
     thread_count,
+    wait_until_quiet,
     write_json,
 )
-from _emulator import EmulatorProcess  # noqa: E402
+from _emulator import EmulatorProcess
 
 PROVIDERS = ("ours", "official")
 CONN_TYPES = {"ours": "openai_batch", "official": "openai"}
@@ -154,57 +154,69 @@ def run_once(
     of every thread, idle included, written there as raw collapsed stacks): for diagnosis, as it perturbs numbers.
     """
     emulators = [EmulatorProcess(MAIN_PYTHON, cancel_after_polls=polls) for _ in range(emulator_count)]
-    stderr = tempfile.TemporaryFile(mode="w+")
     worker: subprocess.Popen[str] | None = None
     try:
-        targets = seed(emulators, provider, n, polls)
-        ids_file = Path(tempfile.mkstemp(prefix="bench-ids-", suffix=".json")[1])
-        ids_file.write_text(json.dumps(targets))
-        conns = {
-            f"AIRFLOW_CONN_BENCH_{index}": connection_json(CONN_TYPES[provider], emulator.api_key, emulator.base_url)
-            for index, emulator in enumerate(emulators)
-        }
-        worker = subprocess.Popen(
-            [
-                str(BENCH_PYTHON), str(BENCH_DIR / "_scale_worker.py"), "--provider", provider,
-                "--ids-file", str(ids_file), "--poll-interval", str(poll_interval), "--cap", str(cap),
-                *(["--cold"] if cold else []),
-            ],  # fmt: skip
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-            env=bench_env(**conns),
-        )
-        assert worker.stdout is not None and worker.stdin is not None
-        lines = _line_reader(worker.stdout)
-        ready = _expect(lines, "ready", 300, worker, stderr)
-        requests_before = [emulator.stats()["requests"] for emulator in emulators]
-        emulator_cpu_before = [cpu_seconds(emulator.pid) for emulator in emulators]
-        profiler = _attach_profiler(worker.pid, profile_to) if profile_to else None
-        sampler = Sampler(worker.pid)
-        sampler.start()
-        load_before = load_average()
-        busy_before = machine_busy_seconds()
-        own_before = time.process_time()
-        worker_cpu_before = cpu_seconds(worker.pid)
-        started = time.perf_counter()
-        worker.stdin.write("go\n")
-        worker.stdin.flush()
-        done = _expect(lines, "done", cap + 120, worker, stderr)
-        elapsed = time.perf_counter() - started
-        busy = machine_busy_seconds() - busy_before
-        own = time.process_time() - own_before
-        worker_cpu = cpu_seconds(worker.pid) - worker_cpu_before
-        sampler.stop()
-        emulator_cpu = sum(cpu_seconds(e.pid) - before for e, before in zip(emulators, emulator_cpu_before))
-        stats = [emulator.stats() for emulator in emulators]
-        requests = sum(s["requests"] - before for s, before in zip(stats, requests_before))
-        worker.stdin.close()
-        worker.wait(timeout=60)
-        if profiler is not None:
-            profiler.wait(timeout=60)
-        ids_file.unlink()
+        with tempfile.TemporaryFile(mode="w+") as stderr:
+            targets = seed(emulators, provider, n, polls)
+            ids_file = Path(tempfile.mkstemp(prefix="bench-ids-", suffix=".json")[1])
+            ids_file.write_text(json.dumps(targets))
+            conns = {
+                f"AIRFLOW_CONN_BENCH_{index}": connection_json(
+                    CONN_TYPES[provider], emulator.api_key, emulator.base_url
+                )
+                for index, emulator in enumerate(emulators)
+            }
+            worker = subprocess.Popen(
+                [
+                    str(BENCH_PYTHON),
+                    str(BENCH_DIR / "_scale_worker.py"),
+                    "--provider",
+                    provider,
+                    "--ids-file",
+                    str(ids_file),
+                    "--poll-interval",
+                    str(poll_interval),
+                    "--cap",
+                    str(cap),
+                    *(["--cold"] if cold else []),
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+                env=bench_env(**conns),
+            )
+            assert worker.stdout is not None and worker.stdin is not None
+            lines = _line_reader(worker.stdout)
+            ready = _expect(lines, "ready", 300, worker, stderr)
+            requests_before = [emulator.stats()["requests"] for emulator in emulators]
+            emulator_cpu_before = [cpu_seconds(emulator.pid) for emulator in emulators]
+            profiler = _attach_profiler(worker.pid, profile_to) if profile_to else None
+            sampler = Sampler(worker.pid)
+            sampler.start()
+            load_before = load_average()
+            busy_before = machine_busy_seconds()
+            own_before = time.process_time()
+            worker_cpu_before = cpu_seconds(worker.pid)
+            started = time.perf_counter()
+            worker.stdin.write("go\n")
+            worker.stdin.flush()
+            done = _expect(lines, "done", cap + 120, worker, stderr)
+            elapsed = time.perf_counter() - started
+            busy = machine_busy_seconds() - busy_before
+            own = time.process_time() - own_before
+            worker_cpu = cpu_seconds(worker.pid) - worker_cpu_before
+            sampler.stop()
+            emulator_cpu = sum(
+                cpu_seconds(e.pid) - before for e, before in zip(emulators, emulator_cpu_before)
+            )
+            stats = [emulator.stats() for emulator in emulators]
+            requests = sum(s["requests"] - before for s, before in zip(stats, requests_before))
+            worker.stdin.close()
+            worker.wait(timeout=60)
+            if profiler is not None:
+                profiler.wait(timeout=60)
+            ids_file.unlink()
     finally:
         if worker is not None and worker.poll() is None:
             worker.kill()
@@ -238,7 +250,9 @@ def run_once(
     }
 
 
-def _expect(lines: queue.Queue[str], phase: str, timeout: float, worker: subprocess.Popen[str], stderr: IO[str]) -> dict:
+def _expect(
+    lines: queue.Queue[str], phase: str, timeout: float, worker: subprocess.Popen[str], stderr: IO[str]
+) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -271,7 +285,9 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     summary["statuses"] = runs[-1]["statuses"]
     summary["events"] = min(run["events"] for run in runs)
     summary["pool_size"] = runs[-1].get("pool_size")
-    summary["package_sha256"] = sorted({run.get("package_sha256") for run in runs if run.get("package_sha256")})
+    summary["package_sha256"] = sorted(
+        {run.get("package_sha256") for run in runs if run.get("package_sha256")}
+    )
     return summary
 
 
@@ -293,8 +309,11 @@ def measure(
         runs: dict[str, list[dict[str, Any]]] = {provider: [] for provider in providers}
         for repeat in range(repeats_for[n]):
             for provider in providers:
-                print(f"  trigger scale N={n} {provider} run {repeat + 1}/{repeats_for[n]} (poll {poll_interval:g} s)",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"  trigger scale N={n} {provider} run {repeat + 1}/{repeats_for[n]} (poll {poll_interval:g} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 profile_to = profile_dir / f"{provider}-n{n}-run{repeat + 1}.raw" if profile_dir else None
                 run = _quiet_run(provider, n, poll_interval, polls, cap, emulator_count, profile_to, cold)
                 runs[provider].append(run)
@@ -333,7 +352,9 @@ def _quiet_run(
             best = run
         if run["other_load_cores"] <= NOISY:
             break
-        print("    (other processes were busy during that run: running it again)", file=sys.stderr, flush=True)
+        print(
+            "    (other processes were busy during that run: running it again)", file=sys.stderr, flush=True
+        )
     assert best is not None
     return best
 
@@ -367,8 +388,10 @@ def format_table(result: dict[str, Any]) -> str:
         for provider in [provider for provider in PROVIDERS if provider in block["summary"]]:
             s = block["summary"][provider]
             cap_note = "" if s["complete"] else f" (> cap {result['cap_s']:.0f} s, {s['events']}/{n} events)"
-            label = f"this (pool {s['pool_size']})" if provider == "ours" and s.get("pool_size") else (
-                "this" if provider == "ours" else "official 2.2.0"
+            label = (
+                f"this (pool {s['pool_size']})"
+                if provider == "ours" and s.get("pool_size")
+                else ("this" if provider == "ours" else "official 2.2.0")
             )
             rows.append(
                 f"| {n} | {label} | {block['poll_interval']:g} "
@@ -381,23 +404,25 @@ def format_table(result: dict[str, Any]) -> str:
         if not r:
             continue
         capped = not block["summary"]["official"]["complete"]
-        # A capped official run did only part of the work: totals and peaks are lower bounds, so the ratio is an
-        # upper bound ("<"); per-trigger figures and counts of unfinished work are not comparable ("n/a").
-        bound = "<" if capped else ""
-
-        def cell(metric: str, comparable_when_capped: str = "bound") -> str:
-            if capped and comparable_when_capped == "no":
-                return "n/a"
-            prefix = bound if comparable_when_capped == "bound" else ""
-            return prefix + _x(r[metric])
-
-        rows.append(
-            f"| {n} | **ratio this/official** | | {cell('wall_s')} | {cell('cpu_s')} "
-            f"| {cell('cpu_per_request_s', 'yes')} | {cell('peak_rss')} | {cell('rss_per_trigger', 'no')} "
-            f"| {cell('lag_max_s')} | {cell('lag_p99_s', 'yes')} | {cell('requests', 'no')} "
-            f"| {cell('sockets_peak', 'no')} | | |"
-        )
+        cells = [
+            _ratio_cell(r, metric, capped, kind)
+            for metric, kind in (
+                ("wall_s", "total"), ("cpu_s", "total"), ("cpu_per_request_s", "rate"), ("peak_rss", "total"),
+                ("rss_per_trigger", "count"), ("lag_max_s", "total"), ("lag_p99_s", "rate"), ("requests", "count"),
+                ("sockets_peak", "count"),
+            )
+        ]  # fmt: skip
+        rows.append(f"| {n} | **ratio this/official** | | {' | '.join(cells)} | | |")
     return "\n".join(rows)
+
+
+def _ratio_cell(ratios: dict[str, float | None], metric: str, capped: bool, kind: str) -> str:
+    """A ratio for the table. Against a capped official run, which did only part of the work, totals and peaks
+    are lower bounds for the official provider, so their ratio is an upper bound (``<``); per-trigger figures and
+    counts of the unfinished work are not comparable (``n/a``); rates stay as they are."""
+    if not capped or kind == "rate":
+        return _x(ratios[metric])
+    return "n/a" if kind == "count" else f"<{_x(ratios[metric])}"
 
 
 def _other(cores: float | None) -> str:
@@ -417,12 +442,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--n", default="100,1000,5000", help="comma-separated trigger counts")
     parser.add_argument("--repeats", type=int, default=3, help="runs per (N, provider) for N <= 1000")
     parser.add_argument("--repeats-large", type=int, default=1, help="runs per (N, provider) for N > 1000")
-    parser.add_argument("--polls", type=int, default=3, help="polls per wait: the K-th GET returns a final status")
+    parser.add_argument(
+        "--polls", type=int, default=3, help="polls per wait: the K-th GET returns a final status"
+    )
     parser.add_argument("--poll-interval", type=float, help="override the per-N default (max(2, N/250) s)")
     parser.add_argument("--cap", type=float, default=600.0, help="wall-time cap per run, seconds")
-    parser.add_argument("--emulators", type=int, default=1, help="emulator processes, batches spread over them")
+    parser.add_argument(
+        "--emulators", type=int, default=1, help="emulator processes, batches spread over them"
+    )
     parser.add_argument("--json", type=Path, help="write the full result here")
-    parser.add_argument("--profile", type=Path, help="attach py-spy to each worker, raw stacks in this directory")
+    parser.add_argument(
+        "--profile", type=Path, help="attach py-spy to each worker, raw stacks in this directory"
+    )
     parser.add_argument("--providers", default=",".join(PROVIDERS), help="for diagnosis: e.g. only 'ours'")
     parser.add_argument("--cold", action="store_true", help="no warm-up wait: a freshly started triggerer")
     args = parser.parse_args(argv)
