@@ -18,11 +18,9 @@ events through :meth:`Guard.check`, which :func:`run_operator` and :func:`run_tr
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import os
-import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -32,7 +30,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 from unittest import mock
 
-import httpx._transports.default as httpx_transports
 import pytest
 from airflow.sdk._shared.module_loading import import_string
 from airflow.sdk.exceptions import TaskDeferred
@@ -290,26 +287,6 @@ def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     ``max_retries`` still comes from the connection, and server hints above 1 s are ignored (the cap).
     """
     monkeypatch.setattr(hook_module, "RetryPolicy", fast_policy)
-
-
-_real_create_ssl_context = httpx_transports.create_ssl_context
-
-
-@functools.cache
-def _default_ssl_context() -> ssl.SSLContext:
-    return _real_create_ssl_context()
-
-
-def _reused_ssl_context(verify: Any = True, cert: Any = None, trust_env: bool = True) -> ssl.SSLContext:
-    if verify is True and cert is None:
-        return _default_ssl_context()
-    return _real_create_ssl_context(verify=verify, cert=cert, trust_env=trust_env)
-
-
-@pytest.fixture(autouse=True)
-def reuse_ssl_context(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every sync ``httpx.Client`` loads the CA bundle anew (0.1 s); the tests build hundreds, over plain http."""
-    monkeypatch.setattr(httpx_transports, "create_ssl_context", _reused_ssl_context)
 
 
 def run_async(awaitable: Awaitable[T], timeout: float = ASYNC_TIMEOUT) -> T:

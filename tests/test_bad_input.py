@@ -28,14 +28,13 @@ from airflow_provider_openai_batch.triggers.openai_batch import (
     OpenAIBatchCancellationTrigger,
     OpenAIBatchesCancellationTrigger,
 )
-from tests._guards import (  # noqa: F401 - fixtures: guard, fast_backoff and reuse_ssl_context are autouse
+from tests._guards import (  # noqa: F401 - fixtures: guard, and fast_backoff are autouse
     FAKE_API_KEY,
     Guard,
     TaskContext,
     emulator,
     fast_backoff,
     guard,
-    reuse_ssl_context,
     run_async,
     run_operator,
     run_trigger,

@@ -59,7 +59,6 @@ from tests._guards import (  # noqa: F401 - fixtures: guard and fast_backoff are
     guard,
     private_emulator,
     rebuild,
-    reuse_ssl_context,
     run_async,
     run_operator,
     run_trigger,
