@@ -477,10 +477,3 @@ def test_pagination_over_three_mocked_pages(mocked_api: respx.MockRouter) -> Non
         {"limit": "2", "after": "b_2"},
     ]
 
-
-async def test_async_mocked_cancel(mocked_api: respx.MockRouter) -> None:
-    route = mocked_api.post("/batches/batch_1/cancel").respond(200, json=batch_json("batch_1", "cancelling"))
-    async with hook() as async_hook:
-        batch = await async_hook.acancel_batch("batch_1")
-    assert batch.status is BatchStatus.CANCELLING
-    assert route.calls.last.request.headers["authorization"] == f"Bearer {FAKE_API_KEY}"

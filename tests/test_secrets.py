@@ -114,13 +114,16 @@ def test_reading_the_connection_registers_the_key_with_the_masker(
     elif style == "azure":
         fields["extra"] = {"api_type": "azure", "api_version": "2024-10-21"}
     set_connection(**fields)
-    spy = mocker.spy(hook_module, "mask_secret")
+    # The async path must not call the sync ``mask_secret``, which talks to the supervisor synchronously.
+    spy = mocker.spy(hook_module, "mask_secret" if path == "sync" else "amask_secret")
+    other = mocker.spy(hook_module, "amask_secret" if path == "sync" else "mask_secret")
     assert not is_masked(FAKE_API_KEY), "the masker starts empty"
     hook = OpenAIBatchHook()
     settings = hook.settings if path == "sync" else asyncio.run(hook.asettings())
     assert settings.api_key == FAKE_API_KEY
     assert is_masked(FAKE_API_KEY)
     spy.assert_called_once_with(FAKE_API_KEY)
+    other.assert_not_called()
 
 
 @pytest.mark.parametrize(

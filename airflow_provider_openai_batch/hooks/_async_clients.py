@@ -3,8 +3,8 @@
 A triggerer runs up to a thousand triggers in one event loop. Giving each its own client would cost each a
 TLS context (loading the CA bundle from disk: blocking file I/O on the loop) and a connection pool. Instead,
 hooks with equal connection settings on the same loop share one reference-counted client, closed when its last
-user leaves. A semaphore in front of it keeps the number of requests in flight at the pool size: without it,
-httpcore's pool queue grows with the number of waiters and each request costs an order of magnitude more CPU.
+user leaves. Its requests go through :class:`KeepAliveTransport`, whose CPU per request does not grow with the
+number of waiting triggers, behind a semaphore that bounds the requests in flight (and so the sockets open).
 """
 
 from __future__ import annotations
@@ -12,44 +12,85 @@ from __future__ import annotations
 import asyncio
 import weakref
 from dataclasses import dataclass, field
+from urllib.request import getproxies
 
 import httpx
 
 from airflow_provider_openai_batch.hooks._connection import ConnectionSettings, shared_ssl_context
+from airflow_provider_openai_batch.hooks._transport import KeepAliveTransport
 
-#: Requests in flight per shared client; also its connection pool size. httpcore walks the whole pool for
-#: every request, so a pool of 100 costs the triggerer ~25 ms CPU per poll at 200 waiting triggers and blocks
-#: its loop; 16 costs ~3 ms and still carries ~80 polls/s at the real API's ~200 ms latency.
-MAX_CONCURRENT_REQUESTS = 16
+#: Requests in flight per shared client, hence its most open connections. At the real API's ~200-300 ms
+#: latency this carries over 100 polls per second: a thousand triggers polling every 30 s need 33.
+MAX_CONCURRENT_REQUESTS = 32
 
 
 @dataclass
 class SharedAsyncClient:
-    """One pooled client, the gate that bounds its concurrency, and the count of hooks using it."""
+    """One client, the lean transport it sends through (if any), the gate that bounds its concurrency, and the
+    count of hooks using it."""
 
     client: httpx.AsyncClient
+    transport: KeepAliveTransport | None
     gate: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_CONCURRENT_REQUESTS))
     users: int = 0
+
+    async def send(self, request: httpx.Request) -> httpx.Response:
+        """Send ``request`` (built by :attr:`client`) and return its response, read whole.
+
+        With the lean transport the request skips ``AsyncClient.send``: its auth flow, redirect loop, cookie jar
+        and event hooks serve nothing here (the key is a preset header; the API sets no cookies and does not
+        redirect) and would add a tenth of a poll's CPU.
+        """
+        async with self.gate:
+            if self.transport is None:
+                return await self.client.send(request)
+            response = await self.transport.handle_async_request(request)
+            await response.aread()
+            return response
 
 
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[ConnectionSettings, SharedAsyncClient]] = (
     weakref.WeakKeyDictionary()
 )
+_tls_builds: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Future[object]] = weakref.WeakKeyDictionary()
 
 
 async def acquire(settings: ConnectionSettings) -> SharedAsyncClient:
     """Return the loop's client for ``settings``, creating it on first use; pair every call with :func:`release`."""
-    if shared_ssl_context.cache_info().currsize == 0:
-        # Reads the CA bundle from disk: done once per process, off the event loop.
-        await asyncio.to_thread(shared_ssl_context)
+    await _tls_context_built()
     per_loop = _clients.setdefault(asyncio.get_running_loop(), {})
     shared = per_loop.get(settings)
     if shared is None:
-        limits = httpx.Limits(max_connections=MAX_CONCURRENT_REQUESTS, max_keepalive_connections=MAX_CONCURRENT_REQUESTS)
-        client = httpx.AsyncClient(**settings.client_kwargs(), limits=limits)
-        shared = per_loop[settings] = SharedAsyncClient(client)
+        transport = _transport_for(settings.base_url)
+        client = httpx.AsyncClient(**settings.client_kwargs(), transport=transport)
+        shared = per_loop[settings] = SharedAsyncClient(client, transport)
     shared.users += 1
     return shared
+
+
+async def _tls_context_built() -> None:
+    """Build the process's TLS context off the event loop (it reads the CA bundle from disk), once.
+
+    Triggers that start together wait for the same build rather than each starting one; the build is shielded
+    so that a trigger cancelled meanwhile does not cancel it for the others.
+    """
+    if shared_ssl_context.cache_info().currsize:
+        return
+    loop = asyncio.get_running_loop()
+    build = _tls_builds.get(loop)
+    if build is None:
+        build = _tls_builds[loop] = asyncio.ensure_future(asyncio.to_thread(shared_ssl_context))
+        build.add_done_callback(lambda _: _tls_builds.pop(loop, None))
+    await asyncio.shield(build)
+
+
+def _transport_for(base_url: str) -> KeepAliveTransport | None:
+    """The lean transport, unless a proxy may apply: then ``None``, so that httpx routes through its proxy
+    transports (with the ``NO_PROXY`` rules it reads from the same environment)."""
+    proxies = getproxies()
+    if proxies.get(httpx.URL(base_url).scheme) or proxies.get("all"):
+        return None
+    return KeepAliveTransport(ssl_context=shared_ssl_context(), max_idle=MAX_CONCURRENT_REQUESTS)
 
 
 async def release(settings: ConnectionSettings) -> None:

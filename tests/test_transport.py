@@ -1,0 +1,402 @@
+"""KeepAliveTransport over real sockets: a scripted HTTP/1.1 server on loopback, with and without TLS.
+
+The emulator covers the transport in every async hook and trigger test; this server covers what the emulator
+does not do on purpose: chunked and gzip bodies, ``Connection: close``, hanging, dropping or garbling a
+response, and TLS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import gzip
+import ipaddress
+import ssl
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from pytest_mock import MockerFixture
+
+from airflow_provider_openai_batch.hooks import _async_clients, _transport
+from airflow_provider_openai_batch.hooks._connection import ConnectionSettings, shared_ssl_context
+from airflow_provider_openai_batch.hooks._transport import KeepAliveTransport
+
+BODY = b'{"id": "batch_1", "status": "cancelled"}'
+
+
+def ok(body: bytes = BODY, *headers: str) -> bytes:
+    head = "".join(f"{header}\r\n" for header in headers)
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + head.encode() + (
+        f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+    )
+
+
+#: Script actions besides raw response bytes.
+HANG, DROP = "hang", "drop"
+
+
+@dataclass
+class ScriptedServer:
+    """Answers the n-th request it receives (on any connection) with ``script[n]``: raw response bytes, then the
+    connection stays open unless the response says ``Connection: close`` or n is in ``close_after``; ``HANG``
+    (never answer) or ``DROP`` (close without answering). Past the end of the script, answers :func:`ok`."""
+
+    script: list[bytes | str] = field(default_factory=list)
+    close_after: set[int] = field(default_factory=set)
+    tls: ssl.SSLContext | None = None
+    connections: int = 0
+    closed: int = 0
+    requests: list[bytes] = field(default_factory=list)
+    _server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        port = self._server.sockets[0].getsockname()[1]
+        return f"{'https' if self.tls else 'http'}://{'localhost' if self.tls else '127.0.0.1'}:{port}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                length = next(
+                    (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")),
+                    0,
+                )
+                self.requests.append(head + await reader.readexactly(length))
+                action = self.script[len(self.requests) - 1] if len(self.requests) <= len(self.script) else ok()
+                if action == HANG:
+                    await asyncio.Event().wait()
+                if action == DROP:
+                    return
+                assert isinstance(action, bytes)
+                writer.write(action)
+                await writer.drain()
+                if b"connection: close" in action.lower() or len(self.requests) in self.close_after:
+                    return
+        finally:
+            self.closed += 1
+            writer.close()
+
+    async def aclose(self) -> None:
+        assert self._server is not None
+        self._server.close()
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[ScriptedServer]:
+    scripted = ScriptedServer()
+    await scripted.start()
+    yield scripted
+    await scripted.aclose()
+
+
+@pytest.fixture
+async def transport() -> AsyncIterator[KeepAliveTransport]:
+    lean = KeepAliveTransport(ssl_context=shared_ssl_context(), max_idle=2)
+    yield lean
+    await lean.aclose()
+
+
+async def send(
+    transport: KeepAliveTransport, url: str, method: str = "GET", content: bytes | None = None, timeout: float = 5.0
+) -> httpx.Response:
+    """Send one request the way the shared client does: straight to the transport, then read the body."""
+    request = httpx.Request(method, url, content=content, extensions={"timeout": httpx.Timeout(timeout).as_dict()})
+    response = await transport.handle_async_request(request)
+    await response.aread()
+    return response
+
+
+async def settle() -> None:
+    """Let a close on one end reach the other end's event loop."""
+    await asyncio.sleep(0.05)
+
+
+# -- keep-alive ---------------------------------------------------------------------------------------------
+
+
+async def test_sequential_requests_share_one_connection(server: ScriptedServer, transport: KeepAliveTransport) -> None:
+    for _ in range(3):
+        response = await send(transport, f"{server.url}/v1/batches/batch_1")
+        assert response.status_code == 200 and response.json()["status"] == "cancelled"
+    assert server.connections == 1
+    assert server.requests[0].startswith(b"GET /v1/batches/batch_1 HTTP/1.1\r\n")
+    assert b"\r\nHost: 127.0.0.1:" in server.requests[0]
+
+
+async def test_query_and_body_are_sent(server: ScriptedServer, transport: KeepAliveTransport) -> None:
+    await send(transport, f"{server.url}/v1/batches?limit=2&after=b_4", method="POST", content=b'{"a": 1}')
+    assert server.requests[0].startswith(b"POST /v1/batches?limit=2&after=b_4 HTTP/1.1\r\n")
+    assert server.requests[0].endswith(b'\r\n\r\n{"a": 1}')
+
+
+async def test_connection_close_is_honoured(server: ScriptedServer, transport: KeepAliveTransport) -> None:
+    server.script = [ok(BODY, "Connection: close"), ok()]
+    assert (await send(transport, server.url)).status_code == 200
+    assert (await send(transport, server.url)).status_code == 200
+    assert server.connections == 2
+
+
+async def test_an_idle_connection_the_server_closed_is_not_reused(
+    server: ScriptedServer, transport: KeepAliveTransport
+) -> None:
+    """A load balancer closes idle keep-alive connections without notice; writing the next request on such a
+    connection would fail it, so the transport notices the close and connects again."""
+    server.close_after = {1}
+    await send(transport, server.url)
+    await settle()
+    assert (await send(transport, server.url)).status_code == 200
+    assert server.connections == 2
+
+
+async def test_expired_idle_connections_are_not_reused(
+    server: ScriptedServer, transport: KeepAliveTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_transport, "KEEPALIVE_EXPIRY", 0.0)
+    await send(transport, server.url)
+    await send(transport, server.url)
+    assert server.connections == 2
+    await settle()
+    assert server.closed == 1, "the expired connection was closed"
+
+
+async def test_at_most_max_idle_connections_are_kept(server: ScriptedServer, transport: KeepAliveTransport) -> None:
+    responses = await asyncio.gather(*(send(transport, server.url) for _ in range(3)))
+    assert [response.status_code for response in responses] == [200] * 3
+    assert server.connections == 3
+    await settle()
+    assert server.closed == 1, "max_idle=2: the third connection is closed once its response is read"
+    await asyncio.gather(*(send(transport, server.url) for _ in range(2)))
+    assert server.connections == 3, "the two kept connections are reused"
+
+
+async def test_aclose_closes_the_idle_connections(server: ScriptedServer, transport: KeepAliveTransport) -> None:
+    await send(transport, server.url)
+    await transport.aclose()
+    await settle()
+    assert server.closed == 1
+
+
+# -- bodies -------------------------------------------------------------------------------------------------
+
+
+async def test_chunked_gzip_body_is_decoded(server: ScriptedServer, transport: KeepAliveTransport) -> None:
+    packed = gzip.compress(BODY)
+    half = len(packed) // 2
+    chunks = b"".join(f"{len(part):x}\r\n".encode() + part + b"\r\n" for part in (packed[:half], packed[half:]))
+    server.script = [
+        b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n"
+    ]
+    response = await send(transport, server.url)
+    assert response.content == BODY
+    assert (await send(transport, server.url)).status_code == 200
+    assert server.connections == 1, "a chunked response leaves the connection reusable"
+
+
+async def test_informational_responses_are_skipped(server: ScriptedServer, transport: KeepAliveTransport) -> None:
+    server.script = [b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n" + ok()]
+    response = await send(transport, server.url)
+    assert response.status_code == 200 and response.content == BODY
+
+
+async def test_error_statuses_are_responses(server: ScriptedServer, transport: KeepAliveTransport) -> None:
+    envelope = b'{"error": {"message": "Cannot cancel a batch with status \'completed\'."}}'
+    server.script = [
+        b"HTTP/1.1 409 Conflict\r\nContent-Length: " + str(len(envelope)).encode() + b"\r\n\r\n" + envelope
+    ]
+    response = await send(transport, server.url)
+    assert response.status_code == 409 and response.reason_phrase == "Conflict"
+    assert response.json()["error"]["message"].startswith("Cannot cancel")
+
+
+# -- failures -----------------------------------------------------------------------------------------------
+
+
+async def test_read_timeout_discards_the_connection(server: ScriptedServer, transport: KeepAliveTransport) -> None:
+    server.script = [HANG, ok()]
+    with pytest.raises(httpx.ReadTimeout):
+        await send(transport, server.url, timeout=0.1)
+    assert (await send(transport, server.url)).status_code == 200
+    assert server.connections == 2
+
+
+async def test_server_closing_without_a_response(server: ScriptedServer, transport: KeepAliveTransport) -> None:
+    server.script = [DROP, ok()]
+    with pytest.raises(httpx.RemoteProtocolError, match="Server disconnected without sending a response"):
+        await send(transport, server.url)
+    assert (await send(transport, server.url)).status_code == 200
+
+
+async def test_garbage_instead_of_http(server: ScriptedServer, transport: KeepAliveTransport) -> None:
+    server.script = [b"SSH-2.0-OpenSSH_9.6\r\n\r\n"]
+    with pytest.raises(httpx.RemoteProtocolError):
+        await send(transport, server.url)
+
+
+async def test_truncated_body(server: ScriptedServer, transport: KeepAliveTransport) -> None:
+    server.script = [b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nConnection: close\r\n\r\n{\"id\":"]
+    with pytest.raises(httpx.RemoteProtocolError):
+        await send(transport, server.url)
+
+
+async def test_connection_refused(transport: KeepAliveTransport, unused_tcp_port: int) -> None:
+    with pytest.raises(httpx.ConnectError, match=f"127.0.0.1:{unused_tcp_port}"):
+        await send(transport, f"http://127.0.0.1:{unused_tcp_port}/v1/batches/batch_1")
+
+
+async def test_unsupported_scheme(transport: KeepAliveTransport) -> None:
+    with pytest.raises(httpx.UnsupportedProtocol, match="'ftp'"):
+        await send(transport, "ftp://127.0.0.1/v1/batches")
+
+
+async def test_a_cancelled_request_does_not_leave_its_connection_in_the_pool(
+    server: ScriptedServer, transport: KeepAliveTransport
+) -> None:
+    server.script = [HANG, ok()]
+    pending = asyncio.create_task(send(transport, server.url))
+    await settle()
+    pending.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await pending
+    assert (await send(transport, server.url)).status_code == 200
+    assert server.connections == 2
+
+
+# -- TLS ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Certificate:
+    cert_file: Path
+    key_file: Path
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> Certificate:
+    """A self-signed certificate for ``localhost`` and 127.0.0.1."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    folder = tmp_path_factory.mktemp("tls")
+    cert_file, key_file = folder / "cert.pem", folder / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return Certificate(cert_file, key_file)
+
+
+@pytest.fixture
+async def tls_server(certificate: Certificate) -> AsyncIterator[ScriptedServer]:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certificate.cert_file, certificate.key_file)
+    scripted = ScriptedServer(tls=context)
+    await scripted.start()
+    yield scripted
+    await scripted.aclose()
+
+
+async def test_https_with_a_trusted_certificate(tls_server: ScriptedServer, certificate: Certificate) -> None:
+    lean = KeepAliveTransport(ssl_context=ssl.create_default_context(cafile=certificate.cert_file), max_idle=2)
+    try:
+        for _ in range(2):
+            response = await send(lean, f"{tls_server.url}/v1/batches/batch_1")
+            assert response.json()["id"] == "batch_1"
+    finally:
+        await lean.aclose()
+    assert tls_server.connections == 1
+
+
+async def test_https_refuses_an_untrusted_certificate(tls_server: ScriptedServer, transport: KeepAliveTransport) -> None:
+    with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+        await send(transport, f"{tls_server.url}/v1/batches/batch_1")
+    assert tls_server.requests == [], "nothing was sent to the untrusted server"
+
+
+# -- choice of transport and TLS context in the shared client --------------------------------------------------
+
+
+def settings_for(url: str) -> ConnectionSettings:
+    return ConnectionSettings(conn_id="transport_test", api_key="sk-transport-test", base_url=url)
+
+
+@pytest.mark.parametrize(
+    ("variable", "url", "lean"),
+    [
+        (None, "https://api.openai.com/v1", True),
+        ("HTTPS_PROXY", "https://api.openai.com/v1", False),
+        ("https_proxy", "https://api.openai.com/v1", False),
+        ("ALL_PROXY", "https://api.openai.com/v1", False),
+        ("HTTP_PROXY", "https://api.openai.com/v1", True),
+        ("HTTP_PROXY", "http://batch-proxy.internal/v1", False),
+    ],
+)
+async def test_httpx_keeps_routing_when_a_proxy_is_configured(
+    monkeypatch: pytest.MonkeyPatch, variable: str | None, url: str, lean: bool
+) -> None:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    if variable:
+        monkeypatch.setenv(variable, "http://127.0.0.1:3128")
+    settings = settings_for(url)
+    shared = await _async_clients.acquire(settings)
+    try:
+        assert isinstance(shared.transport, KeepAliveTransport) is lean
+    finally:
+        await _async_clients.release(settings)
+
+
+async def test_triggers_starting_together_build_one_tls_context(mocker: MockerFixture) -> None:
+    shared_ssl_context.cache_clear()
+    builds = mocker.spy(httpx, "create_ssl_context")
+    settings = [settings_for(f"https://api{index}.openai.test/v1") for index in range(20)]
+    try:
+        clients = await asyncio.gather(*(_async_clients.acquire(each) for each in settings))
+        assert builds.call_count == 1
+        assert len({id(client.transport._ssl_context) for client in clients}) == 1  # type: ignore[union-attr]
+    finally:
+        for each in settings:
+            await _async_clients.release(each)
+
+
+async def test_a_failed_tls_context_build_is_retried_by_the_next_caller(mocker: MockerFixture) -> None:
+    shared_ssl_context.cache_clear()
+    real_build: Callable[..., ssl.SSLContext] = httpx.create_ssl_context
+    mocker.patch.object(httpx, "create_ssl_context", side_effect=[OSError("CA bundle unreadable"), real_build()])
+    settings = settings_for("https://api.openai.test/v1")
+    with pytest.raises(OSError, match="CA bundle unreadable"):
+        await _async_clients.acquire(settings)
+    shared = await _async_clients.acquire(settings)
+    await _async_clients.release(settings)
+    assert shared.transport is not None
