@@ -128,7 +128,7 @@ def measure_case(cancelling_seconds: float, poll_interval: float, batches: int) 
         "minimum": minimum_requests(cancelling_seconds, poll_interval),
     }
     flows = ("ours_deferrable", "ours_blocking", "official")
-    with EmulatorProcess(MAIN_PYTHON, cancel_after_polls=HOLD, record_statuses=True) as emulator:
+    with EmulatorProcess(MAIN_PYTHON, cancel_after_polls=HOLD) as emulator:
         os.environ["AIRFLOW_CONN_BENCH"] = connection_json(
             "openai_batch", emulator.api_key, emulator.base_url
         )

@@ -271,6 +271,93 @@ def test_cancelling_a_finished_batch_is_a_409(emulator: BatchAPIEmulator, client
     assert emulator.batch("batch_f")["status"] == status
 
 
+# --- Finishing without a cancel ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("finish_after_polls", "finish_as"),
+    [(1, "completed"), (2, "completed"), (3, "failed"), (2, "expired"), (4, "cancelled")],
+)
+def test_batch_finishes_by_itself_on_its_kth_get(
+    emulator: BatchAPIEmulator, client: httpx.Client, finish_after_polls: int, finish_as: str
+) -> None:
+    emulator.add_batch("batch_k", finish_after_polls=finish_after_polls, finish_as=finish_as)
+
+    answers = [client.get("/batches/batch_k").json() for _ in range(finish_after_polls + 1)]
+
+    statuses = [answer["status"] for answer in answers]
+    assert statuses == ["in_progress"] * (finish_after_polls - 1) + [finish_as, finish_as]
+    final = answers[-1]
+    assert answers[-2] == final == emulator.batch("batch_k")
+    assert isinstance(final[f"{finish_as}_at"], int)
+    twin = emulator.set_status(emulator.add_batch("batch_twin")["id"], finish_as)  # as set_status makes it
+    unset = {name for name, value in final.items() if value is None}
+    assert unset == {name for name, value in twin.items() if value is None}
+    assert (final["request_counts"], final["errors"]) == (twin["request_counts"], twin["errors"])
+
+
+def test_finishing_batch_completes_by_default_and_only_gets_by_id_count(
+    emulator: BatchAPIEmulator, client: httpx.Client
+) -> None:
+    emulator.add_batch("batch_d", status="validating", finish_after_polls=2)
+    for _ in range(3):
+        assert client.get("/batches").json()["data"][0]["status"] == "validating"
+
+    statuses = [client.get("/batches/batch_d").json()["status"] for _ in range(2)]
+
+    assert statuses == ["validating", "completed"]
+    final = emulator.batch("batch_d")
+    assert final["in_progress_at"] == final["finalizing_at"] == final["completed_at"]
+    assert final["output_file_id"] == "file-out-d"
+
+
+def test_an_earlier_end_wins_over_finish_after_polls(
+    emulator: BatchAPIEmulator, client: httpx.Client
+) -> None:
+    emulator.add_batch("batch_c", finish_after_polls=5, cancel_after_polls=1)
+    emulator.add_batch("batch_h", finish_after_polls=2, cancel_after_polls=10**9)
+    emulator.add_batch("batch_f", finish_after_polls=2)
+    emulator.add_batch("batch_s", finish_after_polls=2)
+    emulator.set_status("batch_f", "failed")
+
+    client.post("/batches/batch_c/cancel")
+    assert client.get("/batches/batch_c").json()["status"] == "completed"  # as its finish_as, at once
+    assert client.get("/batches/batch_h").json()["status"] == "in_progress"
+    client.post("/batches/batch_h/cancel")
+    assert client.get("/batches/batch_h").json()["status"] == "completed"  # the cancel was still pending
+    assert [client.get("/batches/batch_f").json()["status"] for _ in range(3)] == ["failed"] * 3
+    assert [client.get("/batches/batch_s").json()["status"] for _ in range(2)] == ["in_progress", "completed"]
+    emulator.set_status("batch_s", "in_progress")
+    assert client.get("/batches/batch_s").json()["status"] == "in_progress"  # it finishes once only
+
+
+def test_finish_after_polls_is_exact_under_concurrent_gets(emulator: BatchAPIEmulator) -> None:
+    emulator.add_batch("batch_p", finish_after_polls=10)
+    statuses: list[str] = []
+
+    def poll() -> None:
+        with httpx.Client(base_url=emulator.base_url, headers={"api-key": emulator.api_key}) as http:
+            statuses.extend(http.get("/batches/batch_p").json()["status"] for _ in range(5))
+
+    threads = [threading.Thread(target=poll) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+    assert sorted(statuses) == ["completed"] * 31 + ["in_progress"] * 9
+
+
+def test_invalid_finish_after_polls_is_rejected(emulator: BatchAPIEmulator, client: httpx.Client) -> None:
+    with pytest.raises(ValueError, match=r"finish_after_polls must be at least 1 .* not 0"):
+        emulator.add_batch(finish_after_polls=0)
+    with pytest.raises(ValueError, match="finish_after_polls needs a running batch, but status 'completed'"):
+        emulator.add_batch(status="completed", finish_after_polls=1)
+    with pytest.raises(ValueError, match=r"finish_as must be one of .* not 'in_progress'"):
+        emulator.add_batch(finish_after_polls=1, finish_as="in_progress")
+    assert client.get("/batches").json()["data"] == [], "nothing was seeded"
+
+
 # --- Errors and routing -----------------------------------------------------------------------------------
 
 
@@ -569,6 +656,31 @@ def test_requests_are_recorded_as_received(emulator: BatchAPIEmulator, client: h
     assert emulator.requests == []
 
 
+def test_requests_record_the_batch_status_they_were_answered(
+    emulator: BatchAPIEmulator, client: httpx.Client
+) -> None:
+    emulator.add_batch("batch_b", finish_after_polls=2)
+    emulator.inject(Fault("delay", path="/batches/batch_b$"))
+    client.get("/batches/batch_b")  # answered after a delay: still a batch
+    client.get("/batches/batch_b")
+    client.get("/batches")
+    client.get("/batches/batch_missing")
+    client.post("/batches/batch_b/cancel")
+    emulator.inject(Fault("status", status=500))
+    client.get("/batches/batch_b")
+
+    recorded = [(r.method, r.status, r.batch_status) for r in emulator.requests]
+
+    assert recorded == [
+        ("GET", 200, "in_progress"),
+        ("GET", 200, "completed"),
+        ("GET", 200, None),
+        ("GET", 404, None),
+        ("POST", 409, None),
+        ("GET", 500, None),
+    ]
+
+
 def test_cancel_count_includes_rejected_cancels(emulator: BatchAPIEmulator, client: httpx.Client) -> None:
     emulator.add_batch("batch_c", status="completed")
     client.post("/batches/batch_c/cancel")
@@ -610,6 +722,23 @@ def test_control_client_drives_the_emulator_out_of_process(
     assert recorded[0]["headers"]["authorization"] == "***"
     assert DEFAULT_API_KEY not in json.dumps(recorded)
     assert recorded[0]["body"] == "" and recorded[0]["query"] == {}
+    assert [r["batch_status"] for r in recorded] == ["cancelling", "cancelled", None]
+
+
+def test_control_client_seeds_batches_that_finish_by_themselves(
+    emulator: BatchAPIEmulator, client: httpx.Client
+) -> None:
+    control = EmulatorControl(emulator.base_url)
+    control.add_batch(batch_id="batch_fin", finish_after_polls=2, finish_as="expired")
+
+    assert [client.get("/batches/batch_fin").json()["status"] for _ in range(2)] == ["in_progress", "expired"]
+    assert control.batch("batch_fin")["polls"] == 2
+
+    with pytest.raises(httpx.HTTPStatusError) as caught:
+        control.add_batch(finish_after_polls=-1)
+    assert caught.value.response.status_code == 400
+    message = envelope(caught.value.response)["message"]
+    assert message == "finish_after_polls must be at least 1 (1: the first GET), not -1."
 
 
 def test_control_endpoint_errors(emulator: BatchAPIEmulator) -> None:

@@ -51,6 +51,10 @@ class RecordedRequest:
     body: bytes
     status: int  #: the status the emulator answered with; 0 when it dropped the connection
     at: float  #: ``time.monotonic()`` at arrival
+    #: The ``status`` of the batch in a 200 answer to a GET or cancel of one batch; None for other answers.
+    #: Recorded because a GET can change a batch (see :class:`BatchAPIEmulator`), so its state afterwards does
+    #: not tell what a client was told.
+    batch_status: str | None = None
 
 
 @dataclass
@@ -113,6 +117,12 @@ class BatchAPIEmulator:
     made since the cancel (so 0 and 1 both mean the first GET, 2 the second), or ``cancel_after_seconds`` (if
     not None) have passed since it. Only GETs of the batch itself count: list responses never advance it.
     Pass ``cancel_after_polls=10**9`` to hold a batch in ``cancelling``, or to make it purely time-based.
+
+    Finishing without a cancel: a batch seeded with ``finish_after_polls=K`` becomes its ``finish_as`` status
+    (then ``completed`` by default) on its K-th GET since seeding (so 1 means the first GET), with the
+    timestamps and results :meth:`set_status` gives that status. A cancellation ends it too, as the same
+    ``finish_as``, if it takes effect first. Only GETs of the batch itself count, and only the K-th: a batch
+    already final by then stays as it is, and so does one that :meth:`set_status` puts back to running later.
     """
 
     def __init__(
@@ -135,6 +145,7 @@ class BatchAPIEmulator:
         self._faults: list[Fault] = []
         self._requests: list[RecordedRequest] = []
         self._cancels: dict[str, int] = {}
+        self._finish_on_poll: dict[str, int] = {}  # batch id -> the GET that ends it (``finish_after_polls``)
         self._stopping = threading.Event()  # cuts "delay" faults short when the server stops
         self._server: Server | None = None
         self._thread: threading.Thread | None = None
@@ -188,16 +199,29 @@ class BatchAPIEmulator:
         endpoint: str = "/v1/chat/completions",
         cancel_after_polls: int | None = None,
         cancel_after_seconds: float | None = None,
-        finish_as: str = "cancelled",
+        finish_after_polls: int | None = None,
+        finish_as: str | None = None,
         total_requests: int = 100,
         **fields: Any,
     ) -> dict[str, Any]:
         """Seed a batch, its timestamps consistent with ``status``; ``fields`` then override any field.
 
-        ``created_at`` defaults to now; ``cancel_after_*`` default to the emulator's. ``finish_as`` is what a
-        cancellation ends in: ``cancelled``, or ``completed``/``failed``/``expired`` to emulate a batch that
-        finished before the cancel took effect.
+        ``created_at`` defaults to now; ``cancel_after_*`` default to the emulator's. ``finish_after_polls``
+        (at least 1) makes a running batch final by itself on its ``finish_after_polls``-th GET.
+        ``finish_as`` is the final status it ends in, by a cancellation or by ``finish_after_polls``: by
+        default ``cancelled`` without ``finish_after_polls``, ``completed`` with it;
+        ``completed``/``failed``/``expired`` after a cancel emulate a batch that finished before the cancel
+        took effect.
         """
+        if finish_after_polls is not None:
+            if finish_after_polls < 1:
+                raise ValueError(
+                    f"finish_after_polls must be at least 1 (1: the first GET), not {finish_after_polls!r}."
+                )
+            if status in TERMINAL:
+                raise ValueError(f"finish_after_polls needs a running batch, but status {status!r} is final.")
+        if finish_as is None:
+            finish_as = "cancelled" if finish_after_polls is None else "completed"
         created = int(time.time()) if created_at is None else created_at
         default_polls, default_seconds = self._cancel_after
         with self._lock:
@@ -218,6 +242,8 @@ class BatchAPIEmulator:
             entry.move_to(status, created)
             batch.update(fields)
             self._entries[batch_id] = entry
+            if finish_after_polls is not None:
+                self._finish_on_poll[batch_id] = finish_after_polls
             self._order = None
             return copy.deepcopy(batch)
 
@@ -271,21 +297,23 @@ class BatchAPIEmulator:
             return self._control(method, segments[1:], body)
         query = dict(parse_qsl(url.query, keep_blank_values=True))
         request = RecordedRequest(method, url.path, query, headers, body, 0, time.monotonic())
-        response = self._answer(request, segments)
+        response, batch_status = self._answer(request, segments)
+        status = response.status if response else 0
         with self._lock:
-            self._requests.append(dataclasses.replace(request, status=response.status if response else 0))
+            self._requests.append(dataclasses.replace(request, status=status, batch_status=batch_status))
         return response
 
-    def _answer(self, request: RecordedRequest, segments: list[str]) -> Response | None:
+    def _answer(self, request: RecordedRequest, segments: list[str]) -> tuple[Response | None, str | None]:
+        """The response (None drops the connection) and the status of the batch it carries, if one."""
         fault = self._admit(request.method, request.path, segments)
         if fault is None:
             return self._api(request, segments)
         if fault.kind == "drop" or (fault.kind == "delay" and self._stopping.wait(fault.delay)):
-            return None
+            return None, None
         if fault.kind == "delay":
-            response = self._api(request, segments)
-            return response._replace(headers={**response.headers, **fault.headers})
-        return _fault_response(fault)
+            response, batch_status = self._api(request, segments)
+            return response._replace(headers={**response.headers, **fault.headers}), batch_status
+        return _fault_response(fault), None
 
     def _admit(self, method: str, path: str, segments: list[str]) -> Fault | None:
         """Count a cancel request and take the fault it triggers, if any, spending one of its ``times``."""
@@ -301,24 +329,24 @@ class BatchAPIEmulator:
                     return fault
         return None
 
-    def _api(self, request: RecordedRequest, segments: list[str]) -> Response:
-        """Authenticate and route a request that no fault intercepted."""
+    def _api(self, request: RecordedRequest, segments: list[str]) -> tuple[Response, str | None]:
+        """Authenticate and route a request that no fault intercepted; see :meth:`_answer`."""
         if segments[:1] != ["v1"]:
-            return invalid_url(request.method, request.path)
+            return invalid_url(request.method, request.path), None
         denied = authenticate(self.api_key, request.headers)
         if denied is not None:
-            return denied
+            return denied, None
         try:
             match (request.method, segments[1:]):
                 case ("GET", ["batches"]):
-                    return self._list(request.query)
+                    return self._list(request.query), None
                 case ("GET", ["batches", batch_id]) if batch_id:
                     return self._retrieve(batch_id)
                 case ("POST", ["batches", batch_id, "cancel"]) if batch_id:
                     return self._cancel(batch_id)
         except Reply as reply:
-            return reply.response
-        return invalid_url(request.method, request.path)
+            return reply.response, None
+        return invalid_url(request.method, request.path), None
 
     def _list(self, query: dict[str, str]) -> Response:
         raw_limit = query.get("limit", "20")
@@ -358,13 +386,18 @@ class BatchAPIEmulator:
             raise Reply(error(404, f"No batch found with id '{batch_id}'."))
         return entry
 
-    def _retrieve(self, batch_id: str) -> Response:
+    def _retrieve(self, batch_id: str) -> tuple[Response, str]:
+        """Answer a GET, which first advances the batch: a cancel or ``finish_after_polls`` may end it."""
         with self._lock:
             entry = self._entry_or_404(batch_id)
             entry.poll()
-            return json_response(200, entry.batch)
+            if self._finish_on_poll.get(batch_id) == entry.polls:
+                del self._finish_on_poll[batch_id]
+                if entry.batch["status"] not in TERMINAL:
+                    entry.move_to(entry.finish_as, int(time.time()))
+            return json_response(200, entry.batch), entry.batch["status"]
 
-    def _cancel(self, batch_id: str) -> Response:
+    def _cancel(self, batch_id: str) -> tuple[Response, str]:
         with self._lock:
             entry = self._entry_or_404(batch_id)
             status = entry.batch["status"]
@@ -372,7 +405,7 @@ class BatchAPIEmulator:
                 raise Reply(error(409, f"Cannot cancel a batch with status '{status}'."))
             if status != "cancelling":
                 entry.move_to("cancelling", int(time.time()))
-            return json_response(200, entry.batch)
+            return json_response(200, entry.batch), entry.batch["status"]
 
     def _control(self, method: str, segments: list[str], body: bytes) -> Response:
         """Serve ``/_emulator/...``: the Python API for tests whose client runs in another process."""
