@@ -3,8 +3,8 @@
 Usage: .venv/bin/python bench/client_floor.py [--requests 2000] [--repeats 3]
 
 Puts the trigger-scale "CPU per poll" in context: the same GET against the emulator (its own process), one at a
-time, through a bare asyncio HTTP/1.1 exchange, ``httpx.Client``, ``httpx.AsyncClient``, and this provider's
-``OpenAIBatchHook.aget_batch`` (httpx plus parsing into a ``Batch``). No concurrency, so no pool bookkeeping:
+time, through a bare asyncio HTTP/1.1 exchange, ``httpx.Client``, ``httpx.AsyncClient`` (httpcore over anyio),
+and this provider's ``OpenAIBatchHook.aget_batch`` (its lean h11 transport, plus parsing into a ``Batch``). No concurrency, so no pool bookkeeping:
 what remains is each stack's fixed cost per request, kernel time for the loopback sockets included. Each stack is
 measured ``--repeats`` times, after waiting for a quiet machine, and the lowest is kept: a floor.
 """

@@ -1,11 +1,12 @@
-"""Diagnosis: this provider's trigger scale as a function of its shared client's pool size (and of GC freezing).
+"""Diagnosis: this provider's trigger scale as a function of its shared client's request gate (and of GC freezing).
 
 Usage: .venv/bin/python bench/pool_size.py [--n 1000] [--pools 1,10,32,100] [--repeats 2] [--gc-freeze]
 
 Same measurement as bench/trigger_scale.py (this provider only), with the worker overriding
-``hooks._async_clients.MAX_CONCURRENT_REQUESTS`` (the connection pool size and the request gate in front of it)
-through ``BENCH_POOL_SIZE``. The package itself is not modified. ``--gc-freeze`` also runs ``gc.freeze()`` after
-the warm-up, which the triggerer does not do, to separate Airflow-heap GC pauses from the provider's own lag.
+``hooks._async_clients.MAX_CONCURRENT_REQUESTS`` (the requests in flight, hence the most open connections, and
+the idle connections kept) through ``BENCH_POOL_SIZE``. The package itself is not modified. ``--gc-freeze`` also
+runs ``gc.freeze()`` after the warm-up, which the triggerer does not do, to separate Airflow-heap GC pauses from
+the provider's own lag.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ import ssl
 from collections import deque
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import NoReturn, TypeVar
+from typing import TypeVar
 
 import h11
 import httpx
@@ -195,9 +195,5 @@ async def _io(
 
 def _origin(url: httpx.URL) -> Origin:
     if url.scheme not in _DEFAULT_PORTS:
-        _unsupported(url)
+        raise httpx.UnsupportedProtocol(f"Unsupported URL scheme {url.scheme!r}: only http and https are.")
     return url.scheme, url.host, url.port or _DEFAULT_PORTS[url.scheme]
-
-
-def _unsupported(url: httpx.URL) -> NoReturn:
-    raise httpx.UnsupportedProtocol(f"Unsupported URL scheme {url.scheme!r}: only http and https are.")
