@@ -3,8 +3,10 @@
 Usage: .venv/bin/python bench/client_floor.py [--requests 2000] [--repeats 3]
 
 Puts the trigger-scale "CPU per poll" in context: the same GET against the emulator (its own process), one at a
-time, through a bare asyncio HTTP/1.1 exchange, ``httpx.Client``, ``httpx.AsyncClient`` (httpcore over anyio),
-and this provider's ``OpenAIBatchHook.aget_batch`` (its lean h11 transport, plus parsing into a ``Batch``). No concurrency, so no pool bookkeeping:
+time, through a bare asyncio HTTP/1.1 exchange, ``httpx.Client``, ``httpx.AsyncClient`` with its default transport
+(httpcore over anyio) and with this provider's ``KeepAliveTransport`` (h11 over asyncio streams), and this
+provider's ``OpenAIBatchHook.aget_batch`` (the same transport without ``AsyncClient.send``'s layers, plus parsing
+into a ``Batch``). No concurrency, so no pool bookkeeping:
 what remains is each stack's fixed cost per request, kernel time for the loopback sockets included. Each stack is
 measured ``--repeats`` times, after waiting for a quiet machine, and the lowest is kept: a floor.
 """
@@ -67,11 +69,16 @@ async def _raw(emulator: EmulatorProcess, ids: list[str]) -> float:
         writer.close()
 
 
-async def _httpx_async(emulator: EmulatorProcess, ids: list[str]) -> float:
+async def _httpx_async(emulator: EmulatorProcess, ids: list[str], lean: bool = False) -> float:
+    """``httpx.AsyncClient.get``, through httpx's default transport or (``lean``) this provider's."""
     import httpx
 
+    from airflow_provider_openai_batch.hooks._connection import shared_ssl_context
+    from airflow_provider_openai_batch.hooks._transport import KeepAliveTransport
+
     headers = {"Authorization": f"Bearer {emulator.api_key}"}
-    async with httpx.AsyncClient(base_url=emulator.base_url, headers=headers) as client:
+    transport = KeepAliveTransport(ssl_context=shared_ssl_context(), max_idle=1) if lean else None
+    async with httpx.AsyncClient(base_url=emulator.base_url, headers=headers, transport=transport) as client:
 
         async def get(batch_id: str) -> bytes:
             return (await client.get(f"/batches/{batch_id}")).content
@@ -108,6 +115,7 @@ def measure(requests: int, repeats: int = 3) -> dict[str, float]:
                 ("bare asyncio HTTP/1.1", asyncio.run(_raw(emulator, ids))),
                 ("httpx.Client (sync)", _httpx_sync(emulator, ids)),
                 ("httpx.AsyncClient", asyncio.run(_httpx_async(emulator, ids))),
+                ("httpx.AsyncClient + KeepAliveTransport", asyncio.run(_httpx_async(emulator, ids, lean=True))),
                 ("OpenAIBatchHook.aget_batch", asyncio.run(_hook(ids))),
             ):
                 best[name] = min(seconds, best.get(name, seconds))

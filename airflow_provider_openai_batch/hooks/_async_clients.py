@@ -19,9 +19,11 @@ import httpx
 from airflow_provider_openai_batch.hooks._connection import ConnectionSettings, shared_ssl_context
 from airflow_provider_openai_batch.hooks._transport import KeepAliveTransport
 
-#: Requests in flight per shared client, hence its most open connections. At the real API's ~200-300 ms
-#: latency this carries over 100 polls per second: a thousand triggers polling every 30 s need 33.
-MAX_CONCURRENT_REQUESTS = 32
+#: Requests in flight per shared client, hence its most open connections. It also bounds how many responses
+#: one turn of the event loop can have to handle, which sets the loop's lag in a burst of polls (at 1,000
+#: triggers: p99 12-16 ms with 16, 23-25 ms with 32; docs/performance.md). At the real API's ~200-300 ms latency
+#: 16 carries 50-80 polls per second: a full triggerer (1,000 triggers) polling every 30 s needs 33.
+MAX_CONCURRENT_REQUESTS = 16
 
 
 @dataclass
