@@ -192,6 +192,22 @@ async def test_aclose_closes_the_idle_connections(server: ScriptedServer, transp
     assert server.closed == 1
 
 
+async def test_aclose_does_not_wait_forever_for_a_peer_that_never_closes(
+    server: ScriptedServer, transport: KeepAliveTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A TLS peer that never answers the close would hold the last trigger's exit for asyncio's 30 s TLS
+    shutdown timeout; the transport waits at most ``CLOSE_TIMEOUT``."""
+    await send(transport, server.url)
+    (connection,) = transport._idle[("http", "127.0.0.1", int(server.url.rsplit(":", 1)[1]))]
+
+    async def never_closed() -> None:
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(connection.writer, "wait_closed", never_closed)
+    monkeypatch.setattr(_transport, "CLOSE_TIMEOUT", 0.1)
+    await asyncio.wait_for(transport.aclose(), timeout=2)
+
+
 # -- bodies -------------------------------------------------------------------------------------------------
 
 

@@ -18,6 +18,7 @@ whenever none is idle, and keeps at most ``max_idle`` idle ones per origin.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections import deque
 from collections.abc import Awaitable
@@ -30,6 +31,8 @@ import httpx
 #: An idle connection older than this is closed rather than reused, as httpx does by default: servers and load
 #: balancers drop idle connections after a while, and reusing one at that moment would fail the request.
 KEEPALIVE_EXPIRY = 5.0
+#: How long closing the pool waits for its connections to be closed.
+CLOSE_TIMEOUT = 5.0
 _READ_SIZE = 64 * 1024
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -82,11 +85,11 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
         self._idle.clear()
         for connection in connections:
             connection.close()
-        for connection in connections:
-            try:
-                await connection.writer.wait_closed()
-            except (OSError, ssl.SSLError):
-                pass  # the peer went first: nothing left to release
+        # Bounded: a TLS peer that never answers the close would otherwise hold the last hook's exit for
+        # asyncio's 30 s TLS shutdown timeout. An error means the peer went first: nothing left to release.
+        with contextlib.suppress(OSError, TimeoutError):
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await asyncio.gather(*(connection.writer.wait_closed() for connection in connections))
 
     def _take_idle(self, origin: Origin) -> _Connection | None:
         idle = self._idle.get(origin)
