@@ -282,6 +282,20 @@ def test_429_burst_with_retry_after_ms_is_waited_out(api: Api, case: Case) -> No
     assert all(gap >= 0.035 for gap in gaps(api.requests(batch_id, case.method)[:3])), "the hint is honoured"
 
 
+def get_batch_with_policy(surface: str, policy: RetryPolicy, batch_id: str) -> None:
+    """Retrieve ``batch_id`` through the ``sync`` or ``async`` hook, retrying by ``policy``."""
+
+    async def aget() -> None:
+        async with OpenAIBatchHook(retry_policy=policy) as hook:
+            await hook.aget_batch(batch_id)
+
+    if surface == "sync":
+        with OpenAIBatchHook(retry_policy=policy) as hook:
+            hook.get_batch(batch_id)
+    else:
+        run_async(aget())
+
+
 @pytest.mark.parametrize("surface", ["sync", "async"])
 def test_retry_after_ms_wins_over_retry_after(emulator_connection: BatchAPIEmulator, surface: str) -> None:
     """As in the official SDKs: with both headers, the millisecond one is waited, not the 3 s one."""
@@ -290,16 +304,7 @@ def test_retry_after_ms_wins_over_retry_after(emulator_connection: BatchAPIEmula
     emulator_connection.inject(
         Fault("status", status=429, headers={"retry-after-ms": "40", "Retry-After": "3"})
     )
-
-    async def aget() -> Any:
-        async with OpenAIBatchHook(retry_policy=policy) as hook:
-            return await hook.aget_batch(batch_id)
-
-    if surface == "sync":
-        with OpenAIBatchHook(retry_policy=policy) as hook:
-            hook.get_batch(batch_id)
-    else:
-        run_async(aget())
+    get_batch_with_policy(surface, policy, batch_id)
     [gap] = gaps(emulator_connection.requests)
     assert 0.035 <= gap < 2.5
 
@@ -330,16 +335,7 @@ def test_retry_policy_cap_is_the_boundary(emulator_connection: BatchAPIEmulator,
     batch_id = emulator_connection.add_batch()["id"]
     emulator_connection.inject(Fault("status", status=429, headers={"Retry-After": "0.08"}))
     emulator_connection.inject(Fault("status", status=429, headers={"Retry-After": "3"}))
-
-    async def aget() -> Any:
-        async with OpenAIBatchHook(retry_policy=policy) as hook:
-            return await hook.aget_batch(batch_id)
-
-    if surface == "sync":
-        with OpenAIBatchHook(retry_policy=policy) as hook:
-            hook.get_batch(batch_id)
-    else:
-        run_async(aget())
+    get_batch_with_policy(surface, policy, batch_id)
     requests = emulator_connection.requests
     assert [r.status for r in requests] == [429, 429, 200]
     honoured, capped = gaps(requests)
