@@ -225,3 +225,10 @@ def package_digest() -> str:
 def write_json(path: Path, payload: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def report(table: str, result: Any, json_path: Path | None) -> None:
+    """What each script ends with: print its table, and write its full result as JSON if ``--json`` was given."""
+    print(table)
+    if json_path:
+        write_json(json_path, result)

@@ -21,7 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import BENCH_PYTHON, bench_env, ensure_official_venv, median, wait_until_quiet, write_json
+from _common import BENCH_PYTHON, bench_env, ensure_official_venv, median, report, wait_until_quiet
 
 #: The import line a DAG file adds for each provider.
 IMPORTS: dict[str, str] = {
@@ -146,9 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     ensure_official_venv()
     result = measure(args.runs, args.heap_runs)
-    print(format_table(result))
-    if args.json:
-        write_json(args.json, result)
+    report(format_table(result), result, args.json)
     return result
 
 

@@ -20,7 +20,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import trigger_scale
-from _common import ensure_official_venv, write_json
+from _common import ensure_official_venv, report
 
 
 def measure(n: int, pools: list[int], repeats: int, gc_freeze: bool, polls: int = 3) -> list[dict[str, Any]]:
@@ -69,9 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     ensure_official_venv()
     rows = measure(args.n, [int(p) for p in args.pools.split(",")], args.repeats, args.gc_freeze)
-    print(format_table(args.n, rows))
-    if args.json:
-        write_json(args.json, rows)
+    report(format_table(args.n, rows), rows, args.json)
 
 
 if __name__ == "__main__":

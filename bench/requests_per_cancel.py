@@ -32,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import MAIN_PYTHON, connection_json, median, write_json
+from _common import MAIN_PYTHON, connection_json, median, report
 from _emulator import EmulatorProcess
 
 #: (cancelling time T, poll interval P) pairs, in seconds.
@@ -210,9 +210,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else CASES
     )
     result = measure(args.batches, cases)
-    print(format_table(result))
-    if args.json:
-        write_json(args.json, result)
+    report(format_table(result), result, args.json)
     return result
 
 

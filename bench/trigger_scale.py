@@ -44,11 +44,11 @@ from _common import (
     machine_busy_seconds,
     median,
     package_digest,
+    report,
     rss_bytes,
     socket_count,
     thread_count,
     wait_until_quiet,
-    write_json,
 )
 from _emulator import EmulatorProcess
 
@@ -470,9 +470,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tuple(args.providers.split(",")),
         args.cold,
     )
-    print(format_table(result))
-    if args.json:
-        write_json(args.json, result)
+    report(format_table(result), result, args.json)
     return result
 
 
