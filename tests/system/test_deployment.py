@@ -19,6 +19,7 @@ from tests.system.deployment import (
     Deployment,
     blocked_loops,
     decrypt_trigger_kwargs,
+    trigger_loop_gc_pauses,
     wait_for,
 )
 
@@ -71,7 +72,8 @@ def test_triggerer_log_shows_a_blocked_event_loop(deployment: Deployment) -> Non
         timeout=30,
         what="the triggerer to log its event loop blocked for 1 s",
     )[0]
-    assert not blocked.explained_by_gc  # the GC-pause accounting of scenario 3 does not excuse a real block
+    # Scenario 3's messages do not put a real block down to the garbage collector.
+    assert blocked.gc_pause == 0
 
 
 # ------------------------------------------------------------------------------------------------ scenarios
@@ -296,13 +298,16 @@ def test_200_deferred_cancellations_in_one_triggerer(
     assert deployment.wait_for_dag_run(CANCEL_MANY_DAG, run_id, timeout=600) == "success"
     total = time.monotonic() - started
 
+    whole_log = triggerer.log_text(log_offset)
     blocked_steady = blocked_loops(steady_log)
-    blocked_overall = blocked_loops(triggerer.log_text(log_offset))
+    blocked_overall = blocked_loops(whole_log)
+    gc_pauses = [round(end - start, 3) for start, end in trigger_loop_gc_pauses(whole_log)]
     print(
         f"\n{count} cancellations: all deferred after {all_deferred:.0f}s, run done after {total:.0f}s. Steady "
         f"window of {window:.0f}s: {polls} polls, triggerer CPU {cpu_used:.1f}s "
         f"({1000 * cpu_used / max(polls, 1):.1f} ms per poll), blocked loop: {list(map(str, blocked_steady))}. "
-        f"Whole run: blocked loop {list(map(str, blocked_overall))}."
+        f"Whole run: blocked loop {list(map(str, blocked_overall))}, trigger-loop full GC pauses over 50 ms "
+        f"{gc_pauses} s."
     )
 
     states = deployment.ti_states(CANCEL_MANY_DAG, run_id, "cancel")
@@ -323,10 +328,11 @@ def test_200_deferred_cancellations_in_one_triggerer(
     assert cpu_used / max(polls, 1) < MAX_CPU_PER_POLL, (
         f"{1000 * cpu_used / max(polls, 1):.1f} ms of CPU per poll"
     )
-    # No blocked loop but those a full garbage collection of the triggerer's heap explains (Airflow's ~300k
-    # objects take 0.2-0.4 s to collect on a small VM, whatever the triggers): while the 200 wait...
-    assert [str(b) for b in blocked_steady if not b.explained_by_gc] == []
+    # No blocked loop at all. The triggerer runs with docs/recipes/airflow_local_settings.py, so the trigger loop
+    # never collects the triggerer's ~280k start-up objects (0.2-0.4 s on a small VM, whatever the triggers; the
+    # message says how much of a block such a pause explains): not while the 200 wait...
+    assert list(map(str, blocked_steady)) == []
     # ...nor while they start (connection lookup, client set-up) and end (events) amid 16 busy workers.
-    assert [str(b) for b in blocked_overall if not b.explained_by_gc] == []
+    assert list(map(str, blocked_overall)) == []
     # Each trigger kept its pace (a poll every 2 s + 0.3 s answer): a saturated loop would starve some.
     assert laggards == [], f"{len(laggards)} triggers polled less than twice in {window:.0f}s"
