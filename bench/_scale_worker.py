@@ -1,6 +1,7 @@
 """One trigger-scale measurement in a fresh process: N triggers of one provider in one event loop.
 
 Usage: .bench-venv/bin/python bench/_scale_worker.py --provider ours|official --ids-file F --poll-interval P
+       [--cold] [--local-settings]
 (started by bench/trigger_scale.py, which seeds the emulator, sets ``AIRFLOW_CONN_*`` and samples this process)
 
 Like the triggerer, it runs every trigger's ``run()`` async generator as its own asyncio task and consumes its
@@ -10,6 +11,10 @@ done; the parent then writes one line to stdin to start the measured run; ``{"ph
 ``--cap`` seconds pass first, a watchdog thread reports ``complete: false`` with what was measured so far and
 exits: the official trigger's synchronous HTTP calls can hold the loop long enough that the loop itself could
 never notice the cap.
+
+With ``--local-settings`` it plays a triggerer deployed with docs/recipes/airflow_local_settings.py: it imports
+Airflow, loads that file as ``airflow triggerer`` would, and forks; the child, whose pid the ``ready`` line gives,
+runs the triggers as the triggerer's trigger runner does, with the heap it inherited frozen.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import asyncio
 import gc
 import json
 import os
+import runpy
 import sys
 import threading
 import time
@@ -28,10 +34,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import peak_rss_bytes, percentile, reset_peak_rss, rss_bytes
+from _common import ROOT, peak_rss_bytes, percentile, reset_peak_rss, rss_bytes
 
 PROBE_INTERVAL = 0.010  #: the lag probe sleeps this long and records how late it wakes up
 SPIKE = 0.1  #: lags above this are also reported with the time they started at, to find their cause
+LOCAL_SETTINGS = ROOT / "docs" / "recipes" / "airflow_local_settings.py"
 
 
 def make_trigger(provider: str, conn_id: str, batch_id: str, poll_interval: float, timeout: float) -> Any:
@@ -117,6 +124,7 @@ class Run:
             "end_rss": rss_bytes(),
             "hwm_reset": self.hwm_reset,
             "pool_size": self.pool_size,
+            "frozen_objects": gc.get_freeze_count(),
         }
 
 
@@ -265,7 +273,33 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="no warm-up: the run starts like a freshly started triggerer (imports excepted)",
     )
-    asyncio.run(main_async(parser.parse_args(argv)))
+    parser.add_argument(
+        "--local-settings",
+        action="store_true",
+        help="fork from a triggerer-like parent that loaded docs/recipes/airflow_local_settings.py",
+    )
+    args = parser.parse_args(argv)
+    if args.local_settings:
+        become_trigger_runner()
+    asyncio.run(main_async(args))
+
+
+def become_trigger_runner() -> None:
+    """Fork as ``airflow triggerer`` forks its trigger runner, with the recipe loaded; only the child returns.
+
+    Before the fork the parent holds what the triggerer surely has by then (Airflow and its task SDK imported), no
+    more: the providers' modules are imported after the fork, in the child, as in the real trigger runner.
+    """
+    import airflow.sdk
+    import airflow.triggers.base  # noqa: F401  (imported for its heap, like the triggerer)
+
+    argv, sys.argv = sys.argv, ["airflow", "triggerer"]
+    runpy.run_path(str(LOCAL_SETTINGS))
+    sys.argv = argv
+    child = os.fork()
+    if child:
+        _, status = os.waitpid(child, 0)
+        os._exit(os.waitstatus_to_exitcode(status))
 
 
 if __name__ == "__main__":

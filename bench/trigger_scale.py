@@ -1,6 +1,7 @@
 """Triggerer scale: N concurrent cancellation waits in one event loop, this provider against the official one.
 
 Usage: .venv/bin/python bench/trigger_scale.py [--n 100,1000,5000] [--repeats 3] [--polls 3] [--json out.json]
+       [--local-settings]
 
 For each N and provider, in a fresh ``.bench-venv`` process (bench/_scale_worker.py) against a fresh emulator
 process (bench/_emulator.py), every batch answers K-1 polls with a waiting status and the K-th with a final one:
@@ -14,7 +15,8 @@ process (bench/_emulator.py), every batch answers K-1 polls with a waiting statu
 Same N, poll interval, K and emulator for both. The worker measures wall time to the last event, CPU seconds,
 event-loop lag (a 10 ms probe) and RSS (baseline after imports and one warm-up wait; peak from ``VmHWM`` reset at
 the baseline). This process samples the worker's open sockets from ``/proc/<pid>/fd`` and reads the emulator's
-request count and CPU, so neither is charged to the worker.
+request count and CPU, so neither is charged to the worker. ``--local-settings`` runs each worker as a triggerer
+deployed with docs/recipes/airflow_local_settings.py (see bench/_scale_worker.py).
 """
 
 from __future__ import annotations
@@ -147,6 +149,7 @@ def run_once(
     emulator_count: int = 1,
     profile_to: Path | None = None,
     cold: bool = False,
+    local_settings: bool = False,
 ) -> dict[str, Any]:
     """One measured run of N triggers of ``provider``; returns the worker's report plus the external samples.
 
@@ -179,6 +182,7 @@ def run_once(
                     "--cap",
                     str(cap),
                     *(["--cold"] if cold else []),
+                    *(["--local-settings"] if local_settings else []),
                 ],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
@@ -189,15 +193,16 @@ def run_once(
             assert worker.stdout is not None and worker.stdin is not None
             lines = _line_reader(worker.stdout)
             ready = _expect(lines, "ready", 300, worker, stderr)
+            pid = ready["pid"]  # with --local-settings, the forked child: the trigger runner
             requests_before = [emulator.stats()["requests"] for emulator in emulators]
             emulator_cpu_before = [cpu_seconds(emulator.pid) for emulator in emulators]
-            profiler = _attach_profiler(worker.pid, profile_to) if profile_to else None
-            sampler = Sampler(worker.pid)
+            profiler = _attach_profiler(pid, profile_to) if profile_to else None
+            sampler = Sampler(pid)
             sampler.start()
             load_before = load_average()
             busy_before = machine_busy_seconds()
             own_before = time.process_time()
-            worker_cpu_before = cpu_seconds(worker.pid)
+            worker_cpu_before = cpu_seconds(pid)
             started = time.perf_counter()
             worker.stdin.write("go\n")
             worker.stdin.flush()
@@ -205,7 +210,7 @@ def run_once(
             elapsed = time.perf_counter() - started
             busy = machine_busy_seconds() - busy_before
             own = time.process_time() - own_before
-            worker_cpu = cpu_seconds(worker.pid) - worker_cpu_before
+            worker_cpu = cpu_seconds(pid) - worker_cpu_before
             sampler.stop()
             emulator_cpu = sum(
                 cpu_seconds(e.pid) - before for e, before in zip(emulators, emulator_cpu_before)
@@ -247,6 +252,7 @@ def run_once(
         "load_average_before": load_before,
         "package_sha256": package_digest(),
         "cold": cold,
+        "local_settings": local_settings,
     }
 
 
@@ -301,9 +307,16 @@ def measure(
     profile_dir: Path | None = None,
     providers: tuple[str, ...] = PROVIDERS,
     cold: bool = False,
+    local_settings: bool = False,
 ) -> dict[str, Any]:
     """Run every (N, provider) ``repeats_for[N]`` times, alternating providers; medians and ratios per N."""
-    result: dict[str, Any] = {"polls_per_wait": polls, "cap_s": cap, "emulators": emulator_count, "by_n": {}}
+    result: dict[str, Any] = {
+        "polls_per_wait": polls,
+        "cap_s": cap,
+        "emulators": emulator_count,
+        "local_settings": local_settings,
+        "by_n": {},
+    }
     for n in ns:
         poll_interval = (poll_intervals or {}).get(n) or default_poll_interval(n)
         runs: dict[str, list[dict[str, Any]]] = {provider: [] for provider in providers}
@@ -315,7 +328,9 @@ def measure(
                     flush=True,
                 )
                 profile_to = profile_dir / f"{provider}-n{n}-run{repeat + 1}.raw" if profile_dir else None
-                run = _quiet_run(provider, n, poll_interval, polls, cap, emulator_count, profile_to, cold)
+                run = _quiet_run(
+                    provider, n, poll_interval, polls, cap, emulator_count, profile_to, cold, local_settings
+                )
                 runs[provider].append(run)
         summaries = {provider: summarise(runs[provider]) for provider in providers}
         result["by_n"][str(n)] = {
@@ -340,13 +355,16 @@ def _quiet_run(
     emulator_count: int,
     profile_to: Path | None,
     cold: bool = False,
+    local_settings: bool = False,
 ) -> dict[str, Any]:
     """:func:`run_once` on a quiet machine: wait for other processes to calm down first, and run again (once) if
     they used more than ``NOISY`` CPUs during the run, keeping the quieter of the two."""
     best: dict[str, Any] | None = None
     for _attempt in range(2):
         wait_until_quiet(300)
-        run = run_once(provider, n, poll_interval, polls, cap, emulator_count, profile_to, cold)
+        run = run_once(
+            provider, n, poll_interval, polls, cap, emulator_count, profile_to, cold, local_settings
+        )
         print(f"    {_one_line(run)}", file=sys.stderr, flush=True)
         if best is None or run["other_load_cores"] < best["other_load_cores"]:
             best = run
@@ -456,6 +474,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--providers", default=",".join(PROVIDERS), help="for diagnosis: e.g. only 'ours'")
     parser.add_argument("--cold", action="store_true", help="no warm-up wait: a freshly started triggerer")
+    parser.add_argument(
+        "--local-settings",
+        action="store_true",
+        help="as a triggerer deployed with docs/recipes/airflow_local_settings.py",
+    )
     args = parser.parse_args(argv)
     ensure_official_venv()
     ns = [int(part) for part in args.n.split(",") if part]
@@ -469,6 +492,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.profile,
         tuple(args.providers.split(",")),
         args.cold,
+        args.local_settings,
     )
     report(format_table(result), result, args.json)
     return result
