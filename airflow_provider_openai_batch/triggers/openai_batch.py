@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
+from itertools import repeat
 from typing import Any, ClassVar
 
 from airflow.sdk.exceptions import AirflowNotFoundException
@@ -98,23 +99,50 @@ async def wait_for_cancellations(
     Polls all pending batches every ``poll_interval`` seconds. It sleeps before the first round: the batches were
     just seen in ``cancelling``, and after a triggerer restart one interval's delay is cheaper than a wasted
     request per resumed trigger.
+
+    A triggerer holds a thousand of these frames between polls, and every full garbage collection walks what they
+    keep alive, so they keep little: no comprehension over a local (it would make the local a cell object), no
+    list of the last round's outcomes.
     """
-    watches = [CancellationWatch(batch_id, deadline) for batch_id in batch_ids]
+    finished: dict[str, CancellationEvent] = {}
     try:
         async with OpenAIBatchHook(conn_id) as hook:
-            pending = watches
-            finished: dict[str, CancellationEvent] = {}
+            pending = list(map(CancellationWatch, batch_ids, repeat(deadline)))
             while pending:
                 await asyncio.sleep(pending[0].seconds_to_next_poll(poll_interval))
-                outcomes = await asyncio.gather(*(_poll(hook, watch) for watch in pending))
-                finished.update((watch.batch_id, event) for watch, event in zip(pending, outcomes, strict=True) if event)
-                pending = [watch for watch in pending if watch.batch_id not in finished]
+                pending = _still_pending(pending, await _poll_all(hook, pending), finished)
     except _SETUP_ERRORS as error:
-        return [
-            CancellationEvent.without_batch(watch.batch_id, CancellationStatus.ERROR, f"Cannot poll batch '{watch.batch_id}': {error}")
-            for watch in watches
-        ]
-    return [finished[batch_id] for batch_id in batch_ids]
+        return list(map(_setup_failed, batch_ids, repeat(error)))
+    return list(map(finished.__getitem__, batch_ids))
+
+
+async def _poll_all(
+    hook: OpenAIBatchHook, watches: list[CancellationWatch]
+) -> list[CancellationEvent | None]:
+    """Poll the batches concurrently; a single batch (the single-batch trigger) needs no task of its own."""
+    if len(watches) == 1:
+        return [await _poll(hook, watches[0])]
+    return await asyncio.gather(*map(_poll, repeat(hook), watches))
+
+
+def _still_pending(
+    watches: list[CancellationWatch],
+    outcomes: list[CancellationEvent | None],
+    finished: dict[str, CancellationEvent],
+) -> list[CancellationWatch]:
+    """Record the round's final events in ``finished``; return the watches that go on."""
+    pending = []
+    for watch, event in zip(watches, outcomes, strict=True):
+        if event is None:
+            pending.append(watch)
+        else:
+            finished[watch.batch_id] = event
+    return pending
+
+
+def _setup_failed(batch_id: str, error: Exception) -> CancellationEvent:
+    message = f"Cannot poll batch '{batch_id}': {error}"
+    return CancellationEvent.without_batch(batch_id, CancellationStatus.ERROR, message)
 
 
 async def _poll(hook: OpenAIBatchHook, watch: CancellationWatch) -> CancellationEvent | None:
