@@ -50,7 +50,8 @@ async def measure(emulator: EmulatorProcess, n: int) -> Counter[str]:
         )
 
     [warm_up] = emulator.seed(1, status="cancelling", cancel_after_polls=1)
-    await _first_event(trigger(warm_up, 0.01))  # imports, the shared client and the TLS context: not per trigger
+    # Imports, the shared client and the TLS context: one-time costs, not counted per trigger.
+    await _first_event(trigger(warm_up, 0.01))
     held = emulator.seed(n, status="cancelling", cancel_after_polls=10**9)
     before = tracked_by_type()
     tasks = [asyncio.create_task(_first_event(trigger(batch_id, POLL_INTERVAL))) for batch_id in held]
@@ -69,7 +70,9 @@ def format_table(counts: Counter[str], n: int, top: int) -> str:
         "| objects per trigger | type |",
         "|---:|---|",
     ]
-    rows += [f"| {count / n:.2f} | `{name}` |" for name, count in counts.most_common(top) if count / n >= 0.05]
+    rows += [
+        f"| {count / n:.2f} | `{name}` |" for name, count in counts.most_common(top) if count / n >= 0.05
+    ]
     return "\n".join(rows)
 
 
@@ -80,7 +83,9 @@ def main(argv: list[str] | None = None) -> Counter[str]:
     parser.add_argument("--json", type=Path, help="write the counts per trigger here")
     args = parser.parse_args(argv)
     with EmulatorProcess(MAIN_PYTHON) as emulator:
-        os.environ["AIRFLOW_CONN_BENCH"] = connection_json("openai_batch", emulator.api_key, emulator.base_url)
+        os.environ["AIRFLOW_CONN_BENCH"] = connection_json(
+            "openai_batch", emulator.api_key, emulator.base_url
+        )
         counts = asyncio.run(measure(emulator, args.n))
     per_trigger = {name: count / args.n for name, count in counts.most_common()}
     report(format_table(counts, args.n, args.top), {"n": args.n, "per_trigger": per_trigger}, args.json)
