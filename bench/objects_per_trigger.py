@@ -4,9 +4,10 @@ Usage: .venv/bin/python bench/objects_per_trigger.py [--n 500] [--top 25] [--jso
 
 Every full garbage collection walks these objects, so their number times N is what a trigger loop's full GC costs
 once the triggerer's start-up heap is frozen (docs/recipes/airflow_local_settings.py). N triggers of this provider
-wait on batches held in ``cancelling`` by an emulator in another process (so its objects are not counted); once all
-of them have polled once and sleep again, the objects tracked by the collector are counted against the count
-before the triggers were built. What the asyncio task running each trigger adds is included, as in a triggerer.
+wait on batches held in ``cancelling`` by an emulator in another process (so its objects are not counted). Once all
+of them have polled once and sleep again (the poll interval is max(2 s, N / 250 s)), the objects the collector
+tracks are counted against the count before the triggers were built. What the asyncio task running each trigger
+adds is included, as in a triggerer.
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import MAIN_PYTHON, connection_json, report
 from _emulator import EmulatorProcess
 
-POLL_INTERVAL = 1.0  #: seconds; the count is taken 0.9 intervals after the first poll round
+
+def poll_interval_for(n: int) -> float:
+    """Long enough for N first polls (about 1 ms each here) to finish well within half an interval."""
+    return max(2.0, n / 250)
 
 
 def tracked_by_type() -> Counter[str]:
@@ -54,12 +58,16 @@ async def measure(emulator: EmulatorProcess, n: int) -> Counter[str]:
     await _first_event(trigger(warm_up, 0.01))
     held = emulator.seed(n, status="cancelling", cancel_after_polls=10**9)
     before = tracked_by_type()
-    tasks = [asyncio.create_task(_first_event(trigger(batch_id, POLL_INTERVAL))) for batch_id in held]
-    await asyncio.sleep(1.9 * POLL_INTERVAL)
+    interval = poll_interval_for(n)
+    tasks = [asyncio.create_task(_first_event(trigger(batch_id, interval))) for batch_id in held]
+    await asyncio.sleep(1.5 * interval)  # every trigger has polled once and sleeps until its second poll
     during = tracked_by_type()
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    polled = (during - before)["airflow_provider_openai_batch.models.Batch"]
+    if polled != n:
+        raise RuntimeError(f"only {polled} of {n} triggers had polled when counted: the machine is too busy")
     return during - before
 
 
