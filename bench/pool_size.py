@@ -5,8 +5,9 @@ Usage: .venv/bin/python bench/pool_size.py [--n 1000] [--pools 1,10,32,100] [--r
 Same measurement as bench/trigger_scale.py (this provider only), with the worker overriding
 ``hooks._async_clients.MAX_CONCURRENT_REQUESTS`` (the requests in flight, hence the most open connections, and
 the idle connections kept) through ``BENCH_POOL_SIZE``. The package itself is not modified. ``--gc-freeze`` also
-runs ``gc.freeze()`` after the warm-up, which the triggerer does not do, to separate Airflow-heap GC pauses from
-the provider's own lag.
+runs ``gc.freeze()`` after the warm-up, to separate Airflow-heap GC pauses from the provider's own lag: a quick
+approximation, in the worker itself and without a fork, of a triggerer deployed with
+docs/recipes/airflow_local_settings.py, which ``bench/trigger_scale.py --local-settings`` plays faithfully.
 """
 
 from __future__ import annotations
