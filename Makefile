@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-system demo bench clean
+.PHONY: install test test-system test-compat demo bench clean
 
 $(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: install
 test-system: install
 	$(BIN)/python -m pytest tests/system -p no:cacheprovider
 
+# The unit and dag.test() suites against the built wheel on the newest patch of every Airflow 3 line.
+test-compat: install
+	$(BIN)/python .ci/compat_matrix.py
+
 # Benchmarks against the official OpenAI provider; not part of `make test`.
 bench: install
 	$(BIN)/python bench/run_all.py
@@ -32,4 +36,4 @@ demo: install
 	$(BIN)/python demo/run_demo.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .airflow-demo
+	rm -rf $(VENV) .pytest_cache .airflow-demo .compat

@@ -8,7 +8,7 @@ HTTP status; none ever contains the API key.
 
 from __future__ import annotations
 
-from airflow.sdk.exceptions import AirflowException
+from airflow.providers.common.compat.sdk import AirflowException
 
 
 class OpenAIBatchError(AirflowException):

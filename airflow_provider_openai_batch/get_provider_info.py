@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from airflow_provider_openai_batch import __version__
+from airflow_provider_openai_batch.hooks._connection_form import EXTRA_FIELDS, provider_info_behaviour
 
 PACKAGE_NAME = "airflow-provider-openai-batch"
 
@@ -46,41 +47,8 @@ def get_provider_info() -> dict[str, Any]:
                 "connection-type": "openai_batch",
                 "hook-class-name": "airflow_provider_openai_batch.hooks.openai_batch.OpenAIBatchHook",
                 "hook-name": "OpenAI Batch",
-                "ui-field-behaviour": {
-                    "hidden-fields": ["schema", "port", "login"],
-                    "relabeling": {"password": "API Key", "host": "Base URL"},
-                    "placeholders": {"host": "https://api.openai.com/v1"},
-                },
-                "conn-fields": {
-                    "organization": {
-                        "label": "Organization",
-                        "schema": {"type": ["string", "null"]},
-                        "description": "Sent as the OpenAI-Organization header.",
-                    },
-                    "project": {
-                        "label": "Project",
-                        "schema": {"type": ["string", "null"]},
-                        "description": "Sent as the OpenAI-Project header.",
-                    },
-                    "api_type": {
-                        "label": "API type",
-                        "schema": {"type": ["string", "null"], "enum": ["openai", "azure", None]},
-                        "description": "'azure' sends the key as an api-key header (Azure OpenAI).",
-                    },
-                    "api_version": {
-                        "label": "API version",
-                        "schema": {"type": ["string", "null"]},
-                        "description": "Azure OpenAI api-version query parameter.",
-                    },
-                    "timeout": {
-                        "label": "Timeout (seconds)",
-                        "schema": {"type": ["number", "null"], "exclusiveMinimum": 0},
-                    },
-                    "max_retries": {
-                        "label": "Max retries",
-                        "schema": {"type": ["integer", "null"], "minimum": 0},
-                    },
-                },
+                "ui-field-behaviour": provider_info_behaviour(),
+                "conn-fields": EXTRA_FIELDS,
             }
         ],
     }

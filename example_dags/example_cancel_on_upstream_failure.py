@@ -12,8 +12,7 @@ from __future__ import annotations
 import os
 
 import pendulum
-from airflow.sdk import Param, TriggerRule, dag, task
-from airflow.sdk.exceptions import AirflowException
+from airflow.sdk import Param, dag, task
 
 from airflow_provider_openai_batch.operators.openai_batch import OpenAICancelBatchOperator
 
@@ -48,7 +47,7 @@ def example_openai_batch_cancel_on_upstream_failure() -> None:
     cancel_batch = OpenAICancelBatchOperator(
         task_id="cancel_batch",
         batch_id=batch_id,
-        trigger_rule=TriggerRule.ONE_FAILED,
+        trigger_rule="one_failed",
         deferrable=True,
         poll_interval=POLL_INTERVAL,
     )
@@ -59,9 +58,9 @@ def example_openai_batch_cancel_on_upstream_failure() -> None:
         print(f"Partial results in {output_file_id}: {counts.get('completed')} of {counts.get('total')} requests done.")
         return output_file_id
 
-    @task(trigger_rule=TriggerRule.ONE_FAILED, retries=0)
+    @task(trigger_rule="one_failed", retries=0)
     def fail_run() -> None:
-        raise AirflowException("An upstream task failed; the batch was cancelled.")
+        raise RuntimeError("An upstream task failed; the batch was cancelled.")
 
     [batch_id, features] >> cancel_batch
     use_partial_results("{{ ti.xcom_pull(task_ids='cancel_batch', key='output_file_id') }}", cancel_batch.output)

@@ -31,8 +31,8 @@ from typing import Any, TypeVar
 from unittest import mock
 
 import pytest
-from airflow.sdk._shared.module_loading import import_string
-from airflow.sdk.exceptions import TaskDeferred
+from airflow.providers.common.compat.module_loading import import_string
+from airflow.providers.common.compat.sdk import TaskDeferred
 
 from airflow_provider_openai_batch.hooks import _async_clients
 from airflow_provider_openai_batch.hooks import openai_batch as hook_module

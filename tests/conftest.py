@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import tempfile
@@ -21,15 +22,25 @@ os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(DAGS_FOLDER)
 os.environ.pop("AIRFLOW_CONN_OPENAI_DEFAULT", None)
 os.environ["OPENAI_BATCH_POLL_INTERVAL"] = "0.2"  # the example DAGs poll every 30 s by default
 
-import pytest  # noqa: E402
+import pytest
 
-from airflow_provider_openai_batch.hooks._retry import RetryPolicy  # noqa: E402
-from airflow_provider_openai_batch.testing import BatchAPIEmulator  # noqa: E402
+from airflow_provider_openai_batch.hooks._retry import RetryPolicy
+from airflow_provider_openai_batch.testing import BatchAPIEmulator
 
 #: Recognisable fake key: the secret-leak tests look for it everywhere.
 FAKE_API_KEY = "sk-test-SECRET-4f1d9c2b7a6e"
 #: Retries that keep the real policy's shape but take milliseconds.
 FAST_RETRIES = RetryPolicy(max_retries=3, initial_delay=0.01, max_delay=0.05, max_retry_after=1.0)
+
+
+def pytest_report_header() -> str:
+    """Name the Airflow under test and where the provider comes from: `make test-compat` runs this suite once
+    per Airflow line, against the installed wheel."""
+    import airflow
+
+    import airflow_provider_openai_batch
+
+    return f"Airflow {airflow.__version__}; provider from {Path(airflow_provider_openai_batch.__file__).parent}"
 
 
 @pytest.fixture
@@ -53,3 +64,32 @@ def emulator_connection(emulator: BatchAPIEmulator, set_connection: Callable[...
     """``openai_default`` pointing at the emulator with the fake key."""
     set_connection(password=FAKE_API_KEY, host=emulator.base_url)
     return emulator
+
+
+@pytest.fixture
+def connection_lookups(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The ids of the connections the hooks look up, sync or async, as they happen.
+
+    A synchronous lookup is what Airflow 3.0 to 3.3.1 must do for an async caller too (through common-compat, in
+    a worker thread); made on a thread that runs an event loop, it fails the test: it would block the loop.
+    """
+    from airflow_provider_openai_batch.hooks import openai_batch as hook_module
+
+    lookups: list[str] = []
+    sync_lookup = hook_module.OpenAIBatchHook.get_connection
+    async_lookup = hook_module.get_async_connection
+
+    def guarded_sync_lookup(conn_id: str) -> object:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return sync_lookup(conn_id)
+        raise AssertionError(f"connection {conn_id!r} looked up synchronously on the event loop")
+
+    async def counted_async_lookup(conn_id: str, **kwargs: object) -> object:
+        lookups.append(conn_id)
+        return await async_lookup(conn_id, **kwargs)
+
+    monkeypatch.setattr(hook_module.OpenAIBatchHook, "get_connection", staticmethod(guarded_sync_lookup))
+    monkeypatch.setattr(hook_module, "get_async_connection", counted_async_lookup)
+    return lookups

@@ -15,7 +15,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from airflow.sdk.exceptions import AirflowException, AirflowSkipException
+from airflow.providers.common.compat.sdk import AirflowException, AirflowSkipException
 
 from airflow_provider_openai_batch.callbacks import cancel_batch_on_failure
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook

@@ -9,8 +9,8 @@ from typing import Any
 from unittest import mock
 
 import pytest
-from airflow.sdk._shared.module_loading import import_string
-from airflow.sdk.exceptions import AirflowException, TaskDeferred
+from airflow.providers.common.compat.module_loading import import_string
+from airflow.providers.common.compat.sdk import AirflowException, TaskDeferred
 
 from airflow_provider_openai_batch.hooks import _async_clients
 from airflow_provider_openai_batch.operators.openai_batch import OpenAICancelStaleBatchesOperator

@@ -26,7 +26,7 @@ def metadata_db() -> None:
 
 @pytest.fixture(scope="session")
 def dagbag(metadata_db: None) -> Any:
-    from airflow.dag_processing.dagbag import DagBag
+    from tests._compat import DagBag
 
     bag = DagBag(dag_folder=str(DAGS_FOLDER))
     assert bag.import_errors == {}

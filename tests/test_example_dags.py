@@ -25,7 +25,7 @@ def examples(dagbag: Any) -> Any:  # noqa: F811
 
 
 def test_examples_parse_without_errors_warnings_or_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    from airflow.dag_processing.dagbag import DagBag
+    from tests._compat import DagBag
 
     def no_network(*args: object, **kwargs: object) -> None:
         raise AssertionError("a DAG file opened a network connection at parse time")

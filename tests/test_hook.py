@@ -408,26 +408,14 @@ async def test_hooks_on_one_loop_share_one_client_and_close_it(emulator_connecti
     assert _async_clients._clients.get(asyncio.get_running_loop(), {}) == {}
 
 
-async def test_async_connection_lookup_happens_once(
-    emulator_connection: BatchAPIEmulator, monkeypatch: pytest.MonkeyPatch
+async def test_async_connection_lookup_happens_once_off_the_loop(
+    emulator_connection: BatchAPIEmulator, connection_lookups: list[str]
 ) -> None:
     batch_id = emulator_connection.add_batch()["id"]
-    lookups: list[str] = []
-    real_lookup = OpenAIBatchHook.aget_connection
-
-    async def counting_lookup(conn_id: str) -> object:
-        lookups.append(conn_id)
-        return await real_lookup(conn_id)
-
-    def blocking_lookup(conn_id: str) -> object:
-        raise AssertionError("the sync connection lookup blocks the event loop")
-
-    monkeypatch.setattr(OpenAIBatchHook, "aget_connection", staticmethod(counting_lookup))
-    monkeypatch.setattr(OpenAIBatchHook, "get_connection", staticmethod(blocking_lookup))
     async with hook() as async_hook:
         for _ in range(3):
             await async_hook.aget_batch(batch_id)
-    assert lookups == ["openai_default"]
+    assert connection_lookups == ["openai_default"]
 
 
 # -- mocked transport (respx) -----------------------------------------------------------------------------------

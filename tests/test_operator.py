@@ -7,7 +7,7 @@ from typing import Any
 from unittest import mock
 
 import pytest
-from airflow.sdk.exceptions import AirflowException, AirflowSkipException, TaskDeferred
+from airflow.providers.common.compat.sdk import AirflowException, AirflowSkipException, TaskDeferred
 from pydantic import ValidationError
 
 from airflow_provider_openai_batch.operators.openai_batch import (

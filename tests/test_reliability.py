@@ -27,7 +27,7 @@ from email.utils import formatdate
 from typing import Any
 
 import pytest
-from airflow.sdk.exceptions import AirflowException, AirflowSkipException, TaskDeferred
+from airflow.providers.common.compat.sdk import AirflowException, AirflowSkipException, TaskDeferred
 
 from airflow_provider_openai_batch.exceptions import (
     OpenAIBatchAPIError,

@@ -18,15 +18,15 @@ import dataclasses
 import glob
 import json
 import os
+import secrets
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from airflow.sdk import Connection
-from airflow.sdk._shared.secrets_masker import _secrets_masker, redact
-from airflow.sdk.exceptions import AirflowException, TaskDeferred
+from airflow.providers.common.compat.sdk import AirflowException, Connection, TaskDeferred, redact
 
 from airflow_provider_openai_batch.exceptions import OpenAIBatchError
 from airflow_provider_openai_batch.hooks import openai_batch as hook_module
@@ -70,13 +70,13 @@ def connected(emulator: BatchAPIEmulator, set_connection: Any) -> BatchAPIEmulat
 
 
 @pytest.fixture
-def masker() -> Any:
-    """Airflow's secrets masker, emptied for the test and restored after it."""
-    instance = _secrets_masker()
-    saved = (set(instance.patterns), instance.replacer)
-    instance.reset_masker()
-    yield instance
-    instance.patterns, instance.replacer = saved
+def fresh_key(emulator: BatchAPIEmulator) -> Iterator[str]:
+    """A key that no test has registered with Airflow's secrets masker yet, and that the emulator accepts: only
+    the code under test can have masked it. It does not contain the fake key, which the masker may hold (its
+    partial match would hide the key only in part), but it contains the part of it the leak guards look for."""
+    emulator.api_key = f"{FAKE_API_KEY[:-4]}x{secrets.token_hex(4)}"
+    yield emulator.api_key
+    emulator.api_key = FAKE_API_KEY  # the module's tests share the emulator
 
 
 def is_masked(secret: str) -> bool:
@@ -90,7 +90,7 @@ def unmasked_lookup(emulator: BatchAPIEmulator, monkeypatch: pytest.MonkeyPatch)
 
     def connection(conn_id: str) -> Connection:
         return Connection(
-            conn_id=conn_id, conn_type="openai_batch", password=FAKE_API_KEY, host=emulator.base_url
+            conn_id=conn_id, conn_type="openai_batch", password=emulator.api_key, host=emulator.base_url
         )
 
     async def aconnection(conn_id: str) -> Connection:
@@ -106,23 +106,23 @@ def unmasked_lookup(emulator: BatchAPIEmulator, monkeypatch: pytest.MonkeyPatch)
 @pytest.mark.parametrize("path", ["sync", "async"])
 @pytest.mark.parametrize("style", ["password", "official_provider_extras", "azure"])
 def test_reading_the_connection_registers_the_key_with_the_masker(
-    emulator: BatchAPIEmulator, set_connection: Any, masker: Any, mocker: Any, path: str, style: str
+    emulator: BatchAPIEmulator, set_connection: Any, fresh_key: str, mocker: Any, path: str, style: str
 ) -> None:
-    fields: dict[str, Any] = {"password": FAKE_API_KEY, "host": emulator.base_url}
+    fields: dict[str, Any] = {"password": fresh_key, "host": emulator.base_url}
     if style == "official_provider_extras":
-        fields = {"extra": {"openai_client_kwargs": {"api_key": FAKE_API_KEY, "base_url": emulator.base_url}}}
+        fields = {"extra": {"openai_client_kwargs": {"api_key": fresh_key, "base_url": emulator.base_url}}}
     elif style == "azure":
         fields["extra"] = {"api_type": "azure", "api_version": "2024-10-21"}
     set_connection(**fields)
     # The async path must not call the sync ``mask_secret``, which talks to the supervisor synchronously.
     spy = mocker.spy(hook_module, "mask_secret" if path == "sync" else "amask_secret")
     other = mocker.spy(hook_module, "amask_secret" if path == "sync" else "mask_secret")
-    assert not is_masked(FAKE_API_KEY), "the masker starts empty"
+    assert not is_masked(fresh_key), "no test masked this key before"
     hook = OpenAIBatchHook()
     settings = hook.settings if path == "sync" else asyncio.run(hook.asettings())
-    assert settings.api_key == FAKE_API_KEY
-    assert is_masked(FAKE_API_KEY)
-    spy.assert_called_once_with(FAKE_API_KEY)
+    assert settings.api_key == fresh_key
+    assert is_masked(fresh_key)
+    spy.assert_called_once_with(fresh_key)
     other.assert_not_called()
 
 
@@ -130,7 +130,7 @@ def test_reading_the_connection_registers_the_key_with_the_masker(
     "component", ["hook_sync", "hook_async", "operator", "deferrable", "trigger", "callback"]
 )
 def test_each_component_registers_the_key_itself(
-    emulator: BatchAPIEmulator, unmasked_lookup: None, masker: Any, guard: Guard, component: str
+    emulator: BatchAPIEmulator, fresh_key: str, unmasked_lookup: None, guard: Guard, component: str
 ) -> None:
     """Even when the connection did not come through Airflow's masking lookup, the key ends up masked."""
     batch_id = emulator.add_batch(cancel_after_polls=1)["id"]
@@ -139,7 +139,7 @@ def test_each_component_registers_the_key_itself(
         async with OpenAIBatchHook() as hook:
             await hook.aget_batch(batch_id)
 
-    assert not is_masked(FAKE_API_KEY)
+    assert not is_masked(fresh_key)
     if component == "hook_sync":
         with OpenAIBatchHook() as hook:
             hook.get_batch(batch_id)
@@ -157,7 +157,7 @@ def test_each_component_registers_the_key_itself(
         from airflow_provider_openai_batch.callbacks import cancel_batch_on_failure
 
         cancel_batch_on_failure(batch_id)(TaskContext())
-    assert is_masked(FAKE_API_KEY)
+    assert is_masked(fresh_key)
     assert emulator.requests, "the component really used the connection"
 
 
@@ -451,9 +451,10 @@ def metadata_db() -> None:
 def test_dag_run_leaks_no_key(metadata_db: None, connected: BatchAPIEmulator, guard: Guard) -> None:
     """``e2e_cancel_deferrable`` under ``dag.test()``: no XCom, task log or output line holds the key."""
     from airflow.configuration import conf
-    from airflow.dag_processing.dagbag import DagBag
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
+
+    from tests._compat import DagBag
 
     guard.unix_sockets_allowed = True  # dag.test()'s in-process supervisor keeps a socket pair open
     dag_file = Path(conf.get("core", "dags_folder")) / "e2e_cancel_batch.py"

@@ -8,10 +8,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from airflow.sdk._shared.module_loading import import_string
+from airflow.providers.common.compat.module_loading import import_string
 
 from airflow_provider_openai_batch.hooks import _async_clients
-from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
 from airflow_provider_openai_batch.testing import BatchAPIEmulator, Fault
 from airflow_provider_openai_batch.triggers.openai_batch import OpenAIBatchCancellationTrigger
 from tests.conftest import FAKE_API_KEY
@@ -131,13 +130,14 @@ async def test_missing_connection_is_an_error_event(monkeypatch: pytest.MonkeyPa
     assert "openai_default" in event["message"]
 
 
-async def test_never_blocks_the_loop_and_releases_everything(emulator_connection: BatchAPIEmulator, mocker) -> None:
+async def test_never_blocks_the_loop_and_releases_everything(
+    emulator_connection: BatchAPIEmulator, connection_lookups: list[str], mocker
+) -> None:
     batch_id = cancelling(emulator_connection, cancel_after_polls=2)
-    sync_lookup = mocker.patch.object(OpenAIBatchHook, "get_connection", side_effect=AssertionError("sync lookup"))
     sync_send = mocker.patch("httpx.Client.send", side_effect=AssertionError("sync HTTP inside a trigger"))
     before = asyncio.all_tasks()
     assert (await run_to_end(make_trigger(batch_id)))["status"] == "cancelled"
-    assert sync_lookup.call_count == 0 and sync_send.call_count == 0
+    assert connection_lookups == ["openai_default"] and sync_send.call_count == 0
     assert asyncio.all_tasks() == before
     assert _async_clients._clients.get(asyncio.get_running_loop(), {}) == {}
 

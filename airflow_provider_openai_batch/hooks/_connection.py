@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import httpx
 
 if TYPE_CHECKING:
-    from airflow.sdk import Connection
+    from airflow.providers.common.compat.sdk import Connection
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +46,14 @@ class ConnectionSettings:
     max_retries: int = DEFAULT_MAX_RETRIES
 
     @classmethod
-    def from_connection(cls, conn: Connection) -> ConnectionSettings:
-        """Validate ``conn`` and build settings from it; raise ``ValueError`` naming the faulty field."""
+    def from_connection(cls, conn: Connection, extras: dict[str, Any] | None) -> ConnectionSettings:
+        """Validate ``conn`` and its parsed ``extras`` and build settings from them; raise ``ValueError``
+        naming the faulty field.
+
+        The extras come separately because reading them is sync or async depending on the caller's path.
+        """
         conn_id = conn.conn_id
-        extras: dict[str, Any] = conn.extra_dejson or {}
+        extras = extras or {}
         client_kwargs = extras.get(OFFICIAL_CLIENT_KWARGS) or {}
         if not isinstance(client_kwargs, dict):
             raise ValueError(f"Connection '{conn_id}': extra '{OFFICIAL_CLIENT_KWARGS}' must be a JSON object.")
@@ -141,7 +145,7 @@ def _number(
     name: str,
     raw: Any,
     default: float,
-    kind: type[float] | type[int],
+    kind: type[float | int],
     *,
     minimum: float,
     strict: bool = False,

@@ -12,10 +12,11 @@ from typing import Any, Self, TypeVar
 from urllib.parse import quote
 
 import httpx
-from airflow.sdk import BaseHook
-from airflow.sdk.log import amask_secret, mask_secret
+from airflow.providers.common.compat.connection import get_async_connection, get_async_extra_dejson
+from airflow.providers.common.compat.sdk import BaseHook, mask_secret
 from pydantic import BaseModel, ValidationError
 
+from airflow_provider_openai_batch._compat import amask_secret
 from airflow_provider_openai_batch.exceptions import (
     BatchNotCancellableError,
     BatchNotFoundError,
@@ -26,7 +27,7 @@ from airflow_provider_openai_batch.exceptions import (
     OpenAIBatchRateLimitError,
     OpenAIBatchResponseError,
 )
-from airflow_provider_openai_batch.hooks import _async_clients
+from airflow_provider_openai_batch.hooks import _async_clients, _connection_form
 from airflow_provider_openai_batch.hooks._connection import ConnectionSettings
 from airflow_provider_openai_batch.hooks._retry import RetryPolicy
 from airflow_provider_openai_batch.models import Batch, BatchList, BatchStatus
@@ -84,13 +85,14 @@ class OpenAIBatchHook(BaseHook):
         self._shared_async_client: _async_clients.SharedAsyncClient | None = None
         self._async_requests: dict[tuple[str, str], httpx.Request] = {}
 
+    # Airflow 3.0 and 3.1 build the connection form from these two; later versions read the provider info.
     @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
-        return {
-            "hidden_fields": ["schema", "port", "login"],
-            "relabeling": {"password": "API Key", "host": "Base URL"},
-            "placeholders": {"host": "https://api.openai.com/v1"},
-        }
+        return _connection_form.FIELD_BEHAVIOUR
+
+    @classmethod
+    def get_connection_form_widgets(cls) -> dict[str, Any]:
+        return _connection_form.wtforms_widgets()
 
     # -- connection -------------------------------------------------------------------------------------------
 
@@ -98,7 +100,8 @@ class OpenAIBatchHook(BaseHook):
     def settings(self) -> ConnectionSettings:
         """Settings of the connection, looked up once (synchronously: not for use on an event loop)."""
         if self._settings is None:
-            settings = ConnectionSettings.from_connection(self.get_connection(self.conn_id))
+            conn = self.get_connection(self.conn_id)
+            settings = ConnectionSettings.from_connection(conn, conn.extra_dejson)
             mask_secret(settings.api_key)
             self._settings = settings
         return self._settings
@@ -106,17 +109,12 @@ class OpenAIBatchHook(BaseHook):
     async def asettings(self) -> ConnectionSettings:
         """Settings of the connection, looked up once without blocking the event loop."""
         if self._settings is None:
-            settings = ConnectionSettings.from_connection(await self._aget_connection())
+            # common-compat picks, per Airflow line, a lookup that cannot block or deadlock the loop.
+            conn = await get_async_connection(self.conn_id, hook=self)
+            settings = ConnectionSettings.from_connection(conn, await get_async_extra_dejson(conn))
             await amask_secret(settings.api_key)
             self._settings = settings
         return self._settings
-
-    async def _aget_connection(self) -> Any:
-        if hasattr(BaseHook, "aget_connection"):  # Airflow >= 3.1
-            return await self.aget_connection(self.conn_id)
-        from asgiref.sync import sync_to_async
-
-        return await sync_to_async(self.get_connection)(self.conn_id)
 
     @property
     def retry_policy(self) -> RetryPolicy:

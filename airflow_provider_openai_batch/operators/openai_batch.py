@@ -8,8 +8,13 @@ from collections.abc import Collection, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
-from airflow.sdk import BaseOperator, BaseOperatorLink, conf
-from airflow.sdk.exceptions import AirflowException, AirflowSkipException
+from airflow.providers.common.compat.sdk import (
+    AirflowException,
+    AirflowSkipException,
+    BaseOperator,
+    BaseOperatorLink,
+    conf,
+)
 from pydantic import BaseModel
 
 from airflow_provider_openai_batch.cancellation import (
@@ -32,8 +37,7 @@ from airflow_provider_openai_batch.triggers.openai_batch import (
 )
 
 if TYPE_CHECKING:
-    from airflow.sdk import Context
-    from airflow.sdk.types import TaskInstanceKey
+    from airflow.providers.common.compat.sdk import Context, TaskInstanceKey
 
 BATCH_URL = "https://platform.openai.com/batches/{batch_id}"
 
@@ -47,7 +51,7 @@ class OpenAIBatchLink(BaseOperatorLink):
     name = "OpenAI Batch"
 
     def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
-        from airflow.sdk.execution_time.xcom import XCom
+        from airflow.providers.common.compat.sdk import XCom
 
         batch_id = XCom.get_value(ti_key=ti_key, key="batch_id")
         return BATCH_URL.format(batch_id=batch_id) if batch_id else ""

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Sequence
 from itertools import repeat
 from typing import Any, ClassVar
 
-from airflow.sdk.exceptions import AirflowNotFoundException
+from airflow.providers.common.compat.sdk import AirflowNotFoundException
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from airflow_provider_openai_batch.cancellation import (

@@ -1,0 +1,26 @@
+"""Fallbacks for Airflow APIs newer than Airflow 3.0 that ``apache-airflow-providers-common-compat`` does not shim.
+
+Everything else newer than 3.0 is imported through ``airflow.providers.common.compat``. Each fallback here
+names the Airflow version that makes it obsolete: delete it when that version becomes the provider's minimum.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from airflow.providers.common.compat.sdk import mask_secret
+
+try:  # Airflow >= 3.3. Remove the fallback when 3.3 is the minimum.
+    from airflow.sdk.log import amask_secret
+except ImportError:
+
+    async def amask_secret(secret: str, name: str | None = None) -> None:  # type: ignore[misc]
+        """Mask ``secret`` from the event loop without blocking it.
+
+        Before 3.3 only the synchronous ``mask_secret`` exists. Besides masking in this process it may send the
+        secret to the supervisor over a blocking socket, so it runs in a worker thread.
+        """
+        await asyncio.to_thread(mask_secret, secret, name)
+
+
+__all__ = ["amask_secret"]
