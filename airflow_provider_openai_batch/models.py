@@ -44,6 +44,8 @@ TERMINAL_STATUSES = frozenset(
     {BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.EXPIRED, BatchStatus.CANCELLED}
 )
 CANCELLABLE_STATUSES = frozenset({BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING})
+#: Final statuses a batch reaches on its own: a cancel arriving then is refused, and there is nothing to stop.
+FINISHED_STATUSES = TERMINAL_STATUSES - {BatchStatus.CANCELLED}
 
 
 class _APIObject(BaseModel):

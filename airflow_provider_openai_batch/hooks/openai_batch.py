@@ -30,13 +30,12 @@ from airflow_provider_openai_batch.exceptions import (
 from airflow_provider_openai_batch.hooks import _async_clients, _connection_form
 from airflow_provider_openai_batch.hooks._connection import ConnectionSettings
 from airflow_provider_openai_batch.hooks._retry import RetryPolicy
-from airflow_provider_openai_batch.models import Batch, BatchList, BatchStatus
+from airflow_provider_openai_batch.models import FINISHED_STATUSES, Batch, BatchList
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 _BATCH_ID = re.compile(r"[A-Za-z0-9_-]{1,256}")
 _NOT_CANCELLABLE = re.compile(r"Cannot cancel a batch with status '(?P<status>[a-z_]+)'")
-_ALREADY_CANCELLED = frozenset({BatchStatus.CANCELLING, BatchStatus.CANCELLED})
 MAX_PAGE_SIZE = 100
 
 
@@ -141,15 +140,15 @@ class OpenAIBatchHook(BaseHook):
 
         Idempotent: a batch already ``cancelling`` or ``cancelled`` is returned as it is, so task retries and
         concurrent cancels are safe. A batch that already completed, failed or expired raises
-        :class:`BatchNotCancellableError` carrying its status.
+        :class:`BatchNotCancellableError` carrying its status. When the API refuses the cancel without naming
+        a finished status (a gateway or Azure may word the 409 differently), the batch's real status decides.
         """
         path = _batch_path(batch_id, "cancel")
         try:
             return _parse(self._send("POST", path, batch_id=batch_id), Batch, batch_id)
         except BatchNotCancellableError as error:
-            if error.batch_status not in _ALREADY_CANCELLED:
-                raise
-        return self.get_batch(batch_id)
+            conflict = _unsettled(error)
+        return _settled(conflict, self.get_batch(batch_id))
 
     def list_batches(self, *, after: str | None = None, limit: int = MAX_PAGE_SIZE) -> Iterator[Batch]:
         """Iterate over the organization's batches, newest first, fetching pages lazily as they are consumed."""
@@ -206,9 +205,8 @@ class OpenAIBatchHook(BaseHook):
         try:
             return _parse(await self._asend("POST", path, batch_id=batch_id), Batch, batch_id)
         except BatchNotCancellableError as error:
-            if error.batch_status not in _ALREADY_CANCELLED:
-                raise
-        return await self.aget_batch(batch_id)
+            conflict = _unsettled(error)
+        return _settled(conflict, await self.aget_batch(batch_id))
 
     async def alist_batches(self, *, after: str | None = None, limit: int = MAX_PAGE_SIZE) -> AsyncIterator[Batch]:
         """Async :meth:`list_batches`."""
@@ -289,6 +287,27 @@ class OpenAIBatchHook(BaseHook):
                 delay,
             )
         return delay
+
+
+def _unsettled(conflict: BatchNotCancellableError) -> BatchNotCancellableError:
+    """Re-raise a refused cancel whose message names a finished status; return the others, to look the batch up."""
+    if conflict.batch_status in FINISHED_STATUSES:
+        raise conflict
+    return conflict
+
+
+def _settled(conflict: BatchNotCancellableError, batch: Batch) -> Batch:
+    """Decide a refused cancel on the batch's real status: finished raises, anything else (``cancelling``,
+    ``cancelled``, or a status the refusal did not explain) is returned for the caller to wait on or report."""
+    if batch.status in FINISHED_STATUSES:
+        raise BatchNotCancellableError(
+            f"Cannot cancel batch '{batch.id}': it is {batch.status} (HTTP {conflict.status_code}).",
+            batch_id=batch.id,
+            status_code=conflict.status_code,
+            api_message=conflict.api_message,
+            batch_status=batch.status,
+        ) from conflict
+    return batch
 
 
 def _batch_path(batch_id: str, action: str | None = None) -> str:
