@@ -33,7 +33,7 @@ AIRFLOW_RELEASES = {
     "3.3.2": "2026-09-18",
 }
 #: What the suites need besides the installed wheel: its test extra. Nothing from the source tree is importable.
-COPIED = ("tests", "example_dags")
+COPIED = ("tests", "example_dags", "docs/recipes")
 
 
 def run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess:

@@ -21,6 +21,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -31,6 +32,7 @@ from typing import Any, TypeVar
 from unittest import mock
 
 import pytest
+from airflow import __version__ as airflow_version
 from airflow.providers.common.compat.module_loading import import_string
 from airflow.providers.common.compat.sdk import TaskDeferred
 
@@ -100,6 +102,21 @@ def describe_sockets(inodes: set[str]) -> list[str]:
             if inode in wanted:
                 found[inode] = f"{table} {' '.join(fields[1:3]) if table != 'unix' else ' '.join(fields[7:])}"
     return [f"socket:[{inode}] {found.get(inode, '?')}" for inode in sorted(wanted)]
+
+
+#: Airflow 3.0's in-process supervisor (used by ``dag.test()`` only) logs each message a task sends it at DEBUG,
+#: and Airflow's own connection lookup sends the password in a ``MaskSecret`` before masking it locally: the key
+#: is in that line before the provider ever sees the connection. Airflow 3.1 no longer logs it. Nothing else
+#: is excused: only this exact line, and only on 3.0.
+AIRFLOW_3_0_DEBUG_LEAK = re.compile(
+    r"^.*\[debug\s*\] Sending request\s+msg=MaskSecret\(value='[^']*', name=None, type='MaskSecret'\)$", re.M
+)
+
+
+def without_airflow_3_0_leak(text: str) -> str:
+    if not airflow_version.startswith("3.0."):
+        return text
+    return AIRFLOW_3_0_DEBUG_LEAK.sub("", text)
 
 
 def text_of(value: Any) -> str:
@@ -174,10 +191,11 @@ class Guard:
         self.baseline_threads = emulator_threads()
 
     def output(self) -> str:
-        """Everything logged so far: stdlib log records of every logger, and stdout/stderr."""
+        """Everything logged so far: stdlib log records of every logger, and stdout/stderr, less the one line
+        Airflow 3.0 itself leaks (see :data:`AIRFLOW_3_0_DEBUG_LEAK`)."""
         out, err = self._capfd.readouterr()
         self._captured += [out, err]
-        return "\n".join([*self.recorder.lines, *self._captured])
+        return without_airflow_3_0_leak("\n".join([*self.recorder.lines, *self._captured]))
 
     def new_output(self) -> str:
         """What was logged since the previous call (or since the test started)."""

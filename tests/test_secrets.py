@@ -97,7 +97,8 @@ def unmasked_lookup(emulator: BatchAPIEmulator, monkeypatch: pytest.MonkeyPatch)
         return connection(conn_id)
 
     monkeypatch.setattr(OpenAIBatchHook, "get_connection", staticmethod(connection))
-    monkeypatch.setattr(OpenAIBatchHook, "aget_connection", staticmethod(aconnection))
+    # raising=False: Airflow 3.0's BaseHook has no aget_connection; common-compat then uses the hook's own.
+    monkeypatch.setattr(OpenAIBatchHook, "aget_connection", staticmethod(aconnection), raising=False)
 
 
 # -- the secrets masker ---------------------------------------------------------------------------------------
