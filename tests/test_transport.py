@@ -33,8 +33,10 @@ BODY = b'{"id": "batch_1", "status": "cancelled"}'
 
 def ok(body: bytes = BODY, *headers: str) -> bytes:
     head = "".join(f"{header}\r\n" for header in headers)
-    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + head.encode() + (
-        f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+    return (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        + head.encode()
+        + (f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
     )
 
 
@@ -74,11 +76,17 @@ class ScriptedServer:
                 except (asyncio.IncompleteReadError, ConnectionError):
                     return
                 length = next(
-                    (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")),
+                    (
+                        int(line.split(b":")[1])
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length")
+                    ),
                     0,
                 )
                 self.requests.append(head + await reader.readexactly(length))
-                action = self.script[len(self.requests) - 1] if len(self.requests) <= len(self.script) else ok()
+                action = (
+                    self.script[len(self.requests) - 1] if len(self.requests) <= len(self.script) else ok()
+                )
                 if action == HANG:
                     await asyncio.Event().wait()
                 if action == DROP:
@@ -113,10 +121,16 @@ async def transport() -> AsyncIterator[KeepAliveTransport]:
 
 
 async def send(
-    transport: KeepAliveTransport, url: str, method: str = "GET", content: bytes | None = None, timeout: float = 5.0
+    transport: KeepAliveTransport,
+    url: str,
+    method: str = "GET",
+    content: bytes | None = None,
+    timeout: float = 5.0,
 ) -> httpx.Response:
     """Send one request the way the shared client does: straight to the transport, then read the body."""
-    request = httpx.Request(method, url, content=content, extensions={"timeout": httpx.Timeout(timeout).as_dict()})
+    request = httpx.Request(
+        method, url, content=content, extensions={"timeout": httpx.Timeout(timeout).as_dict()}
+    )
     response = await transport.handle_async_request(request)
     await response.aread()
     return response
@@ -130,7 +144,9 @@ async def settle() -> None:
 # -- keep-alive ---------------------------------------------------------------------------------------------
 
 
-async def test_sequential_requests_share_one_connection(server: ScriptedServer, transport: KeepAliveTransport) -> None:
+async def test_sequential_requests_share_one_connection(
+    server: ScriptedServer, transport: KeepAliveTransport
+) -> None:
     for _ in range(3):
         response = await send(transport, f"{server.url}/v1/batches/batch_1")
         assert response.status_code == 200 and response.json()["status"] == "cancelled"
@@ -175,7 +191,9 @@ async def test_expired_idle_connections_are_not_reused(
     assert server.closed == 1, "the expired connection was closed"
 
 
-async def test_at_most_max_idle_connections_are_kept(server: ScriptedServer, transport: KeepAliveTransport) -> None:
+async def test_at_most_max_idle_connections_are_kept(
+    server: ScriptedServer, transport: KeepAliveTransport
+) -> None:
     responses = await asyncio.gather(*(send(transport, server.url) for _ in range(3)))
     assert [response.status_code for response in responses] == [200] * 3
     assert server.connections == 3
@@ -185,7 +203,9 @@ async def test_at_most_max_idle_connections_are_kept(server: ScriptedServer, tra
     assert server.connections == 3, "the two kept connections are reused"
 
 
-async def test_aclose_closes_the_idle_connections(server: ScriptedServer, transport: KeepAliveTransport) -> None:
+async def test_aclose_closes_the_idle_connections(
+    server: ScriptedServer, transport: KeepAliveTransport
+) -> None:
     await send(transport, server.url)
     await transport.aclose()
     await settle()
@@ -214,9 +234,13 @@ async def test_aclose_does_not_wait_forever_for_a_peer_that_never_closes(
 async def test_chunked_gzip_body_is_decoded(server: ScriptedServer, transport: KeepAliveTransport) -> None:
     packed = gzip.compress(BODY)
     half = len(packed) // 2
-    chunks = b"".join(f"{len(part):x}\r\n".encode() + part + b"\r\n" for part in (packed[:half], packed[half:]))
+    chunks = b"".join(
+        f"{len(part):x}\r\n".encode() + part + b"\r\n" for part in (packed[:half], packed[half:])
+    )
     server.script = [
-        b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + chunks
+        + b"0\r\n\r\n"
     ]
     response = await send(transport, server.url)
     assert response.content == BODY
@@ -224,7 +248,9 @@ async def test_chunked_gzip_body_is_decoded(server: ScriptedServer, transport: K
     assert server.connections == 1, "a chunked response leaves the connection reusable"
 
 
-async def test_informational_responses_are_skipped(server: ScriptedServer, transport: KeepAliveTransport) -> None:
+async def test_informational_responses_are_skipped(
+    server: ScriptedServer, transport: KeepAliveTransport
+) -> None:
     server.script = [b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n" + ok()]
     response = await send(transport, server.url)
     assert response.status_code == 200 and response.content == BODY
@@ -243,7 +269,9 @@ async def test_error_statuses_are_responses(server: ScriptedServer, transport: K
 # -- failures -----------------------------------------------------------------------------------------------
 
 
-async def test_read_timeout_discards_the_connection(server: ScriptedServer, transport: KeepAliveTransport) -> None:
+async def test_read_timeout_discards_the_connection(
+    server: ScriptedServer, transport: KeepAliveTransport
+) -> None:
     server.script = [HANG, ok()]
     with pytest.raises(httpx.ReadTimeout):
         await send(transport, server.url, timeout=0.1)
@@ -251,7 +279,9 @@ async def test_read_timeout_discards_the_connection(server: ScriptedServer, tran
     assert server.connections == 2
 
 
-async def test_server_closing_without_a_response(server: ScriptedServer, transport: KeepAliveTransport) -> None:
+async def test_server_closing_without_a_response(
+    server: ScriptedServer, transport: KeepAliveTransport
+) -> None:
     server.script = [DROP, ok()]
     with pytest.raises(httpx.RemoteProtocolError, match="Server disconnected without sending a response"):
         await send(transport, server.url)
@@ -265,7 +295,7 @@ async def test_garbage_instead_of_http(server: ScriptedServer, transport: KeepAl
 
 
 async def test_truncated_body(server: ScriptedServer, transport: KeepAliveTransport) -> None:
-    server.script = [b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nConnection: close\r\n\r\n{\"id\":"]
+    server.script = [b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\nConnection: close\r\n\r\n{"id":']
     with pytest.raises(httpx.RemoteProtocolError):
         await send(transport, server.url)
 
@@ -317,7 +347,9 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> Certificate:
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
             critical=False,
         )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
@@ -327,7 +359,9 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> Certificate:
     cert_file, key_file = folder / "cert.pem", folder / "key.pem"
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_file.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
     )
     return Certificate(cert_file, key_file)
 
@@ -343,7 +377,9 @@ async def tls_server(certificate: Certificate) -> AsyncIterator[ScriptedServer]:
 
 
 async def test_https_with_a_trusted_certificate(tls_server: ScriptedServer, certificate: Certificate) -> None:
-    lean = KeepAliveTransport(ssl_context=ssl.create_default_context(cafile=certificate.cert_file), max_idle=2)
+    lean = KeepAliveTransport(
+        ssl_context=ssl.create_default_context(cafile=certificate.cert_file), max_idle=2
+    )
     try:
         for _ in range(2):
             response = await send(lean, f"{tls_server.url}/v1/batches/batch_1")
@@ -353,7 +389,9 @@ async def test_https_with_a_trusted_certificate(tls_server: ScriptedServer, cert
     assert tls_server.connections == 1
 
 
-async def test_https_refuses_an_untrusted_certificate(tls_server: ScriptedServer, transport: KeepAliveTransport) -> None:
+async def test_https_refuses_an_untrusted_certificate(
+    tls_server: ScriptedServer, transport: KeepAliveTransport
+) -> None:
     with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
         await send(transport, f"{tls_server.url}/v1/batches/batch_1")
     assert tls_server.requests == [], "nothing was sent to the untrusted server"
@@ -409,7 +447,9 @@ async def test_triggers_starting_together_build_one_tls_context(mocker: MockerFi
 async def test_a_failed_tls_context_build_is_retried_by_the_next_caller(mocker: MockerFixture) -> None:
     shared_ssl_context.cache_clear()
     real_build: Callable[..., ssl.SSLContext] = httpx.create_ssl_context
-    mocker.patch.object(httpx, "create_ssl_context", side_effect=[OSError("CA bundle unreadable"), real_build()])
+    mocker.patch.object(
+        httpx, "create_ssl_context", side_effect=[OSError("CA bundle unreadable"), real_build()]
+    )
     settings = settings_for("https://api.openai.test/v1")
     with pytest.raises(OSError, match="CA bundle unreadable"):
         await _async_clients.acquire(settings)
