@@ -1,7 +1,7 @@
 """KeepAliveTransport over real sockets: a scripted HTTP/1.1 server on loopback, with and without TLS.
 
 The emulator covers the transport in every async hook and trigger test; this server covers what the emulator
-does not do on purpose: chunked and gzip bodies, ``Connection: close``, hanging, dropping or garbling a
+does not do on purpose: chunked and gzip bodies, ``Connection: close``, hanging, dropping, resetting or garbling a
 response, and TLS.
 """
 
@@ -11,7 +11,10 @@ import asyncio
 import datetime
 import gzip
 import ipaddress
+import logging
+import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,14 +44,22 @@ def ok(body: bytes = BODY, *headers: str) -> bytes:
 
 
 #: Script actions besides raw response bytes.
-HANG, DROP = "hang", "drop"
+HANG, DROP, RESET = "hang", "drop", "reset"
+
+
+def reset(writer: asyncio.StreamWriter) -> None:
+    """Close the connection with a TCP reset rather than the orderly FIN, as a crashed or impatient peer does."""
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
 
 
 @dataclass
 class ScriptedServer:
     """Answers the n-th request it receives (on any connection) with ``script[n]``: raw response bytes, then the
     connection stays open unless the response says ``Connection: close`` or n is in ``close_after``; ``HANG``
-    (never answer) or ``DROP`` (close without answering). Past the end of the script, answers :func:`ok`."""
+    (never answer), ``DROP`` (close without answering) or ``RESET`` (reset without answering). Past the end of
+    the script, answers :func:`ok`. ``writers`` holds the server's end of each open connection, for a test to
+    act on one the client keeps idle."""
 
     script: list[bytes | str] = field(default_factory=list)
     close_after: set[int] = field(default_factory=set)
@@ -56,6 +67,7 @@ class ScriptedServer:
     connections: int = 0
     closed: int = 0
     requests: list[bytes] = field(default_factory=list)
+    writers: list[asyncio.StreamWriter] = field(default_factory=list)
     _server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -69,6 +81,7 @@ class ScriptedServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self.writers.append(writer)
         try:
             while True:
                 try:
@@ -91,6 +104,9 @@ class ScriptedServer:
                     await asyncio.Event().wait()
                 if action == DROP:
                     return
+                if action == RESET:
+                    reset(writer)
+                    return
                 assert isinstance(action, bytes)
                 writer.write(action)
                 await writer.drain()
@@ -98,6 +114,7 @@ class ScriptedServer:
                     return
         finally:
             self.closed += 1
+            self.writers.remove(writer)
             writer.close()
 
     async def aclose(self) -> None:
@@ -298,6 +315,81 @@ async def test_truncated_body(server: ScriptedServer, transport: KeepAliveTransp
     server.script = [b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\nConnection: close\r\n\r\n{"id":']
     with pytest.raises(httpx.RemoteProtocolError):
         await send(transport, server.url)
+
+
+@pytest.mark.parametrize("action", [DROP, RESET])
+async def test_a_reused_connection_closed_before_the_answer_is_sent_again_at_once(
+    server: ScriptedServer, transport: KeepAliveTransport, caplog: pytest.LogCaptureFixture, action: str
+) -> None:
+    """A server closes an idle keep-alive connection when its idle timeout runs out, possibly just as the
+    client reuses it: the request meets a closed (FIN: the read sees the end of the stream) or reset (the read
+    fails) connection before any byte of an answer. That is not the server failing, so the request goes out
+    again at once on a new connection, without a warning and without spending one of the hook's retries (and
+    their backoff)."""
+    server.script = [ok(), action]
+    await send(transport, server.url)
+    with caplog.at_level(logging.DEBUG):
+        response = await send(transport, server.url)
+    assert response.status_code == 200 and response.content == BODY
+    assert len(server.requests) == 3 and server.connections == 2, "sent again, once, on a new connection"
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
+
+
+async def test_a_reused_connection_reset_before_the_request_is_written_is_retried(
+    server: ScriptedServer, transport: KeepAliveTransport
+) -> None:
+    """A reset that reaches the client while the connection is idle makes the write itself fail."""
+    await send(transport, server.url)
+    reset(server.writers[0])
+    await settle()
+    assert (await send(transport, server.url)).status_code == 200
+    assert len(server.requests) == 2 and server.connections == 2, "the request reached the server once"
+
+
+async def test_a_failed_retry_raises_the_retry_s_error(
+    server: ScriptedServer, transport: KeepAliveTransport
+) -> None:
+    await send(transport, server.url)
+    server.script = [ok(), DROP, RESET, ok()]
+    with pytest.raises(httpx.ReadError):
+        await send(transport, server.url)
+    assert len(server.requests) == 3, "one retry, no more"
+
+
+@pytest.mark.parametrize(
+    ("action", "error"), [(DROP, httpx.RemoteProtocolError), (RESET, httpx.ReadError)], ids=[DROP, RESET]
+)
+async def test_a_fresh_connection_that_fails_before_any_answer_is_not_retried(
+    server: ScriptedServer, transport: KeepAliveTransport, action: str, error: type[httpx.HTTPError]
+) -> None:
+    """On a connection just opened, the server cannot have timed it out: the failure is the server's."""
+    server.script = [action]
+    with pytest.raises(error):
+        await send(transport, server.url)
+    assert len(server.requests) == 1
+
+
+async def test_a_reused_connection_that_answered_in_part_is_not_retried(
+    server: ScriptedServer, transport: KeepAliveTransport
+) -> None:
+    """Once a byte of the answer arrived, the server has taken the request: the hook decides about a retry."""
+    server.script = [ok(), b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{", ok()]
+    server.close_after = {2}
+    await send(transport, server.url)
+    with pytest.raises(httpx.RemoteProtocolError):
+        await send(transport, server.url)
+    assert len(server.requests) == 2
+
+
+async def test_a_reused_connection_that_times_out_is_not_retried(
+    server: ScriptedServer, transport: KeepAliveTransport
+) -> None:
+    """A slow server is not a closed connection: sending again would double the wait."""
+    server.script = [ok(), HANG, ok()]
+    await send(transport, server.url)
+    with pytest.raises(httpx.ReadTimeout):
+        await send(transport, server.url, timeout=0.1)
+    assert len(server.requests) == 2
 
 
 async def test_connection_refused(transport: KeepAliveTransport, unused_tcp_port: int) -> None:

@@ -48,6 +48,8 @@ class _Connection:
     writer: asyncio.StreamWriter
     protocol: h11.Connection = field(default_factory=lambda: h11.Connection(h11.CLIENT))
     idle_since: float = 0.0
+    #: Set when reading a response failed: whether no byte of it had arrived (:func:`_closed_before_answering`).
+    unanswered: bool = False
 
     def reusable(self, now: float) -> bool:
         return not self.reader.at_eof() and now - self.idle_since < KEEPALIVE_EXPIRY
@@ -71,14 +73,25 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         origin = _origin(request.url)
         timeouts: dict[str, float | None] = request.extensions.get("timeout", {})
-        connection = self._take_idle(origin) or await self._connect(origin, timeouts.get("connect"))
-        try:
-            response = await _exchange(connection, request, timeouts)
-        except BaseException:
-            connection.close()  # the exchange may have stopped half-way: the connection cannot be reused
-            raise
-        self._give_back(origin, connection)
-        return response
+        connection = self._take_idle(origin)
+        while True:
+            reused = connection is not None
+            if connection is None:
+                connection = await self._connect(origin, timeouts.get("connect"))
+            try:
+                response = await _exchange(connection, request, timeouts)
+            except BaseException as error:
+                connection.close()  # the exchange may have stopped half-way: the connection cannot be reused
+                # A server may close a kept-alive connection just as it is reused (its idle timeout ran out
+                # while the request was on its way): the request is sent again, once and at once, on a new
+                # connection. Not after a fresh connection failed: that failure is the server's, for the
+                # hook's retries. Every request of this API is safe to send twice (the cancel is idempotent).
+                if not (reused and _closed_before_answering(connection, error)):
+                    raise
+                connection = None
+                continue
+            self._give_back(origin, connection)
+            return response
 
     async def aclose(self) -> None:
         connections = [connection for idle in self._idle.values() for connection in idle]
@@ -155,32 +168,52 @@ async def _read_response(connection: _Connection, request: httpx.Request) -> htt
     protocol = connection.protocol
     head: h11.Response | None = None
     chunks: list[bytes] = []
-    while True:
-        try:
-            event = protocol.next_event()
-            if event is h11.NEED_DATA:
-                data = await connection.reader.read(_READ_SIZE)
-                if not data and head is None:
-                    raise httpx.RemoteProtocolError(
-                        "Server disconnected without sending a response.", request=request
-                    )
-                protocol.receive_data(data)
-                continue
-        except h11.RemoteProtocolError as error:
-            raise httpx.RemoteProtocolError(str(error), request=request) from error
-        if isinstance(event, h11.Response):
-            head = event
-        elif isinstance(event, h11.Data):
-            chunks.append(event.data)
-        elif isinstance(event, h11.EndOfMessage) and head is not None:
-            return httpx.Response(
-                head.status_code,
-                headers=head.headers.raw_items(),
-                stream=httpx.ByteStream(b"".join(chunks)),
-                request=request,
-                extensions={"http_version": b"HTTP/1.1", "reason_phrase": head.reason},
-            )
-        # h11.InformationalResponse (1xx) is skipped; the final response follows it.
+    received = False
+    try:
+        while True:
+            try:
+                event = protocol.next_event()
+                if event is h11.NEED_DATA:
+                    data = await connection.reader.read(_READ_SIZE)
+                    if not data and not received:
+                        raise httpx.RemoteProtocolError(
+                            "Server disconnected without sending a response.", request=request
+                        )
+                    received = True
+                    protocol.receive_data(data)
+                    continue
+            except h11.RemoteProtocolError as error:
+                raise httpx.RemoteProtocolError(str(error), request=request) from error
+            if isinstance(event, h11.Response):
+                head = event
+            elif isinstance(event, h11.Data):
+                chunks.append(event.data)
+            elif isinstance(event, h11.EndOfMessage) and head is not None:
+                return httpx.Response(
+                    head.status_code,
+                    headers=head.headers.raw_items(),
+                    stream=httpx.ByteStream(b"".join(chunks)),
+                    request=request,
+                    extensions={"http_version": b"HTTP/1.1", "reason_phrase": head.reason},
+                )
+            # h11.InformationalResponse (1xx) is skipped; the final response follows it.
+    except BaseException:
+        # Only on failure, to keep the success path free of bookkeeping. A reset connection raises before
+        # handing over the bytes it had buffered (StreamReader has no public way to see them): those count.
+        connection.unanswered = not received and not connection.reader._buffer
+        raise
+
+
+def _closed_before_answering(connection: _Connection, error: BaseException) -> bool:
+    """Whether ``error`` says the server closed (or reset) the connection before any byte of its response:
+    the failure of a kept-alive connection that the server dropped as it was reused, worth one more try.
+
+    A timeout is not (the server may be working on it); a connection that answered part of a response is not
+    (the server took the request).
+    """
+    if isinstance(error, httpx.WriteError):
+        return True  # nothing is read before the request is written
+    return isinstance(error, httpx.ReadError | httpx.RemoteProtocolError) and connection.unanswered
 
 
 async def _io(
