@@ -197,6 +197,27 @@ async def test_an_idle_connection_the_server_closed_is_not_reused(
     assert server.connections == 2
 
 
+REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+@pytest.mark.parametrize("then_close", [True, False], ids=["then-closed", "left-open"])
+async def test_bytes_sent_on_an_idle_connection_are_not_taken_as_the_next_answer(
+    server: ScriptedServer, transport: KeepAliveTransport, then_close: bool
+) -> None:
+    """Servers send "408 Request Timeout" on a keep-alive connection they are about to close: nobody asked
+    for it, so the next request must not get it as its answer. The connection is discarded when taken from
+    the pool, whether the close that follows the 408 already arrived or not."""
+    await send(transport, server.url)
+    (idle,) = server.writers
+    idle.write(REQUEST_TIMEOUT)
+    if then_close:
+        idle.close()
+    await settle()
+    response = await send(transport, server.url)
+    assert response.status_code == 200 and response.content == BODY
+    assert server.connections == 2 and len(server.requests) == 2, "the answer came on a new connection"
+
+
 async def test_expired_idle_connections_are_not_reused(
     server: ScriptedServer, transport: KeepAliveTransport, monkeypatch: pytest.MonkeyPatch
 ) -> None:
