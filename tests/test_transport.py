@@ -229,6 +229,22 @@ async def test_expired_idle_connections_are_not_reused(
     assert server.closed == 1, "the expired connection was closed"
 
 
+async def test_expired_connections_under_a_fresh_one_are_closed(
+    server: ScriptedServer, transport: KeepAliveTransport
+) -> None:
+    """The pool hands out its most recently used connection first; one that expired under it must still be
+    closed, not left open until the server or the triggerer's exit closes it."""
+    await asyncio.gather(*(send(transport, server.url) for _ in range(2)))
+    port = int(server.url.rsplit(":", 1)[1])
+    oldest, freshest = transport._idle[("http", "127.0.0.1", port)]
+    oldest.idle_since -= _transport.KEEPALIVE_EXPIRY  # expired, under a connection that is not
+    await send(transport, server.url)
+    await settle()
+    assert server.connections == 2, "the fresh connection was reused"
+    assert server.closed == 1, "the expired one under it was closed"
+    assert list(transport._idle[("http", "127.0.0.1", port)]) == [freshest]
+
+
 async def test_at_most_max_idle_connections_are_kept(
     server: ScriptedServer, transport: KeepAliveTransport
 ) -> None:

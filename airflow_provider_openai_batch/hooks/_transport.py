@@ -131,10 +131,16 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
             return
         protocol.start_next_cycle()
         idle = self._idle.setdefault(origin, deque())
+        now = asyncio.get_running_loop().time()
+        # The pool is taken from its top, so a connection under a fresher one could stay idle, and open, for as
+        # long as the fresher one keeps being reused. The deque is ordered by idle_since: expired connections
+        # are at its bottom, and each give-back closes them there, in one comparison when there are none.
+        while idle and now - idle[0].idle_since >= KEEPALIVE_EXPIRY:
+            idle.popleft().close()
         if len(idle) >= self._max_idle:
             connection.close()
             return
-        connection.idle_since = asyncio.get_running_loop().time()
+        connection.idle_since = now
         idle.append(connection)
 
     async def _connect(self, origin: Origin, timeout: float | None) -> _Connection:
