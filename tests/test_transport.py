@@ -8,6 +8,7 @@ response, and TLS.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import gzip
 import ipaddress
@@ -18,6 +19,7 @@ import struct
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -57,7 +59,7 @@ def reset(writer: asyncio.StreamWriter) -> None:
 class ScriptedServer:
     """Answers the n-th request it receives (on any connection) with ``script[n]``: raw response bytes, then the
     connection stays open unless the response says ``Connection: close`` or n is in ``close_after``; ``HANG``
-    (never answer), ``DROP`` (close without answering) or ``RESET`` (reset without answering). Past the end of
+    (never answer; close when the client does), ``DROP`` (close without answering) or ``RESET`` (reset without answering). Past the end of
     the script, answers :func:`ok`. ``writers`` holds the server's end of each open connection, for a test to
     act on one the client keeps idle."""
 
@@ -101,7 +103,9 @@ class ScriptedServer:
                     self.script[len(self.requests) - 1] if len(self.requests) <= len(self.script) else ok()
                 )
                 if action == HANG:
-                    await asyncio.Event().wait()
+                    with contextlib.suppress(ConnectionError):
+                        await reader.read()  # returns once the client closes
+                    return
                 if action == DROP:
                     return
                 if action == RESET:
@@ -280,6 +284,55 @@ async def test_aclose_does_not_wait_forever_for_a_peer_that_never_closes(
     monkeypatch.setattr(connection.writer, "wait_closed", never_closed)
     monkeypatch.setattr(_transport, "CLOSE_TIMEOUT", 0.1)
     await asyncio.wait_for(transport.aclose(), timeout=2)
+
+
+async def test_aclose_ends_the_requests_in_flight_and_closes_their_connections(
+    server: ScriptedServer, transport: KeepAliveTransport
+) -> None:
+    """The shared client closes when its last hook leaves. A request still in flight then, on a reused or a
+    new connection, must neither keep its socket open nor wait for an answer: it fails at once."""
+    await send(transport, server.url)
+    server.script = [ok(), HANG, HANG]
+    in_flight = [asyncio.create_task(send(transport, server.url, timeout=60)) for _ in range(2)]
+    await settle()
+    assert len(server.requests) == 3 and server.connections == 2, "one request reused the idle connection"
+    async with asyncio.timeout(5):  # waiting for the requests' own timeout fails the test
+        await transport.aclose()
+        outcomes = await asyncio.gather(*in_flight, return_exceptions=True)
+    assert [type(outcome) for outcome in outcomes] == [httpx.ReadError, httpx.ReadError]
+    assert all("transport was closed" in str(outcome) for outcome in outcomes)
+    await settle()
+    assert server.closed == 2, "no socket left open"
+    with pytest.raises(RuntimeError, match="transport has been closed"):
+        await send(transport, server.url)
+    assert server.connections == 2, "a closed transport opens no connection"
+
+
+async def test_a_connection_that_opens_after_aclose_is_closed(
+    server: ScriptedServer, transport: KeepAliveTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request still connecting when the transport closes gets its connection afterwards: nothing else
+    would ever close it."""
+    connecting, go_on = asyncio.Event(), asyncio.Event()
+    open_connection = asyncio.open_connection
+
+    async def slow_open_connection(
+        *args: Any, **kwargs: Any
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        connecting.set()
+        await go_on.wait()
+        return await open_connection(*args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "open_connection", slow_open_connection)
+    pending = asyncio.create_task(send(transport, server.url))
+    await connecting.wait()
+    await transport.aclose()
+    go_on.set()
+    with pytest.raises(RuntimeError, match="transport has been closed"):
+        await pending
+    await settle()
+    assert server.connections == 1 and server.closed == 1
+    assert server.requests == []
 
 
 # -- bodies -------------------------------------------------------------------------------------------------

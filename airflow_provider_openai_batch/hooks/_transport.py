@@ -34,6 +34,8 @@ KEEPALIVE_EXPIRY = 5.0
 #: How long closing the pool waits for its connections to be closed.
 CLOSE_TIMEOUT = 5.0
 _READ_SIZE = 64 * 1024
+#: As httpx says for a closed client: using the transport after that is a bug, not a network failure.
+_CLOSED = "Cannot send a request, as the transport has been closed."
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 Origin = tuple[str, str, int]
@@ -64,9 +66,6 @@ class _Connection:
         reader = self.reader
         return not reader._buffer and not reader.at_eof() and now - self.idle_since < KEEPALIVE_EXPIRY
 
-    def close(self) -> None:
-        self.writer.close()
-
 
 class KeepAliveTransport(httpx.AsyncBaseTransport):
     """HTTP/1.1 over asyncio streams with a LIFO pool of keep-alive connections per origin.
@@ -79,6 +78,10 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
         self._ssl_context = ssl_context
         self._max_idle = max_idle
         self._idle: dict[Origin, deque[_Connection]] = {}
+        #: Every open connection, idle or carrying a request: closing the transport closes them all. Kept up
+        #: to date when a connection opens or closes, so that a request that reuses one pays nothing for it.
+        self._open: set[_Connection] = set()
+        self._closed = False
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         origin = _origin(request.url)
@@ -91,12 +94,12 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
             try:
                 response = await _exchange(connection, request, timeouts)
             except BaseException as error:
-                connection.close()  # the exchange may have stopped half-way: the connection cannot be reused
+                self._discard(connection)  # the exchange may have stopped half-way: it cannot be reused
                 # A server may close a kept-alive connection just as it is reused (its idle timeout ran out
                 # while the request was on its way): the request is sent again, once and at once, on a new
                 # connection. Not after a fresh connection failed: that failure is the server's, for the
                 # hook's retries. Every request of this API is safe to send twice (the cancel is idempotent).
-                if not (reused and _closed_before_answering(connection, error)):
+                if self._closed or not (reused and _closed_before_answering(connection, error)):
                     raise
                 connection = None
                 continue
@@ -104,10 +107,18 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
             return response
 
     async def aclose(self) -> None:
-        connections = [connection for idle in self._idle.values() for connection in idle]
+        """Close every connection, those carrying a request included: that request fails at once."""
+        self._closed = True
+        connections = list(self._open)
+        self._open.clear()
         self._idle.clear()
         for connection in connections:
-            connection.close()
+            # Ends a read in flight with this error: closing a plain connection would have it read as the
+            # server's "disconnected without a response", and a TLS one only after its shutdown handshake.
+            connection.reader.set_exception(
+                ConnectionAbortedError("The transport was closed with the request in flight.")
+            )
+            connection.writer.close()
         # Bounded: a TLS peer that never answers the close would otherwise hold the last hook's exit for
         # asyncio's 30 s TLS shutdown timeout. An error means the peer went first: nothing left to release.
         with contextlib.suppress(OSError, TimeoutError):
@@ -121,13 +132,13 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
             connection = idle.pop()  # the most recently used: least likely to have been dropped
             if connection.reusable(now):
                 return connection
-            connection.close()
+            self._discard(connection)
         return None
 
     def _give_back(self, origin: Origin, connection: _Connection) -> None:
         protocol = connection.protocol
         if protocol.our_state is not h11.DONE or protocol.their_state is not h11.DONE:
-            connection.close()  # e.g. the server said "Connection: close"
+            self._discard(connection)  # e.g. the server said "Connection: close"
             return
         protocol.start_next_cycle()
         idle = self._idle.setdefault(origin, deque())
@@ -136,14 +147,20 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
         # long as the fresher one keeps being reused. The deque is ordered by idle_since: expired connections
         # are at its bottom, and each give-back closes them there, in one comparison when there are none.
         while idle and now - idle[0].idle_since >= KEEPALIVE_EXPIRY:
-            idle.popleft().close()
+            self._discard(idle.popleft())
         if len(idle) >= self._max_idle:
-            connection.close()
+            self._discard(connection)
             return
         connection.idle_since = now
         idle.append(connection)
 
+    def _discard(self, connection: _Connection) -> None:
+        self._open.discard(connection)
+        connection.writer.close()
+
     async def _connect(self, origin: Origin, timeout: float | None) -> _Connection:
+        if self._closed:
+            raise RuntimeError(_CLOSED)
         scheme, host, port = origin
         tls = scheme == "https"
         try:
@@ -155,7 +172,12 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
             raise httpx.ConnectTimeout(f"Timed out connecting to {host}:{port}.") from error
         except OSError as error:  # ssl.SSLError included
             raise httpx.ConnectError(f"Cannot connect to {host}:{port}: {error}") from error
-        return _Connection(reader, writer)
+        if self._closed:  # while connecting: nothing would close this connection
+            writer.close()
+            raise RuntimeError(_CLOSED)
+        connection = _Connection(reader, writer)
+        self._open.add(connection)
+        return connection
 
 
 async def _exchange(
