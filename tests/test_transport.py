@@ -16,7 +16,7 @@ import logging
 import socket
 import ssl
 import struct
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -485,6 +485,55 @@ async def test_a_reused_connection_that_times_out_is_not_retried(
 async def test_connection_refused(transport: KeepAliveTransport, unused_tcp_port: int) -> None:
     with pytest.raises(httpx.ConnectError, match=f"127.0.0.1:{unused_tcp_port}"):
         await send(transport, f"http://127.0.0.1:{unused_tcp_port}/v1/batches/batch_1")
+
+
+@pytest.fixture
+def blackhole() -> Iterator[tuple[str, int]]:
+    """A loopback address where a connection attempt is neither accepted nor refused, as over a broken route:
+    a listener whose accept queue (one connection) is full drops further connection requests unanswered."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        address: tuple[str, int] = listener.getsockname()
+        with socket.create_connection(address):
+            yield address
+
+
+async def test_a_host_whose_first_address_does_not_answer_is_reached_on_the_next(
+    server: ScriptedServer,
+    transport: KeepAliveTransport,
+    blackhole: tuple[str, int],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A host with IPv6 and IPv4 addresses behind a broken IPv6 route: the first address never answers. Tried
+    one after the other, the addresses would spend the whole connect timeout on the first; with happy eyeballs
+    the next one is tried while the first attempt is still pending, and the request goes through. The name
+    resolves (here, by a stand-in for the resolver) to two loopback addresses: the unanswering one first."""
+    loop = asyncio.get_running_loop()
+    port = int(server.url.rsplit(":", 1)[1])
+    stream = (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "")
+    resolved: list[str] = []
+    attempted: list[tuple[str, int]] = []
+
+    async def getaddrinfo(host: str, *args: Any, **kwargs: Any) -> list[tuple[Any, ...]]:
+        resolved.append(host)
+        return [(*stream, blackhole), (*stream, ("127.0.0.1", port))]
+
+    sock_connect = loop.sock_connect
+
+    async def recorded_sock_connect(sock: socket.socket, address: tuple[str, int]) -> None:
+        attempted.append(address)
+        await sock_connect(sock, address)
+
+    monkeypatch.setattr(loop, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(loop, "sock_connect", recorded_sock_connect)
+    response = await send(transport, f"http://localhost:{port}/v1/batches/batch_1")
+    assert response.status_code == 200 and response.content == BODY
+    assert resolved == ["localhost"]
+    assert attempted == [blackhole, ("127.0.0.1", port)], (
+        "the second address was tried, the first still pending"
+    )
+    assert server.connections == 1
 
 
 async def test_unsupported_scheme(transport: KeepAliveTransport) -> None:

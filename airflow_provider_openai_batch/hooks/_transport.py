@@ -33,6 +33,11 @@ import httpx
 KEEPALIVE_EXPIRY = 5.0
 #: How long closing the pool waits for its connections to be closed.
 CLOSE_TIMEOUT = 5.0
+#: Happy eyeballs (RFC 8305, whose recommended delay this is): when a host has several addresses (IPv6 and
+#: IPv4), the next one is tried once the previous attempt fails or has been pending this long, whichever comes
+#: first. A broken IPv6 route, where packets vanish rather than being refused, then costs this delay instead
+#: of the whole connect timeout. asyncio interleaves the addresses by family once a delay is given.
+HAPPY_EYEBALLS_DELAY = 0.25
 _READ_SIZE = 64 * 1024
 #: As httpx says for a closed client: using the transport after that is a bug, not a network failure.
 _CLOSED = "Cannot send a request, as the transport has been closed."
@@ -166,7 +171,11 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
         try:
             async with asyncio.timeout(timeout):
                 reader, writer = await asyncio.open_connection(
-                    host, port, ssl=self._ssl_context if tls else None, server_hostname=host if tls else None
+                    host,
+                    port,
+                    ssl=self._ssl_context if tls else None,
+                    server_hostname=host if tls else None,
+                    happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY,
                 )
         except TimeoutError as error:
             raise httpx.ConnectTimeout(f"Timed out connecting to {host}:{port}.") from error
