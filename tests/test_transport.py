@@ -1,8 +1,8 @@
 """KeepAliveTransport over real sockets: a scripted HTTP/1.1 server on loopback, with and without TLS.
 
 The emulator covers the transport in every async hook and trigger test; this server covers what the emulator
-does not do on purpose: chunked and gzip bodies, ``Connection: close``, hanging, dropping, resetting or garbling a
-response, and TLS.
+does not do on purpose: chunked and gzip bodies, ``Connection: close``, hanging, dropping, resetting or
+garbling a response, bytes on an idle connection, and TLS.
 """
 
 from __future__ import annotations
@@ -50,18 +50,19 @@ HANG, DROP, RESET = "hang", "drop", "reset"
 
 
 def reset(writer: asyncio.StreamWriter) -> None:
-    """Close the connection with a TCP reset rather than the orderly FIN, as a crashed or impatient peer does."""
+    """Close the connection with a TCP reset rather than the orderly FIN, as a crashed or impatient peer
+    does."""
     writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.transport.abort()
 
 
 @dataclass
 class ScriptedServer:
-    """Answers the n-th request it receives (on any connection) with ``script[n]``: raw response bytes, then the
-    connection stays open unless the response says ``Connection: close`` or n is in ``close_after``; ``HANG``
-    (never answer; close when the client does), ``DROP`` (close without answering) or ``RESET`` (reset without answering). Past the end of
-    the script, answers :func:`ok`. ``writers`` holds the server's end of each open connection, for a test to
-    act on one the client keeps idle."""
+    """Answers the n-th request it receives (on any connection) with ``script[n]``: raw response bytes, then
+    the connection stays open unless the response says ``Connection: close`` or n is in ``close_after``;
+    ``HANG`` (never answer; close when the client does), ``DROP`` (close without answering) or ``RESET``
+    (reset without answering). Past the end of the script, answers :func:`ok`. ``writers`` holds the server's
+    end of each open connection, for a test to act on one the client keeps idle."""
 
     script: list[bytes | str] = field(default_factory=list)
     close_after: set[int] = field(default_factory=set)
@@ -628,7 +629,7 @@ async def test_https_refuses_an_untrusted_certificate(
     assert tls_server.requests == [], "nothing was sent to the untrusted server"
 
 
-# -- choice of transport and TLS context in the shared client --------------------------------------------------
+# -- choice of transport and TLS context in the shared client ------------------------------------------------
 
 
 def settings_for(url: str) -> ConnectionSettings:

@@ -4,8 +4,8 @@ Why not httpx's default transport: in a triggerer every waiting cancellation pol
 transport's CPU per request is the triggerer's CPU per poll. httpcore over anyio costs about 1 ms of CPU per
 request on a small VM, and its connection pool walks every pooled connection (with a ``poll()`` syscall each)
 for every request and every response (encode/httpcore#1035). This transport speaks the same HTTP/1.1, through
-the same ``h11`` state machine httpcore uses, directly over asyncio streams; taking an idle connection is O(1).
-See docs/performance.md for the measurements.
+the same ``h11`` state machine httpcore uses, directly over asyncio streams; taking an idle connection is
+O(1). See docs/performance.md for the measurements.
 
 What it leaves out, on purpose, because the Batch API never needs it: HTTP/2, streaming request bodies and
 streaming responses (every answer is a small JSON document, read whole). Proxies still work: httpx routes
@@ -55,7 +55,8 @@ class _Connection:
     writer: asyncio.StreamWriter
     protocol: h11.Connection = field(default_factory=lambda: h11.Connection(h11.CLIENT))
     idle_since: float = 0.0
-    #: Set when reading a response failed: whether no byte of it had arrived (:func:`_closed_before_answering`).
+    #: Set when reading a response failed: whether no byte of it had arrived
+    #: (see :func:`_closed_before_answering`).
     unanswered: bool = False
 
     def reusable(self, now: float) -> bool:
@@ -148,9 +149,10 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
         protocol.start_next_cycle()
         idle = self._idle.setdefault(origin, deque())
         now = asyncio.get_running_loop().time()
-        # The pool is taken from its top, so a connection under a fresher one could stay idle, and open, for as
-        # long as the fresher one keeps being reused. The deque is ordered by idle_since: expired connections
-        # are at its bottom, and each give-back closes them there, in one comparison when there are none.
+        # The pool is taken from its top, so a connection under a fresher one could stay idle, and open, for
+        # as long as the fresher one keeps being reused. The deque is ordered by idle_since: expired
+        # connections are at its bottom, and each give-back closes them there, in one comparison when there
+        # are none.
         while idle and now - idle[0].idle_since >= KEEPALIVE_EXPIRY:
             self._discard(idle.popleft())
         if len(idle) >= self._max_idle:
