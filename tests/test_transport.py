@@ -1,20 +1,25 @@
 """KeepAliveTransport over real sockets: a scripted HTTP/1.1 server on loopback, with and without TLS.
 
 The emulator covers the transport in every async hook and trigger test; this server covers what the emulator
-does not do on purpose: chunked and gzip bodies, ``Connection: close``, hanging, dropping or garbling a
-response, and TLS.
+does not do on purpose: chunked and gzip bodies, ``Connection: close``, hanging, dropping, resetting or
+garbling a response, bytes on an idle connection, and TLS.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import gzip
 import ipaddress
+import logging
+import socket
 import ssl
-from collections.abc import AsyncIterator, Callable
+import struct
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -33,20 +38,31 @@ BODY = b'{"id": "batch_1", "status": "cancelled"}'
 
 def ok(body: bytes = BODY, *headers: str) -> bytes:
     head = "".join(f"{header}\r\n" for header in headers)
-    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + head.encode() + (
-        f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+    return (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        + head.encode()
+        + (f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
     )
 
 
 #: Script actions besides raw response bytes.
-HANG, DROP = "hang", "drop"
+HANG, DROP, RESET = "hang", "drop", "reset"
+
+
+def reset(writer: asyncio.StreamWriter) -> None:
+    """Close the connection with a TCP reset rather than the orderly FIN, as a crashed or impatient peer
+    does."""
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
 
 
 @dataclass
 class ScriptedServer:
-    """Answers the n-th request it receives (on any connection) with ``script[n]``: raw response bytes, then the
-    connection stays open unless the response says ``Connection: close`` or n is in ``close_after``; ``HANG``
-    (never answer) or ``DROP`` (close without answering). Past the end of the script, answers :func:`ok`."""
+    """Answers the n-th request it receives (on any connection) with ``script[n]``: raw response bytes, then
+    the connection stays open unless the response says ``Connection: close`` or n is in ``close_after``;
+    ``HANG`` (never answer; close when the client does), ``DROP`` (close without answering) or ``RESET``
+    (reset without answering). Past the end of the script, answers :func:`ok`. ``writers`` holds the server's
+    end of each open connection, for a test to act on one the client keeps idle."""
 
     script: list[bytes | str] = field(default_factory=list)
     close_after: set[int] = field(default_factory=set)
@@ -54,6 +70,7 @@ class ScriptedServer:
     connections: int = 0
     closed: int = 0
     requests: list[bytes] = field(default_factory=list)
+    writers: list[asyncio.StreamWriter] = field(default_factory=list)
     _server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -67,6 +84,7 @@ class ScriptedServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self.writers.append(writer)
         try:
             while True:
                 try:
@@ -74,14 +92,25 @@ class ScriptedServer:
                 except (asyncio.IncompleteReadError, ConnectionError):
                     return
                 length = next(
-                    (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")),
+                    (
+                        int(line.split(b":")[1])
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length")
+                    ),
                     0,
                 )
                 self.requests.append(head + await reader.readexactly(length))
-                action = self.script[len(self.requests) - 1] if len(self.requests) <= len(self.script) else ok()
+                action = (
+                    self.script[len(self.requests) - 1] if len(self.requests) <= len(self.script) else ok()
+                )
                 if action == HANG:
-                    await asyncio.Event().wait()
+                    with contextlib.suppress(ConnectionError):
+                        await reader.read()  # returns once the client closes
+                    return
                 if action == DROP:
+                    return
+                if action == RESET:
+                    reset(writer)
                     return
                 assert isinstance(action, bytes)
                 writer.write(action)
@@ -90,6 +119,7 @@ class ScriptedServer:
                     return
         finally:
             self.closed += 1
+            self.writers.remove(writer)
             writer.close()
 
     async def aclose(self) -> None:
@@ -113,10 +143,16 @@ async def transport() -> AsyncIterator[KeepAliveTransport]:
 
 
 async def send(
-    transport: KeepAliveTransport, url: str, method: str = "GET", content: bytes | None = None, timeout: float = 5.0
+    transport: KeepAliveTransport,
+    url: str,
+    method: str = "GET",
+    content: bytes | None = None,
+    timeout: float = 5.0,
 ) -> httpx.Response:
     """Send one request the way the shared client does: straight to the transport, then read the body."""
-    request = httpx.Request(method, url, content=content, extensions={"timeout": httpx.Timeout(timeout).as_dict()})
+    request = httpx.Request(
+        method, url, content=content, extensions={"timeout": httpx.Timeout(timeout).as_dict()}
+    )
     response = await transport.handle_async_request(request)
     await response.aread()
     return response
@@ -130,7 +166,9 @@ async def settle() -> None:
 # -- keep-alive ---------------------------------------------------------------------------------------------
 
 
-async def test_sequential_requests_share_one_connection(server: ScriptedServer, transport: KeepAliveTransport) -> None:
+async def test_sequential_requests_share_one_connection(
+    server: ScriptedServer, transport: KeepAliveTransport
+) -> None:
     for _ in range(3):
         response = await send(transport, f"{server.url}/v1/batches/batch_1")
         assert response.status_code == 200 and response.json()["status"] == "cancelled"
@@ -164,6 +202,27 @@ async def test_an_idle_connection_the_server_closed_is_not_reused(
     assert server.connections == 2
 
 
+REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+@pytest.mark.parametrize("then_close", [True, False], ids=["then-closed", "left-open"])
+async def test_bytes_sent_on_an_idle_connection_are_not_taken_as_the_next_answer(
+    server: ScriptedServer, transport: KeepAliveTransport, then_close: bool
+) -> None:
+    """Servers send "408 Request Timeout" on a keep-alive connection they are about to close: nobody asked
+    for it, so the next request must not get it as its answer. The connection is discarded when taken from
+    the pool, whether the close that follows the 408 already arrived or not."""
+    await send(transport, server.url)
+    (idle,) = server.writers
+    idle.write(REQUEST_TIMEOUT)
+    if then_close:
+        idle.close()
+    await settle()
+    response = await send(transport, server.url)
+    assert response.status_code == 200 and response.content == BODY
+    assert server.connections == 2 and len(server.requests) == 2, "the answer came on a new connection"
+
+
 async def test_expired_idle_connections_are_not_reused(
     server: ScriptedServer, transport: KeepAliveTransport, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -175,7 +234,25 @@ async def test_expired_idle_connections_are_not_reused(
     assert server.closed == 1, "the expired connection was closed"
 
 
-async def test_at_most_max_idle_connections_are_kept(server: ScriptedServer, transport: KeepAliveTransport) -> None:
+async def test_expired_connections_under_a_fresh_one_are_closed(
+    server: ScriptedServer, transport: KeepAliveTransport
+) -> None:
+    """The pool hands out its most recently used connection first; one that expired under it must still be
+    closed, not left open until the server or the triggerer's exit closes it."""
+    await asyncio.gather(*(send(transport, server.url) for _ in range(2)))
+    port = int(server.url.rsplit(":", 1)[1])
+    oldest, freshest = transport._idle[("http", "127.0.0.1", port)]
+    oldest.idle_since -= _transport.KEEPALIVE_EXPIRY  # expired, under a connection that is not
+    await send(transport, server.url)
+    await settle()
+    assert server.connections == 2, "the fresh connection was reused"
+    assert server.closed == 1, "the expired one under it was closed"
+    assert list(transport._idle[("http", "127.0.0.1", port)]) == [freshest]
+
+
+async def test_at_most_max_idle_connections_are_kept(
+    server: ScriptedServer, transport: KeepAliveTransport
+) -> None:
     responses = await asyncio.gather(*(send(transport, server.url) for _ in range(3)))
     assert [response.status_code for response in responses] == [200] * 3
     assert server.connections == 3
@@ -185,7 +262,9 @@ async def test_at_most_max_idle_connections_are_kept(server: ScriptedServer, tra
     assert server.connections == 3, "the two kept connections are reused"
 
 
-async def test_aclose_closes_the_idle_connections(server: ScriptedServer, transport: KeepAliveTransport) -> None:
+async def test_aclose_closes_the_idle_connections(
+    server: ScriptedServer, transport: KeepAliveTransport
+) -> None:
     await send(transport, server.url)
     await transport.aclose()
     await settle()
@@ -208,15 +287,68 @@ async def test_aclose_does_not_wait_forever_for_a_peer_that_never_closes(
     await asyncio.wait_for(transport.aclose(), timeout=2)
 
 
+async def test_aclose_ends_the_requests_in_flight_and_closes_their_connections(
+    server: ScriptedServer, transport: KeepAliveTransport
+) -> None:
+    """The shared client closes when its last hook leaves. A request still in flight then, on a reused or a
+    new connection, must neither keep its socket open nor wait for an answer: it fails at once."""
+    await send(transport, server.url)
+    server.script = [ok(), HANG, HANG]
+    in_flight = [asyncio.create_task(send(transport, server.url, timeout=60)) for _ in range(2)]
+    await settle()
+    assert len(server.requests) == 3 and server.connections == 2, "one request reused the idle connection"
+    async with asyncio.timeout(5):  # waiting for the requests' own timeout fails the test
+        await transport.aclose()
+        outcomes = await asyncio.gather(*in_flight, return_exceptions=True)
+    assert [type(outcome) for outcome in outcomes] == [httpx.ReadError, httpx.ReadError]
+    assert all("transport was closed" in str(outcome) for outcome in outcomes)
+    await settle()
+    assert server.closed == 2, "no socket left open"
+    with pytest.raises(RuntimeError, match="transport has been closed"):
+        await send(transport, server.url)
+    assert server.connections == 2, "a closed transport opens no connection"
+
+
+async def test_a_connection_that_opens_after_aclose_is_closed(
+    server: ScriptedServer, transport: KeepAliveTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request still connecting when the transport closes gets its connection afterwards: nothing else
+    would ever close it."""
+    connecting, go_on = asyncio.Event(), asyncio.Event()
+    open_connection = asyncio.open_connection
+
+    async def slow_open_connection(
+        *args: Any, **kwargs: Any
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        connecting.set()
+        await go_on.wait()
+        return await open_connection(*args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "open_connection", slow_open_connection)
+    pending = asyncio.create_task(send(transport, server.url))
+    await connecting.wait()
+    await transport.aclose()
+    go_on.set()
+    with pytest.raises(RuntimeError, match="transport has been closed"):
+        await pending
+    await settle()
+    assert server.connections == 1 and server.closed == 1
+    assert server.requests == []
+
+
 # -- bodies -------------------------------------------------------------------------------------------------
 
 
 async def test_chunked_gzip_body_is_decoded(server: ScriptedServer, transport: KeepAliveTransport) -> None:
     packed = gzip.compress(BODY)
     half = len(packed) // 2
-    chunks = b"".join(f"{len(part):x}\r\n".encode() + part + b"\r\n" for part in (packed[:half], packed[half:]))
+    chunks = b"".join(
+        f"{len(part):x}\r\n".encode() + part + b"\r\n" for part in (packed[:half], packed[half:])
+    )
     server.script = [
-        b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + chunks
+        + b"0\r\n\r\n"
     ]
     response = await send(transport, server.url)
     assert response.content == BODY
@@ -224,7 +356,9 @@ async def test_chunked_gzip_body_is_decoded(server: ScriptedServer, transport: K
     assert server.connections == 1, "a chunked response leaves the connection reusable"
 
 
-async def test_informational_responses_are_skipped(server: ScriptedServer, transport: KeepAliveTransport) -> None:
+async def test_informational_responses_are_skipped(
+    server: ScriptedServer, transport: KeepAliveTransport
+) -> None:
     server.script = [b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n" + ok()]
     response = await send(transport, server.url)
     assert response.status_code == 200 and response.content == BODY
@@ -243,7 +377,9 @@ async def test_error_statuses_are_responses(server: ScriptedServer, transport: K
 # -- failures -----------------------------------------------------------------------------------------------
 
 
-async def test_read_timeout_discards_the_connection(server: ScriptedServer, transport: KeepAliveTransport) -> None:
+async def test_read_timeout_discards_the_connection(
+    server: ScriptedServer, transport: KeepAliveTransport
+) -> None:
     server.script = [HANG, ok()]
     with pytest.raises(httpx.ReadTimeout):
         await send(transport, server.url, timeout=0.1)
@@ -251,7 +387,9 @@ async def test_read_timeout_discards_the_connection(server: ScriptedServer, tran
     assert server.connections == 2
 
 
-async def test_server_closing_without_a_response(server: ScriptedServer, transport: KeepAliveTransport) -> None:
+async def test_server_closing_without_a_response(
+    server: ScriptedServer, transport: KeepAliveTransport
+) -> None:
     server.script = [DROP, ok()]
     with pytest.raises(httpx.RemoteProtocolError, match="Server disconnected without sending a response"):
         await send(transport, server.url)
@@ -265,14 +403,138 @@ async def test_garbage_instead_of_http(server: ScriptedServer, transport: KeepAl
 
 
 async def test_truncated_body(server: ScriptedServer, transport: KeepAliveTransport) -> None:
-    server.script = [b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nConnection: close\r\n\r\n{\"id\":"]
+    server.script = [b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\nConnection: close\r\n\r\n{"id":']
     with pytest.raises(httpx.RemoteProtocolError):
         await send(transport, server.url)
+
+
+@pytest.mark.parametrize("action", [DROP, RESET])
+async def test_a_reused_connection_closed_before_the_answer_is_sent_again_at_once(
+    server: ScriptedServer, transport: KeepAliveTransport, caplog: pytest.LogCaptureFixture, action: str
+) -> None:
+    """A server closes an idle keep-alive connection when its idle timeout runs out, possibly just as the
+    client reuses it: the request meets a closed (FIN: the read sees the end of the stream) or reset (the read
+    fails) connection before any byte of an answer. That is not the server failing, so the request goes out
+    again at once on a new connection, without a warning and without spending one of the hook's retries (and
+    their backoff)."""
+    server.script = [ok(), action]
+    await send(transport, server.url)
+    with caplog.at_level(logging.DEBUG):
+        response = await send(transport, server.url)
+    assert response.status_code == 200 and response.content == BODY
+    assert len(server.requests) == 3 and server.connections == 2, "sent again, once, on a new connection"
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
+
+
+async def test_a_reused_connection_reset_before_the_request_is_written_is_retried(
+    server: ScriptedServer, transport: KeepAliveTransport
+) -> None:
+    """A reset that reaches the client while the connection is idle makes the write itself fail."""
+    await send(transport, server.url)
+    reset(server.writers[0])
+    await settle()
+    assert (await send(transport, server.url)).status_code == 200
+    assert len(server.requests) == 2 and server.connections == 2, "the request reached the server once"
+
+
+async def test_a_failed_retry_raises_the_retry_s_error(
+    server: ScriptedServer, transport: KeepAliveTransport
+) -> None:
+    await send(transport, server.url)
+    server.script = [ok(), DROP, RESET, ok()]
+    with pytest.raises(httpx.ReadError):
+        await send(transport, server.url)
+    assert len(server.requests) == 3, "one retry, no more"
+
+
+@pytest.mark.parametrize(
+    ("action", "error"), [(DROP, httpx.RemoteProtocolError), (RESET, httpx.ReadError)], ids=[DROP, RESET]
+)
+async def test_a_fresh_connection_that_fails_before_any_answer_is_not_retried(
+    server: ScriptedServer, transport: KeepAliveTransport, action: str, error: type[httpx.HTTPError]
+) -> None:
+    """On a connection just opened, the server cannot have timed it out: the failure is the server's."""
+    server.script = [action]
+    with pytest.raises(error):
+        await send(transport, server.url)
+    assert len(server.requests) == 1
+
+
+async def test_a_reused_connection_that_answered_in_part_is_not_retried(
+    server: ScriptedServer, transport: KeepAliveTransport
+) -> None:
+    """Once a byte of the answer arrived, the server has taken the request: the hook decides about a retry."""
+    server.script = [ok(), b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{", ok()]
+    server.close_after = {2}
+    await send(transport, server.url)
+    with pytest.raises(httpx.RemoteProtocolError):
+        await send(transport, server.url)
+    assert len(server.requests) == 2
+
+
+async def test_a_reused_connection_that_times_out_is_not_retried(
+    server: ScriptedServer, transport: KeepAliveTransport
+) -> None:
+    """A slow server is not a closed connection: sending again would double the wait."""
+    server.script = [ok(), HANG, ok()]
+    await send(transport, server.url)
+    with pytest.raises(httpx.ReadTimeout):
+        await send(transport, server.url, timeout=0.1)
+    assert len(server.requests) == 2
 
 
 async def test_connection_refused(transport: KeepAliveTransport, unused_tcp_port: int) -> None:
     with pytest.raises(httpx.ConnectError, match=f"127.0.0.1:{unused_tcp_port}"):
         await send(transport, f"http://127.0.0.1:{unused_tcp_port}/v1/batches/batch_1")
+
+
+@pytest.fixture
+def blackhole() -> Iterator[tuple[str, int]]:
+    """A loopback address where a connection attempt is neither accepted nor refused, as over a broken route:
+    a listener whose accept queue (one connection) is full drops further connection requests unanswered."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        address: tuple[str, int] = listener.getsockname()
+        with socket.create_connection(address):
+            yield address
+
+
+async def test_a_host_whose_first_address_does_not_answer_is_reached_on_the_next(
+    server: ScriptedServer,
+    transport: KeepAliveTransport,
+    blackhole: tuple[str, int],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A host with IPv6 and IPv4 addresses behind a broken IPv6 route: the first address never answers. Tried
+    one after the other, the addresses would spend the whole connect timeout on the first; with happy eyeballs
+    the next one is tried while the first attempt is still pending, and the request goes through. The name
+    resolves (here, by a stand-in for the resolver) to two loopback addresses: the unanswering one first."""
+    loop = asyncio.get_running_loop()
+    port = int(server.url.rsplit(":", 1)[1])
+    stream = (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "")
+    resolved: list[str] = []
+    attempted: list[tuple[str, int]] = []
+
+    async def getaddrinfo(host: str, *args: Any, **kwargs: Any) -> list[tuple[Any, ...]]:
+        resolved.append(host)
+        return [(*stream, blackhole), (*stream, ("127.0.0.1", port))]
+
+    sock_connect = loop.sock_connect
+
+    async def recorded_sock_connect(sock: socket.socket, address: tuple[str, int]) -> None:
+        attempted.append(address)
+        await sock_connect(sock, address)
+
+    monkeypatch.setattr(loop, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(loop, "sock_connect", recorded_sock_connect)
+    response = await send(transport, f"http://localhost:{port}/v1/batches/batch_1")
+    assert response.status_code == 200 and response.content == BODY
+    assert resolved == ["localhost"]
+    assert attempted == [blackhole, ("127.0.0.1", port)], (
+        "the second address was tried, the first still pending"
+    )
+    assert server.connections == 1
 
 
 async def test_unsupported_scheme(transport: KeepAliveTransport) -> None:
@@ -317,7 +579,9 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> Certificate:
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
             critical=False,
         )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
@@ -327,7 +591,9 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> Certificate:
     cert_file, key_file = folder / "cert.pem", folder / "key.pem"
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_file.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
     )
     return Certificate(cert_file, key_file)
 
@@ -343,7 +609,9 @@ async def tls_server(certificate: Certificate) -> AsyncIterator[ScriptedServer]:
 
 
 async def test_https_with_a_trusted_certificate(tls_server: ScriptedServer, certificate: Certificate) -> None:
-    lean = KeepAliveTransport(ssl_context=ssl.create_default_context(cafile=certificate.cert_file), max_idle=2)
+    lean = KeepAliveTransport(
+        ssl_context=ssl.create_default_context(cafile=certificate.cert_file), max_idle=2
+    )
     try:
         for _ in range(2):
             response = await send(lean, f"{tls_server.url}/v1/batches/batch_1")
@@ -353,13 +621,15 @@ async def test_https_with_a_trusted_certificate(tls_server: ScriptedServer, cert
     assert tls_server.connections == 1
 
 
-async def test_https_refuses_an_untrusted_certificate(tls_server: ScriptedServer, transport: KeepAliveTransport) -> None:
+async def test_https_refuses_an_untrusted_certificate(
+    tls_server: ScriptedServer, transport: KeepAliveTransport
+) -> None:
     with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
         await send(transport, f"{tls_server.url}/v1/batches/batch_1")
     assert tls_server.requests == [], "nothing was sent to the untrusted server"
 
 
-# -- choice of transport and TLS context in the shared client --------------------------------------------------
+# -- choice of transport and TLS context in the shared client ------------------------------------------------
 
 
 def settings_for(url: str) -> ConnectionSettings:
@@ -409,7 +679,9 @@ async def test_triggers_starting_together_build_one_tls_context(mocker: MockerFi
 async def test_a_failed_tls_context_build_is_retried_by_the_next_caller(mocker: MockerFixture) -> None:
     shared_ssl_context.cache_clear()
     real_build: Callable[..., ssl.SSLContext] = httpx.create_ssl_context
-    mocker.patch.object(httpx, "create_ssl_context", side_effect=[OSError("CA bundle unreadable"), real_build()])
+    mocker.patch.object(
+        httpx, "create_ssl_context", side_effect=[OSError("CA bundle unreadable"), real_build()]
+    )
     settings = settings_for("https://api.openai.test/v1")
     with pytest.raises(OSError, match="CA bundle unreadable"):
         await _async_clients.acquire(settings)
