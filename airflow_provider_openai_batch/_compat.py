@@ -6,9 +6,8 @@ names the Airflow version that makes it obsolete: delete it when that version be
 
 from __future__ import annotations
 
-import asyncio
-
 from airflow.providers.common.compat.sdk import mask_secret
+from asgiref.sync import sync_to_async
 
 try:  # Airflow >= 3.3. Remove the fallback when 3.3 is the minimum.
     from airflow.sdk.log import amask_secret
@@ -17,10 +16,12 @@ except ImportError:
     async def amask_secret(secret: str, name: str | None = None) -> None:  # type: ignore[misc]
         """Mask ``secret`` from the event loop without blocking it.
 
-        Before 3.3 only the synchronous ``mask_secret`` exists. Besides masking in this process it may send the
-        secret to the supervisor over a blocking socket, so it runs in a worker thread.
+        Before 3.3 only the synchronous ``mask_secret`` exists. Besides masking in this process it sends the
+        secret to the supervisor, synchronously: on the loop's thread that raises (3.0) or is skipped (3.1), so
+        it runs in asgiref's worker thread, from which the triggerer's comms accept it (``asyncio.to_thread``
+        would not do on 3.0: its comms then target the wrong loop).
         """
-        await asyncio.to_thread(mask_secret, secret, name)
+        await sync_to_async(mask_secret)(secret, name)
 
 
 __all__ = ["amask_secret"]

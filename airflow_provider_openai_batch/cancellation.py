@@ -8,19 +8,23 @@ end a wait for exactly the same reasons, with the same payload.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from enum import StrEnum
 from typing import Any, Self
 
 from pydantic import BaseModel
 
-from airflow_provider_openai_batch.exceptions import OpenAIBatchError
+from airflow_provider_openai_batch.exceptions import OpenAIBatchError, OpenAIBatchRateLimitError
 from airflow_provider_openai_batch.models import Batch, BatchRequestCounts, BatchStatus
 
 log = logging.getLogger(__name__)
 
 #: Consecutive failed polls (each already retried by the hook) after which a wait gives up.
 MAX_CONSECUTIVE_FAILURES = 5
+#: Each sleep between polls is the poll interval times a random factor in this range, so that waits deferred in
+#: the same second drift apart instead of polling (and hitting a shared rate limit) in lockstep.
+POLL_JITTER = (0.9, 1.1)
 
 
 class CancellationStatus(StrEnum):
@@ -98,11 +102,13 @@ class CancellationWatch:
         self.deadline = deadline
         self.max_consecutive_failures = max_consecutive_failures
         self.consecutive_failures = 0
+        self.rate_limited = False
         self.last_batch: Batch | None = None
 
     def on_batch(self, batch: Batch) -> CancellationEvent | None:
         """Record a successful poll; return the final event if the batch reached a final status."""
         self.consecutive_failures = 0
+        self.rate_limited = False
         self.last_batch = batch
         if batch.is_terminal:
             return CancellationEvent.from_batch(batch)
@@ -111,7 +117,12 @@ class CancellationWatch:
         return self._timeout_if_due()
 
     def on_error(self, error: OpenAIBatchError) -> CancellationEvent | None:
-        """Record a failed poll; transient failures end the wait only after several in a row."""
+        """Record a failed poll; transient failures end the wait only after several in a row, and rate limiting
+        (backpressure, not a failure) only at the deadline."""
+        if isinstance(error, OpenAIBatchRateLimitError):
+            self.rate_limited = True
+            log.debug("Poll of batch '%s' was rate limited; will poll again: %s", self.batch_id, error)
+            return self._timeout_if_due()
         if not error.transient:
             return self._error(f"Stopped waiting for batch '{self.batch_id}': {error}")
         self.consecutive_failures += 1
@@ -124,16 +135,18 @@ class CancellationWatch:
         return self._timeout_if_due()
 
     def seconds_to_next_poll(self, poll_interval: float) -> float:
-        """Sleep before the next poll: the poll interval, shortened so the last poll lands on the deadline."""
-        return max(0.0, min(poll_interval, self.deadline - time.time()))
+        """Sleep before the next poll: the poll interval with jitter, shortened so the last poll lands on the
+        deadline."""
+        return max(0.0, min(poll_interval * random.uniform(*POLL_JITTER), self.deadline - time.time()))
 
     def _timeout_if_due(self) -> CancellationEvent | None:
         if time.time() < self.deadline:
             return None
         status = self.last_batch.status if self.last_batch else "unknown"
+        throttled = " The API was rate limiting the polls (HTTP 429)." if self.rate_limited else ""
         message = (
-            f"Batch '{self.batch_id}' is still '{status}' at the deadline; it may yet be cancelled by OpenAI. "
-            "Raise the operator's timeout to wait longer."
+            f"Batch '{self.batch_id}' is still '{status}' at the deadline; it may yet be cancelled by OpenAI."
+            f"{throttled} Raise the operator's timeout to wait longer."
         )
         return self._event(CancellationStatus.TIMEOUT, message)
 

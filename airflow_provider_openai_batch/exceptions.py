@@ -61,7 +61,15 @@ class OpenAIBatchAuthenticationError(OpenAIBatchAPIError):
 
 
 class OpenAIBatchRateLimitError(OpenAIBatchAPIError):
-    """HTTP 429 still answered after every retry."""
+    """Rate limiting (HTTP 429, or 503 with a retry hint) still answered after every retry: backpressure, which a
+    wait rides out until its deadline rather than counting it as a failed poll."""
+
+
+class OpenAIBatchGatewayError(OpenAIBatchAPIError):
+    """A proxy or CDN answered instead of the API: an error page (a 403 challenge, say) with no OpenAI error
+    envelope. It says nothing about the credentials or the batch, so it is transient."""
+
+    transient = True  # type: ignore[assignment]
 
 
 class BatchNotCancellableError(OpenAIBatchAPIError):

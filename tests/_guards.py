@@ -268,7 +268,9 @@ def guard(
 
 def fast_policy(max_retries: int = 3) -> RetryPolicy:
     """The real policy's shape (honours hints up to a cap, then backs off), in milliseconds."""
-    return RetryPolicy(max_retries=max_retries, initial_delay=0.005, max_delay=0.02, max_retry_after=1.0)
+    return RetryPolicy(
+        max_retries=max_retries, initial_delay=0.005, max_delay=0.02, max_retry_after=1.0, rate_limit_patience=0.5
+    )
 
 
 @pytest.fixture(scope="module")

@@ -24,13 +24,16 @@ os.environ["OPENAI_BATCH_POLL_INTERVAL"] = "0.2"  # the example DAGs poll every 
 
 import pytest
 
+from airflow_provider_openai_batch.hooks import _rate
 from airflow_provider_openai_batch.hooks._retry import RetryPolicy
 from airflow_provider_openai_batch.testing import BatchAPIEmulator
 
 #: Recognisable fake key: the secret-leak tests look for it everywhere.
 FAKE_API_KEY = "sk-test-SECRET-4f1d9c2b7a6e"
 #: Retries that keep the real policy's shape but take milliseconds.
-FAST_RETRIES = RetryPolicy(max_retries=3, initial_delay=0.01, max_delay=0.05, max_retry_after=1.0)
+FAST_RETRIES = RetryPolicy(
+    max_retries=3, initial_delay=0.01, max_delay=0.05, max_retry_after=1.0, rate_limit_patience=0.5
+)
 
 
 def pytest_report_header() -> str:
@@ -41,6 +44,14 @@ def pytest_report_header() -> str:
     import airflow_provider_openai_batch
 
     return f"Airflow {airflow.__version__}; provider from {Path(airflow_provider_openai_batch.__file__).parent}"
+
+
+@pytest.fixture(autouse=True)
+def fresh_rate_governors() -> Iterator[None]:
+    """Every test starts as a new process does, with no rate limit learnt: the governors are per process, and
+    one test's 429s would otherwise pace the next test's requests."""
+    yield
+    _rate._governors.clear()
 
 
 @pytest.fixture

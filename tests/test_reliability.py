@@ -345,18 +345,33 @@ def test_retry_policy_cap_is_the_boundary(emulator_connection: BatchAPIEmulator,
 
 @pytest.mark.parametrize("case", ALL_CASES, ids=str)
 def test_429_burst_longer_than_the_retry_budget(api: Api, case: Case) -> None:
+    """Rate limiting that outlasts every retry: backpressure, never a failed poll.
+
+    A hook's poll gives up after its retries, with the rate-limit error. A cancel rides it out for the policy's
+    rate-limit patience (0.5 s here, without using up its retries), then gives up with the same error: the
+    batch is still running, nothing was cancelled. A wait polls on past the failure budget, and only its deadline
+    ends it, with a message that says the API was rate limiting.
+    """
     batch_id = api.seed(case)
-    api.inject(case, batch_id, status=429, times=1000, headers={"Retry-After": "0"})
-    outcome = api.act(case, batch_id)
-    expect_gave_up(outcome, case, OpenAIBatchRateLimitError, "HTTP 429")
-    if case.is_hook or case.phase == "cancel":
-        assert len(api.requests(batch_id, case.method)) == RETRIES + 1
+    # OpenAI's own 429: the window is spent, and resets (here) at once; the governor pauses until then.
+    limit = {"Retry-After": "0", "x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1ms"}
+    api.inject(case, batch_id, status=429, times=10_000, headers=limit)
+    outcome = api.act(case, batch_id, timeout=1.0)
+    refused = api.requests(batch_id, case.method)
+    if case.is_hook and case.phase == "poll":
+        expect_gave_up(outcome, case, OpenAIBatchRateLimitError, "HTTP 429")
+        assert len(refused) == RETRIES + 1
+    elif case.phase == "cancel":
+        expect_gave_up(outcome, case, OpenAIBatchRateLimitError, "rate limiting")
         assert outcome.error.transient and outcome.error.status_code == 429
-        assert api.emulator.batch(batch_id)["status"] == (
-            "in_progress" if case.phase == "cancel" else "cancelling"
-        )
+        assert len(refused) > RETRIES + 1, "a rate-limited cancel is retried beyond the retry budget"
+        assert api.emulator.batch(batch_id)["status"] == "in_progress"
     else:
-        assert len(api.requests(batch_id, "GET")) == TOLERATED_POLLS * (RETRIES + 1)
+        message = str(outcome.error) if case.is_operator else outcome.event["message"]
+        assert case.is_operator or outcome.event["status"] == "timeout", outcome.event
+        assert "at the deadline" in message and "rate limiting" in message
+        assert "failed polls" not in message
+        assert len(refused) > TOLERATED_POLLS * (RETRIES + 1), "the failure budget was not what ended the wait"
 
 
 # -- 5xx: server errors -----------------------------------------------------------------------------------------

@@ -23,13 +23,14 @@ from typing import Any
 
 import httpx
 import pytest
+from airflow.providers.common.compat.sdk import Connection
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from pytest_mock import MockerFixture
 
-from airflow_provider_openai_batch.hooks import _async_clients, _transport
+from airflow_provider_openai_batch.hooks import _async_clients, _connection, _transport
 from airflow_provider_openai_batch.hooks._connection import ConnectionSettings, shared_ssl_context
 from airflow_provider_openai_batch.hooks._transport import KeepAliveTransport
 
@@ -664,7 +665,7 @@ async def test_httpx_keeps_routing_when_a_proxy_is_configured(
 
 
 async def test_triggers_starting_together_build_one_tls_context(mocker: MockerFixture) -> None:
-    shared_ssl_context.cache_clear()
+    _connection._ssl_contexts.clear()
     builds = mocker.spy(httpx, "create_ssl_context")
     settings = [settings_for(f"https://api{index}.openai.test/v1") for index in range(20)]
     try:
@@ -677,14 +678,64 @@ async def test_triggers_starting_together_build_one_tls_context(mocker: MockerFi
 
 
 async def test_a_failed_tls_context_build_is_retried_by_the_next_caller(mocker: MockerFixture) -> None:
-    shared_ssl_context.cache_clear()
+    _connection._ssl_contexts.clear()
     real_build: Callable[..., ssl.SSLContext] = httpx.create_ssl_context
     mocker.patch.object(
         httpx, "create_ssl_context", side_effect=[OSError("CA bundle unreadable"), real_build()]
     )
     settings = settings_for("https://api.openai.test/v1")
-    with pytest.raises(OSError, match="CA bundle unreadable"):
+    with pytest.raises(ValueError, match="CA bundle unreadable"):
         await _async_clients.acquire(settings)
     shared = await _async_clients.acquire(settings)
     await _async_clients.release(settings)
     assert shared.transport is not None
+
+
+# -- private CAs: the connection's ca_bundle extra, SSL_CERT_FILE, REQUESTS_CA_BUNDLE -------------------------
+
+
+@pytest.fixture
+def fresh_tls_contexts(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No TLS context built yet, and no CA variables from the environment running the tests."""
+    for name in ("SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
+    _connection._ssl_contexts.clear()
+    yield
+    _connection._ssl_contexts.clear()
+
+
+@pytest.mark.parametrize("source", ["ca_bundle extra", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"])
+async def test_a_private_ca_is_trusted_sync_and_async(
+    tls_server: ScriptedServer,
+    certificate: Certificate,
+    fresh_tls_contexts: None,
+    monkeypatch: pytest.MonkeyPatch,
+    source: str,
+) -> None:
+    extras: dict[str, str] = {}
+    if source == "ca_bundle extra":
+        extras["ca_bundle"] = str(certificate.cert_file)
+    else:
+        monkeypatch.setenv(source, str(certificate.cert_file))
+    conn = Connection(conn_id="private_ca", conn_type="openai_batch", password="sk-ca-test", host=f"{tls_server.url}/v1")
+    settings = ConnectionSettings.from_connection(conn, extras)
+    shared = await _async_clients.acquire(settings)
+    try:
+        assert (await shared.send(shared.client.build_request("GET", "/batches/batch_1"))).status_code == 200
+    finally:
+        await _async_clients.release(settings)
+    with httpx.Client(**settings.client_kwargs()) as client:
+        assert (await asyncio.to_thread(client.get, "/batches/batch_1")).status_code == 200
+    assert len(tls_server.requests) == 2
+
+
+async def test_an_unreadable_ca_bundle_is_named_before_any_request(
+    tls_server: ScriptedServer, tmp_path: Path, fresh_tls_contexts: None
+) -> None:
+    missing = tmp_path / "corporate-ca.pem"
+    settings = ConnectionSettings(
+        conn_id="private_ca", api_key="sk-ca-test", base_url=f"{tls_server.url}/v1", ca_bundle=str(missing)
+    )
+    with pytest.raises(ValueError, match="corporate-ca.pem"):
+        await _async_clients.acquire(settings)
+    assert tls_server.requests == []

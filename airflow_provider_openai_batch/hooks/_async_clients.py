@@ -4,7 +4,9 @@ A triggerer runs up to a thousand triggers in one event loop. Giving each its ow
 TLS context (loading the CA bundle from disk: blocking file I/O on the loop) and a connection pool. Instead,
 hooks with equal connection settings on the same loop share one reference-counted client, closed when its last
 user leaves. Its requests go through :class:`KeepAliveTransport`, whose CPU per request does not grow with the
-number of waiting triggers, behind a semaphore that bounds the requests in flight (and so the sockets open).
+number of waiting triggers, behind a semaphore that bounds the requests in flight (and so the sockets open), and
+behind the process's rate governor for the connection's API key (``_rate.py``), which every hook and client on
+that key shares.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from urllib.request import getproxies
 
 import httpx
 
-from airflow_provider_openai_batch.hooks._connection import ConnectionSettings, shared_ssl_context
+from airflow_provider_openai_batch.hooks._connection import ConnectionSettings, has_ssl_context, shared_ssl_context
+from airflow_provider_openai_batch.hooks._rate import RateGovernor, governor_for
 from airflow_provider_openai_batch.hooks._transport import KeepAliveTransport
 
 #: Requests in flight per shared client, hence its most open connections. It also bounds how many responses
@@ -28,11 +31,12 @@ MAX_CONCURRENT_REQUESTS = 16
 
 @dataclass
 class SharedAsyncClient:
-    """One client, the lean transport it sends through (if any), the gate that bounds its concurrency, and the
-    count of hooks using it."""
+    """One client, the lean transport it sends through (if any), the rate governor of its API key, the gate that
+    bounds its concurrency, and the count of hooks using it."""
 
     client: httpx.AsyncClient
     transport: KeepAliveTransport | None
+    governor: RateGovernor
     gate: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_CONCURRENT_REQUESTS))
     users: int = 0
 
@@ -44,6 +48,9 @@ class SharedAsyncClient:
         redirect) and would add a tenth of a poll's CPU.
         """
         async with self.gate:
+            # The turn is taken inside the gate: requests queued behind it have not reserved a start yet, so
+            # the rate the governor learns from the first answers applies to them (a cold burst stays small).
+            await self.governor.wait_turn()
             if self.transport is None:
                 return await self.client.send(request)
             response = await self.transport.handle_async_request(request)
@@ -54,45 +61,50 @@ class SharedAsyncClient:
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[ConnectionSettings, SharedAsyncClient]] = (
     weakref.WeakKeyDictionary()
 )
-_tls_builds: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Future[object]] = weakref.WeakKeyDictionary()
+_tls_builds: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str | None, asyncio.Future[object]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 async def acquire(settings: ConnectionSettings) -> SharedAsyncClient:
     """Return the loop's client for ``settings``, creating it on first use; pair every call with :func:`release`."""
-    await _tls_context_built()
+    await _tls_context_built(settings.ca_bundle)
     per_loop = _clients.setdefault(asyncio.get_running_loop(), {})
     shared = per_loop.get(settings)
     if shared is None:
-        transport = _transport_for(settings.base_url)
+        transport = _transport_for(settings)
         client = httpx.AsyncClient(**settings.client_kwargs(), transport=transport)
-        shared = per_loop[settings] = SharedAsyncClient(client, transport)
+        governor = governor_for(settings.base_url, settings.api_key)
+        shared = per_loop[settings] = SharedAsyncClient(client, transport, governor)
     shared.users += 1
     return shared
 
 
-async def _tls_context_built() -> None:
-    """Build the process's TLS context off the event loop (it reads the CA bundle from disk), once.
+async def _tls_context_built(ca_bundle: str | None) -> None:
+    """Build the process's TLS context for ``ca_bundle`` off the event loop (it reads the CA bundle from disk),
+    once.
 
     Triggers that start together wait for the same build rather than each starting one; the build is shielded
     so that a trigger cancelled meanwhile does not cancel it for the others.
     """
-    if shared_ssl_context.cache_info().currsize:
+    if has_ssl_context(ca_bundle):
         return
     loop = asyncio.get_running_loop()
-    build = _tls_builds.get(loop)
+    builds = _tls_builds.setdefault(loop, {})
+    build = builds.get(ca_bundle)
     if build is None:
-        build = _tls_builds[loop] = asyncio.ensure_future(asyncio.to_thread(shared_ssl_context))
-        build.add_done_callback(lambda _: _tls_builds.pop(loop, None))
+        build = builds[ca_bundle] = asyncio.ensure_future(asyncio.to_thread(shared_ssl_context, ca_bundle))
+        build.add_done_callback(lambda _: builds.pop(ca_bundle, None))
     await asyncio.shield(build)
 
 
-def _transport_for(base_url: str) -> KeepAliveTransport | None:
+def _transport_for(settings: ConnectionSettings) -> KeepAliveTransport | None:
     """The lean transport, unless a proxy may apply: then ``None``, so that httpx routes through its proxy
     transports (with the ``NO_PROXY`` rules it reads from the same environment)."""
     proxies = getproxies()
-    if proxies.get(httpx.URL(base_url).scheme) or proxies.get("all"):
+    if proxies.get(httpx.URL(settings.base_url).scheme) or proxies.get("all"):
         return None
-    return KeepAliveTransport(ssl_context=shared_ssl_context(), max_idle=MAX_CONCURRENT_REQUESTS)
+    return KeepAliveTransport(ssl_context=shared_ssl_context(settings.ca_bundle), max_idle=MAX_CONCURRENT_REQUESTS)
 
 
 async def release(settings: ConnectionSettings) -> None:

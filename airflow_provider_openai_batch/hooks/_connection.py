@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import ssl
 from dataclasses import dataclass, field
-from functools import cache
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import httpx
@@ -44,6 +44,8 @@ class ConnectionSettings:
     api_version: str | None = None
     timeout: float = DEFAULT_TIMEOUT
     max_retries: int = DEFAULT_MAX_RETRIES
+    #: A CA bundle (file or folder) for a private CA or a TLS-inspecting proxy; read when a client is built.
+    ca_bundle: str | None = None
 
     @classmethod
     def from_connection(cls, conn: Connection, extras: dict[str, Any] | None) -> ConnectionSettings:
@@ -83,6 +85,7 @@ class ConnectionSettings:
             api_version=pick("api_version"),
             timeout=_number(conn_id, "timeout", pick("timeout"), DEFAULT_TIMEOUT, float, minimum=0, strict=True),
             max_retries=_number(conn_id, "max_retries", pick("max_retries"), DEFAULT_MAX_RETRIES, int, minimum=0),
+            ca_bundle=pick("ca_bundle"),
         )
 
     @property
@@ -107,14 +110,39 @@ class ConnectionSettings:
             "headers": self.headers,
             "params": self.params,
             "timeout": httpx.Timeout(self.timeout),
-            "verify": shared_ssl_context(),
+            "verify": shared_ssl_context(self.ca_bundle),
         }
 
 
-@cache
-def shared_ssl_context() -> ssl.SSLContext:
-    """One TLS context per process: building one reads the CA bundle from disk, so it is never done twice."""
-    return httpx.create_ssl_context()
+_ssl_contexts: dict[str | None, ssl.SSLContext] = {}
+
+
+def has_ssl_context(ca_bundle: str | None) -> bool:
+    return ca_bundle in _ssl_contexts
+
+
+def shared_ssl_context(ca_bundle: str | None = None) -> ssl.SSLContext:
+    """One TLS context per CA bundle per process: building one reads the bundle from disk, so it is done once.
+
+    The CAs trusted are, first found: the connection's ``ca_bundle`` extra; ``SSL_CERT_FILE`` or
+    ``SSL_CERT_DIR`` (read by httpx); ``REQUESTS_CA_BUNDLE``, which requests-based tools and many corporate
+    machines set; else certifi's bundle.
+    """
+    if (context := _ssl_contexts.get(ca_bundle)) is not None:
+        return context
+    bundle = ca_bundle
+    if bundle is None and not (os.environ.get("SSL_CERT_FILE") or os.environ.get("SSL_CERT_DIR")):
+        bundle = os.environ.get("REQUESTS_CA_BUNDLE") or None
+    try:
+        if bundle is None:
+            context = httpx.create_ssl_context()
+        elif os.path.isdir(bundle):
+            context = ssl.create_default_context(capath=bundle)
+        else:
+            context = ssl.create_default_context(cafile=bundle)
+    except (OSError, ssl.SSLError) as error:
+        raise ValueError(f"Cannot load the CA bundle {bundle!r}: {error}") from error
+    return _ssl_contexts.setdefault(ca_bundle, context)
 
 
 def _validated_base_url(conn_id: str, raw: str) -> str:

@@ -24,6 +24,14 @@ def is_retryable_status(status_code: int) -> bool:
     return status_code in RETRYABLE_STATUS_CODES or status_code >= 500
 
 
+def is_rate_limited(outcome: httpx.Response | httpx.TransportError) -> bool:
+    """A 429, or a 503 with a retry hint: the API asks to slow down, it is not broken."""
+    if not isinstance(outcome, httpx.Response):
+        return False
+    status = outcome.status_code
+    return status == 429 or (status == 503 and retry_after_seconds(outcome.headers) is not None)
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """Capped exponential backoff with jitter that honours the server's retry hints.
@@ -33,12 +41,15 @@ class RetryPolicy:
     :param max_delay: upper bound of the computed backoff, in seconds.
     :param max_retry_after: a server hint longer than this is ignored in favour of the computed backoff, so a
         misbehaving proxy cannot park a task for an hour.
+    :param rate_limit_patience: how long a request that may not give up lightly (a cancel: giving up leaves the
+        batch billing) goes on being retried while the API rate limits it, without using up ``max_retries``.
     """
 
     max_retries: int = DEFAULT_MAX_RETRIES
     initial_delay: float = 0.5
     max_delay: float = 8.0
     max_retry_after: float = 60.0
+    rate_limit_patience: float = 300.0
 
     def delay_before_retry(self, retries_done: int, outcome: httpx.Response | httpx.TransportError) -> float | None:
         """Seconds to wait before retrying after ``outcome``, or ``None`` if ``outcome`` is final."""
@@ -51,6 +62,10 @@ class RetryPolicy:
             if hint is not None and 0 <= hint <= self.max_retry_after:
                 return hint
         return self.backoff(retries_done)
+
+    def attempts(self, *, patient: bool, now: float) -> Attempts:
+        """Track one request's retries from ``now``; a ``patient`` one rides out rate limiting for a while."""
+        return Attempts(self, now + (self.rate_limit_patience if patient else 0.0))
 
     def backoff(self, retries_done: int) -> float:
         delay = min(self.initial_delay * 2**retries_done, self.max_delay)
@@ -74,3 +89,26 @@ def retry_after_seconds(headers: httpx.Headers) -> float | None:
         return parsedate_to_datetime(value).timestamp() - time()
     except (TypeError, ValueError):
         return None
+
+
+@dataclass
+class Attempts:
+    """One request's retries so far.
+
+    A rate-limited answer within the request's patience is retried without using up ``max_retries``: it is
+    backpressure, and the shared rate governor (``_rate.py``) already holds every request until the API's hint,
+    so the retry itself waits no longer. Past the patience, or for any other outcome, the policy decides.
+    """
+
+    policy: RetryPolicy
+    patience_until: float
+    retries_done: int = 0
+
+    def delay_after(self, outcome: httpx.Response | httpx.TransportError, now: float) -> float | None:
+        """Seconds to wait before retrying after ``outcome``, or ``None`` if ``outcome`` is final."""
+        if now < self.patience_until and is_rate_limited(outcome):
+            return 0.0
+        delay = self.policy.delay_before_retry(self.retries_done, outcome)
+        if delay is not None:
+            self.retries_done += 1
+        return delay

@@ -24,12 +24,14 @@ from airflow_provider_openai_batch.exceptions import (
     OpenAIBatchAuthenticationError,
     OpenAIBatchConnectionError,
     OpenAIBatchError,
+    OpenAIBatchGatewayError,
     OpenAIBatchRateLimitError,
     OpenAIBatchResponseError,
 )
 from airflow_provider_openai_batch.hooks import _async_clients, _connection_form
 from airflow_provider_openai_batch.hooks._connection import ConnectionSettings
-from airflow_provider_openai_batch.hooks._retry import RetryPolicy
+from airflow_provider_openai_batch.hooks._rate import RateGovernor, governor_for
+from airflow_provider_openai_batch.hooks._retry import Attempts, RetryPolicy, is_rate_limited
 from airflow_provider_openai_batch.models import FINISHED_STATUSES, Batch, BatchList
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -133,7 +135,7 @@ class OpenAIBatchHook(BaseHook):
     def get_batch(self, batch_id: str) -> Batch:
         """Retrieve a batch."""
         path = _batch_path(batch_id)
-        return _parse(self._send("GET", path, batch_id=batch_id), Batch, batch_id)
+        return _parse(self._send("GET", path, batch_id=batch_id, patient=False), Batch, batch_id)
 
     def cancel_batch(self, batch_id: str) -> Batch:
         """Ask the API to cancel a batch and return it, usually in ``cancelling``.
@@ -179,25 +181,40 @@ class OpenAIBatchHook(BaseHook):
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _send(self, method: str, path: str, *, batch_id: str | None = None, params: dict | None = None) -> httpx.Response:
+    @cached_property
+    def _governor(self) -> RateGovernor:
+        return governor_for(self.settings.base_url, self.settings.api_key)
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        batch_id: str | None = None,
+        params: dict | None = None,
+        patient: bool = True,
+    ) -> httpx.Response:
+        """Send with retries. Cancels and list pages are ``patient``: rate limiting is ridden out for the
+        policy's ``rate_limit_patience``. A poll is not: refused, it is backpressure for its wait, which polls again
+        until its own deadline."""
         request = self.client.build_request(method, path, params=params)
-        retries_done = 0
+        attempts = self.retry_policy.attempts(patient=patient, now=time.monotonic())
         while True:
+            self._governor.wait_turn_sync()
             try:
                 outcome: httpx.Response | httpx.TransportError = self.client.send(request)
             except httpx.TransportError as error:
                 outcome = error
-            if (delay := self._retry_delay(request, retries_done, outcome)) is None:
+            if (delay := self._retry_delay(request, attempts, outcome, self._governor)) is None:
                 return _successful(outcome, batch_id, self.settings.api_key)
             time.sleep(delay)
-            retries_done += 1
 
     # -- async API --------------------------------------------------------------------------------------------
 
     async def aget_batch(self, batch_id: str) -> Batch:
         """Retrieve a batch without blocking the event loop."""
         path = _batch_path(batch_id)
-        return _parse(await self._asend("GET", path, batch_id=batch_id), Batch, batch_id)
+        return _parse(await self._asend("GET", path, batch_id=batch_id, patient=False), Batch, batch_id)
 
     async def acancel_batch(self, batch_id: str) -> Batch:
         """Async :meth:`cancel_batch`, with the same idempotency."""
@@ -240,20 +257,26 @@ class OpenAIBatchHook(BaseHook):
         return self._shared_async_client
 
     async def _asend(
-        self, method: str, path: str, *, batch_id: str | None = None, params: dict | None = None
+        self,
+        method: str,
+        path: str,
+        *,
+        batch_id: str | None = None,
+        params: dict | None = None,
+        patient: bool = True,
     ) -> httpx.Response:
+        """Async :meth:`_send`."""
         shared = await self._ashared()
         request = self._abuilt_request(shared.client, method, path, params)
-        retries_done = 0
+        attempts = self.retry_policy.attempts(patient=patient, now=time.monotonic())
         while True:
             try:
                 outcome: httpx.Response | httpx.TransportError = await shared.send(request)
             except httpx.TransportError as error:
                 outcome = error
-            if (delay := self._retry_delay(request, retries_done, outcome)) is None:
+            if (delay := self._retry_delay(request, attempts, outcome, shared.governor)) is None:
                 return _successful(outcome, batch_id, (await self.asettings()).api_key)
             await asyncio.sleep(delay)
-            retries_done += 1
 
     def _abuilt_request(
         self, client: httpx.AsyncClient, method: str, path: str, params: dict | None
@@ -273,16 +296,30 @@ class OpenAIBatchHook(BaseHook):
     # -- shared by both paths ---------------------------------------------------------------------------------
 
     def _retry_delay(
-        self, request: httpx.Request, retries_done: int, outcome: httpx.Response | httpx.TransportError
+        self,
+        request: httpx.Request,
+        attempts: Attempts,
+        outcome: httpx.Response | httpx.TransportError,
+        governor: RateGovernor,
     ) -> float | None:
-        delay = self.retry_policy.delay_before_retry(retries_done, outcome)
-        if delay is not None:
+        """Tell the governor what came back, then decide (and log) whether and when to retry."""
+        now = time.monotonic()
+        if isinstance(outcome, httpx.Response):
+            governor.observe(outcome, now, self.retry_policy.max_retry_after)
+        retries_done = attempts.retries_done
+        delay = attempts.delay_after(outcome, now)
+        if delay is None:
+            return None
+        if attempts.retries_done == retries_done:  # backpressure within the patience: paced, not failing
+            self.log.info("%s %s got %s; the API is rate limiting, retrying when it allows.",
+                          request.method, request.url.path, _describe(outcome))
+        else:
             self.log.warning(
                 "%s %s got %s; retry %d of %d in %.2f s.",
                 request.method,
                 request.url.path,
                 _describe(outcome),
-                retries_done + 1,
+                attempts.retries_done,
                 self.retry_policy.max_retries,
                 delay,
             )
@@ -371,16 +408,26 @@ def _api_error(response: httpx.Response, batch_id: str | None, api_key: str) -> 
         )
     if status == 404:
         return BatchNotFoundError(f"OpenAI Batch API found no {subject} (HTTP 404){detail}", **kwargs)
+    if status in (401, 403) and api_message is None and not _is_json(response):
+        return OpenAIBatchGatewayError(
+            f"A proxy or CDN answered for {subject} instead of the OpenAI Batch API (HTTP {status}, "
+            f"{response.headers.get('content-type', 'no content type')}); treated as transient.",
+            **kwargs,
+        )
     if status in (401, 403):
         return OpenAIBatchAuthenticationError(
             f"OpenAI Batch API refused the credentials for {subject} (HTTP {status}){detail}", **kwargs
         )
-    if status == 429:
+    if is_rate_limited(response):
         return OpenAIBatchRateLimitError(
-            f"OpenAI Batch API is still rate limiting requests for {subject} after all retries (HTTP 429){detail}",
+            f"OpenAI Batch API is still rate limiting requests for {subject} after all retries (HTTP {status}){detail}",
             **kwargs,
         )
     return OpenAIBatchAPIError(f"OpenAI Batch API request for {subject} failed with HTTP {status}{detail}", **kwargs)
+
+
+def _is_json(response: httpx.Response) -> bool:
+    return "json" in response.headers.get("content-type", "")
 
 
 def _error_message(response: httpx.Response, api_key: str) -> str | None:

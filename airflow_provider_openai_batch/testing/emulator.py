@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import math
 import json
 import re
 import secrets
@@ -85,16 +86,42 @@ class Fault:
             raise ValueError("A fault must affect at least one request (times >= 1).")
 
     @classmethod
-    def rate_limited(cls, times: int = 1, *, retry_after: float | None = None, **match: Any) -> Fault:
+    def rate_limited(
+        cls, times: int = 1, *, retry_after: float | None = None, headers: dict[str, str] | None = None, **match: Any
+    ) -> Fault:
         """A 429 like OpenAI's, with a ``Retry-After`` header (seconds) when ``retry_after`` is given."""
-        headers = {} if retry_after is None else {"Retry-After": f"{retry_after:g}"}
-        return cls("status", times=times, status=429, headers=headers, **match)
+        hint = {} if retry_after is None else {"Retry-After": f"{retry_after:g}"}
+        return cls("status", times=times, status=429, headers={**hint, **(headers or {})}, **match)
 
     def matches(self, method: str, path: str) -> bool:
         """Whether this fault applies to a request, by method and by regex search in the path."""
         return (self.method is None or self.method.upper() == method) and (
             self.path is None or re.search(self.path, path) is not None
         )
+
+
+@dataclass
+class _RateWindow:
+    """A fixed-window request limit, and the OpenAI headers that describe it."""
+
+    limit: int
+    per: float
+    started: float = float("-inf")
+    used: int = 0
+
+    def admit(self, now: float) -> tuple[bool, dict[str, str]]:
+        """Whether a request arriving ``now`` is refused, and the rate headers of its answer."""
+        if now - self.started >= self.per:
+            self.started, self.used = now, 0
+        refused = self.used >= self.limit
+        self.used += 0 if refused else 1
+        reset_ms = max(1, math.ceil((self.started + self.per - now) * 1000))
+        headers = {
+            "x-ratelimit-limit-requests": str(self.limit),
+            "x-ratelimit-remaining-requests": str(self.limit - self.used),
+            "x-ratelimit-reset-requests": f"{reset_ms}ms",
+        }
+        return refused, {**headers, "retry-after-ms": str(reset_ms)} if refused else headers
 
 
 def _fault_response(fault: Fault) -> Response:
@@ -146,6 +173,7 @@ class BatchAPIEmulator:
         self._requests: list[RecordedRequest] = []
         self._cancels: dict[str, int] = {}
         self._finish_on_poll: dict[str, int] = {}  # batch id -> the GET that ends it (``finish_after_polls``)
+        self._rate_limit: _RateWindow | None = None
         self._stopping = threading.Event()  # cuts "delay" faults short when the server stops
         self._server: Server | None = None
         self._thread: threading.Thread | None = None
@@ -274,6 +302,17 @@ class BatchAPIEmulator:
         with self._lock:
             self._faults.clear()
 
+    def limit_rate(self, requests: int | None, per: float = 1.0) -> None:
+        """Serve at most ``requests`` API requests every ``per`` seconds, like an organisation's rate limit.
+
+        Beyond it, requests get OpenAI's 429 ("Rate limit reached for requests") with ``retry-after-ms`` set to
+        the end of the window. Every answer carries OpenAI's ``x-ratelimit-limit-requests``,
+        ``x-ratelimit-remaining-requests`` and ``x-ratelimit-reset-requests`` headers. ``None`` lifts the limit.
+        The window is fixed: it starts at the first request after the previous one ended.
+        """
+        with self._lock:
+            self._rate_limit = None if requests is None else _RateWindow(requests, per)
+
     @property
     def requests(self) -> list[RecordedRequest]:
         """Every request received, control endpoints excluded; recorded before its answer is sent."""
@@ -305,6 +344,19 @@ class BatchAPIEmulator:
 
     def _answer(self, request: RecordedRequest, segments: list[str]) -> tuple[Response | None, str | None]:
         """The response (None drops the connection) and the status of the batch it carries, if one."""
+        with self._lock:
+            window = self._rate_limit
+            refused, limit_headers = window.admit(request.at) if window else (False, {})
+        if refused:
+            return _fault_response(Fault.rate_limited(headers=limit_headers)), None
+        response, batch_status = self._faulted_or_served(request, segments)
+        if response is not None and limit_headers:
+            response = response._replace(headers={**response.headers, **limit_headers})
+        return response, batch_status
+
+    def _faulted_or_served(
+        self, request: RecordedRequest, segments: list[str]
+    ) -> tuple[Response | None, str | None]:
         fault = self._admit(request.method, request.path, segments)
         if fault is None:
             return self._api(request, segments)
