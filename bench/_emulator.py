@@ -82,6 +82,9 @@ def _execute(emulator: BatchAPIEmulator, command: dict[str, Any]) -> dict[str, A
             return {"per_batch": dict(per_batch)}
         case "last_served":
             return {"statuses": _last_served(emulator, command["ids"])}
+        case "limit_rate":
+            emulator.limit_rate(command["requests"], per=command.get("per", 1.0))
+            return {}
     return {"error": f"unknown command {command['cmd']!r}"}
 
 

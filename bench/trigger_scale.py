@@ -150,8 +150,11 @@ def run_once(
     profile_to: Path | None = None,
     cold: bool = False,
     local_settings: bool = False,
+    rate_limit: int | None = None,
 ) -> dict[str, Any]:
     """One measured run of N triggers of ``provider``; returns the worker's report plus the external samples.
+
+    With ``rate_limit``, each emulator serves that many requests a second, and answers OpenAI's 429 beyond it.
 
     With ``profile_to``, ``py-spy record`` attaches to the worker for the measured window only (wall-clock samples
     of every thread, idle included, written there as raw collapsed stacks): for diagnosis, as it perturbs numbers.
@@ -161,6 +164,9 @@ def run_once(
     try:
         with tempfile.TemporaryFile(mode="w+") as stderr:
             targets = seed(emulators, provider, n, polls)
+            if rate_limit is not None:
+                for emulator in emulators:
+                    emulator.call("limit_rate", requests=rate_limit)
             ids_file = Path(tempfile.mkstemp(prefix="bench-ids-", suffix=".json")[1])
             ids_file.write_text(json.dumps(targets))
             conns = {
@@ -253,6 +259,7 @@ def run_once(
         "package_sha256": package_digest(),
         "cold": cold,
         "local_settings": local_settings,
+        "rate_limit": rate_limit,
     }
 
 

@@ -16,6 +16,7 @@ from airflow_provider_openai_batch.exceptions import (
     OpenAIBatchAPIError,
     OpenAIBatchAuthenticationError,
     OpenAIBatchConnectionError,
+    OpenAIBatchGatewayError,
     OpenAIBatchRateLimitError,
     OpenAIBatchResponseError,
 )
@@ -71,13 +72,17 @@ def test_cancel_is_idempotent(emulator_connection: BatchAPIEmulator) -> None:
     assert hook().cancel_batch(batch_id).status is BatchStatus.CANCELLING
     assert hook().cancel_batch(batch_id).status is BatchStatus.CANCELLING
     emulator_connection.set_status(batch_id, "cancelled")
-    again = hook().cancel_batch(batch_id)  # the API answers 409 for a cancelled batch: the hook fetches it instead
+    again = hook().cancel_batch(
+        batch_id
+    )  # the API answers 409 for a cancelled batch: the hook fetches it instead
     assert again.status is BatchStatus.CANCELLED
     assert again.output_file_id is not None
 
 
 @pytest.mark.parametrize("status", ["completed", "failed", "expired"])
-def test_cancel_of_a_finished_batch_raises_with_its_status(emulator_connection: BatchAPIEmulator, status: str) -> None:
+def test_cancel_of_a_finished_batch_raises_with_its_status(
+    emulator_connection: BatchAPIEmulator, status: str
+) -> None:
     batch_id = emulator_connection.add_batch(status=status)["id"]
     with pytest.raises(BatchNotCancellableError) as caught:
         hook().cancel_batch(batch_id)
@@ -124,7 +129,9 @@ def test_list_batches_starts_after_a_cursor(emulator_connection: BatchAPIEmulato
 
 
 @pytest.mark.parametrize("limit", [0, 101, -1, "10", True, 2.5])
-def test_list_rejects_bad_limits_before_any_request(emulator_connection: BatchAPIEmulator, limit: object) -> None:
+def test_list_rejects_bad_limits_before_any_request(
+    emulator_connection: BatchAPIEmulator, limit: object
+) -> None:
     with pytest.raises(ValueError, match="limit must be an integer from 1 to 100"):
         next(hook().list_batches(limit=limit))  # type: ignore[arg-type]
     assert emulator_connection.requests == []
@@ -167,7 +174,9 @@ def test_rate_limit_that_outlasts_the_retries(emulator_connection: BatchAPIEmula
 
 
 @pytest.mark.parametrize("status", [500, 502, 503])
-def test_server_errors_shorter_than_the_budget_are_absorbed(emulator_connection: BatchAPIEmulator, status: int) -> None:
+def test_server_errors_shorter_than_the_budget_are_absorbed(
+    emulator_connection: BatchAPIEmulator, status: int
+) -> None:
     batch_id = emulator_connection.add_batch()["id"]
     emulator_connection.inject(Fault(kind="status", status=status, times=FAST_RETRIES.max_retries))
     assert hook().get_batch(batch_id).id == batch_id
@@ -211,7 +220,9 @@ def test_connection_refused_after_retries(set_connection: Callable) -> None:
     with BatchAPIEmulator(api_key=FAKE_API_KEY) as server:
         url = server.base_url  # a loopback port that is closed once the emulator stops
     set_connection(password=FAKE_API_KEY, host=url)
-    with pytest.raises(OpenAIBatchConnectionError, match=r"No response .* batch 'batch_x': ConnectError") as caught:
+    with pytest.raises(
+        OpenAIBatchConnectionError, match=r"No response .* batch 'batch_x': ConnectError"
+    ) as caught:
         hook().get_batch("batch_x")
     assert caught.value.transient
 
@@ -269,11 +280,26 @@ def test_html_error_page_from_a_proxy_is_a_server_error(emulator_connection: Bat
 
 # -- bad input --------------------------------------------------------------------------------------------------
 
-BAD_IDS = [None, "", " ", "batch 1", 42, ["batch_1"], "../files", "batch_1/cancel", "batch?x=1", "b" * 300, "batch_é", "batch_1\n"]
+BAD_IDS = [
+    None,
+    "",
+    " ",
+    "batch 1",
+    42,
+    ["batch_1"],
+    "../files",
+    "batch_1/cancel",
+    "batch?x=1",
+    "b" * 300,
+    "batch_é",
+    "batch_1\n",
+]
 
 
 @pytest.mark.parametrize("batch_id", BAD_IDS)
-def test_bad_batch_ids_are_rejected_before_any_request(emulator_connection: BatchAPIEmulator, batch_id: object) -> None:
+def test_bad_batch_ids_are_rejected_before_any_request(
+    emulator_connection: BatchAPIEmulator, batch_id: object
+) -> None:
     for call in (hook().get_batch, hook().cancel_batch):
         with pytest.raises(ValueError, match="batch id"):
             call(batch_id)  # type: ignore[arg-type]
@@ -288,7 +314,13 @@ def test_bad_batch_ids_are_rejected_before_any_request(emulator_connection: Batc
 def test_official_provider_connection_style(emulator: BatchAPIEmulator, set_connection: Callable) -> None:
     set_connection(
         "openai_official",
-        extra={"openai_client_kwargs": {"api_key": FAKE_API_KEY, "base_url": emulator.base_url, "organization": "org-1"}},
+        extra={
+            "openai_client_kwargs": {
+                "api_key": FAKE_API_KEY,
+                "base_url": emulator.base_url,
+                "organization": "org-1",
+            }
+        },
     )
     batch_id = emulator.add_batch()["id"]
     assert hook("openai_official").get_batch(batch_id).id == batch_id
@@ -298,15 +330,21 @@ def test_official_provider_connection_style(emulator: BatchAPIEmulator, set_conn
 
 
 def test_organization_and_project_headers(emulator: BatchAPIEmulator, set_connection: Callable) -> None:
-    set_connection(password=FAKE_API_KEY, host=emulator.base_url, extra={"organization": "org-9", "project": "proj-3"})
+    set_connection(
+        password=FAKE_API_KEY, host=emulator.base_url, extra={"organization": "org-9", "project": "proj-3"}
+    )
     hook().get_batch(emulator.add_batch()["id"])
     headers = emulator.requests[0].headers
     assert (headers["openai-organization"], headers["openai-project"]) == ("org-9", "proj-3")
 
 
-def test_azure_sends_an_api_key_header_and_api_version(emulator: BatchAPIEmulator, set_connection: Callable) -> None:
+def test_azure_sends_an_api_key_header_and_api_version(
+    emulator: BatchAPIEmulator, set_connection: Callable
+) -> None:
     set_connection(
-        password=FAKE_API_KEY, host=emulator.base_url, extra={"api_type": "azure", "api_version": "2024-10-21"}
+        password=FAKE_API_KEY,
+        host=emulator.base_url,
+        extra={"api_type": "azure", "api_version": "2024-10-21"},
     )
     batch_id = emulator.add_batch()["id"]
     assert hook().cancel_batch(batch_id).status is BatchStatus.CANCELLING
@@ -322,21 +360,31 @@ def test_azure_sends_an_api_key_header_and_api_version(emulator: BatchAPIEmulato
         ({"host": "http://127.0.0.1:1/v1"}, "has no API key"),
         ({"password": "k" * 20, "host": "api.openai.com/v1"}, "must be an absolute http"),
         ({"password": "k" * 20, "host": "ftp://example.com"}, "must be an absolute http"),
-        ({"password": "k" * 20, "extra": {"timeout": "soon"}}, "extra 'timeout' must be a number, got 'soon'"),
+        (
+            {"password": "k" * 20, "extra": {"timeout": "soon"}},
+            "extra 'timeout' must be a number, got 'soon'",
+        ),
         ({"password": "k" * 20, "extra": {"timeout": 0}}, "extra 'timeout' must be greater than 0"),
         ({"password": "k" * 20, "extra": {"max_retries": -1}}, "extra 'max_retries' must be at least 0"),
-        ({"password": "k" * 20, "extra": {"api_type": "bedrock"}}, "extra 'api_type' must be 'openai' or 'azure'"),
+        (
+            {"password": "k" * 20, "extra": {"api_type": "bedrock"}},
+            "extra 'api_type' must be 'openai' or 'azure'",
+        ),
         ({"password": "k" * 20, "extra": {"openai_client_kwargs": "x"}}, "must be a JSON object"),
     ],
 )
-def test_bad_connections_fail_before_any_request(set_connection: Callable, fields: dict, message: str) -> None:
+def test_bad_connections_fail_before_any_request(
+    set_connection: Callable, fields: dict, message: str
+) -> None:
     set_connection(**fields)
     with pytest.raises(ValueError, match=message) as caught:
         hook().get_batch("batch_abc")
     assert "openai_default" in str(caught.value)
 
 
-def test_clear_text_http_to_a_remote_host_warns(set_connection: Callable, caplog: pytest.LogCaptureFixture) -> None:
+def test_clear_text_http_to_a_remote_host_warns(
+    set_connection: Callable, caplog: pytest.LogCaptureFixture
+) -> None:
     set_connection(password=FAKE_API_KEY, host="http://batch-proxy.internal/v1")
     with caplog.at_level(logging.WARNING):
         settings = hook().settings
@@ -345,7 +393,9 @@ def test_clear_text_http_to_a_remote_host_warns(set_connection: Callable, caplog
     assert FAKE_API_KEY not in caplog.text
 
 
-def test_loopback_http_does_not_warn(emulator_connection: BatchAPIEmulator, caplog: pytest.LogCaptureFixture) -> None:
+def test_loopback_http_does_not_warn(
+    emulator_connection: BatchAPIEmulator, caplog: pytest.LogCaptureFixture
+) -> None:
     with caplog.at_level(logging.WARNING):
         settings = hook().settings
     assert settings.base_url == emulator_connection.base_url
@@ -431,7 +481,9 @@ def mocked_api(set_connection: Callable) -> respx.MockRouter:
 
 
 def test_400_cannot_cancel_is_not_cancellable(mocked_api: respx.MockRouter) -> None:
-    envelope = {"error": {"message": "Cannot cancel a batch with status 'expired'.", "type": "invalid_request_error"}}
+    envelope = {
+        "error": {"message": "Cannot cancel a batch with status 'expired'.", "type": "invalid_request_error"}
+    }
     mocked_api.post("/batches/batch_1/cancel").respond(400, json=envelope)
     with pytest.raises(BatchNotCancellableError) as caught:
         hook().cancel_batch("batch_1")
@@ -446,7 +498,9 @@ def test_other_400_is_a_plain_api_error(mocked_api: respx.MockRouter) -> None:
 
 
 def test_403_is_an_authentication_error(mocked_api: respx.MockRouter) -> None:
-    mocked_api.get("/batches/batch_1").respond(403, json={"error": {"message": "Project does not have access."}})
+    mocked_api.get("/batches/batch_1").respond(
+        403, json={"error": {"message": "Project does not have access."}}
+    )
     with pytest.raises(OpenAIBatchAuthenticationError, match="HTTP 403"):
         hook().get_batch("batch_1")
 
@@ -454,7 +508,16 @@ def test_403_is_an_authentication_error(mocked_api: respx.MockRouter) -> None:
 def test_pagination_over_three_mocked_pages(mocked_api: respx.MockRouter) -> None:
     def page(ids: list[str], has_more: bool) -> httpx.Response:
         data = [batch_json(i) for i in ids]
-        return httpx.Response(200, json={"object": "list", "data": data, "first_id": ids[0], "last_id": ids[-1], "has_more": has_more})
+        return httpx.Response(
+            200,
+            json={
+                "object": "list",
+                "data": data,
+                "first_id": ids[0],
+                "last_id": ids[-1],
+                "has_more": has_more,
+            },
+        )
 
     route = mocked_api.get("/batches")
     route.side_effect = [page(["b_5", "b_4"], True), page(["b_3", "b_2"], True), page(["b_1"], False)]
@@ -465,3 +528,25 @@ def test_pagination_over_three_mocked_pages(mocked_api: respx.MockRouter) -> Non
         {"limit": "2", "after": "b_2"},
     ]
 
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "error_type"),
+    [
+        ("<html><title>Just a moment...</title></html>", "text/html", OpenAIBatchGatewayError),
+        (
+            '{"error": {"message": "Your organization lacks access to this project."}}',
+            "application/json",
+            OpenAIBatchAuthenticationError,
+        ),
+    ],
+    ids=["cdn-page", "openai-envelope"],
+)
+def test_a_403_is_about_the_credentials_only_when_the_api_says_so(
+    emulator_connection: BatchAPIEmulator, body: str, content_type: str, error_type: type
+) -> None:
+    batch_id = emulator_connection.add_batch()["id"]
+    emulator_connection.inject(Fault("body", status=403, body=body, content_type=content_type))
+    with pytest.raises(error_type) as raised, hook() as sync_hook:
+        sync_hook.get_batch(batch_id)
+    assert raised.value.transient is (error_type is OpenAIBatchGatewayError)
+    assert raised.value.status_code == 403

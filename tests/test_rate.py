@@ -31,7 +31,9 @@ def test_unknown_limit_sends_at_once() -> None:
 
 def test_lets_go_what_the_api_says_remains_then_waits_for_the_reset() -> None:
     governor = RateGovernor()
-    governor.observe(answer(x_ratelimit_remaining_requests="3", x_ratelimit_reset_requests="1.5s"), 100.0, CAP)
+    governor.observe(
+        answer(x_ratelimit_remaining_requests="3", x_ratelimit_reset_requests="1.5s"), 100.0, CAP
+    )
     assert starts(governor, 5) == [0.0, 0.0, 0.0, 1.5, 1.5]
     assert starts(governor, 1, now=101.5) == [0.0], "the window reset: the next answer tells its budget"
 
@@ -41,19 +43,29 @@ def test_a_late_answer_does_not_give_back_what_was_already_let_go() -> None:
     governor.observe(answer(x_ratelimit_remaining_requests="10", x_ratelimit_reset_requests="1s"), 100.0, CAP)
     starts(governor, 8)  # 8 requests let go: 2 left
     # An answer to a request sent before those 8 arrives: it still counts them as remaining.
-    governor.observe(answer(x_ratelimit_remaining_requests="9", x_ratelimit_reset_requests="990ms"), 100.01, CAP)
+    governor.observe(
+        answer(x_ratelimit_remaining_requests="9", x_ratelimit_reset_requests="990ms"), 100.01, CAP
+    )
     assert governor.budget == 2
 
 
 def test_openai_reset_durations_are_understood() -> None:
     governor = RateGovernor()
-    governor.observe(answer(x_ratelimit_remaining_requests="0", x_ratelimit_reset_requests="1.5s"), 100.0, CAP)
+    governor.observe(
+        answer(x_ratelimit_remaining_requests="0", x_ratelimit_reset_requests="1.5s"), 100.0, CAP
+    )
     assert governor.paused_until == pytest.approx(101.5)
-    governor.observe(answer(x_ratelimit_remaining_requests="0", x_ratelimit_reset_requests="20ms"), 102.0, CAP)
+    governor.observe(
+        answer(x_ratelimit_remaining_requests="0", x_ratelimit_reset_requests="20ms"), 102.0, CAP
+    )
     assert governor.paused_until == pytest.approx(102.02)
-    governor.observe(answer(x_ratelimit_remaining_requests="0", x_ratelimit_reset_requests="1h2m0s"), 103.0, CAP)
+    governor.observe(
+        answer(x_ratelimit_remaining_requests="0", x_ratelimit_reset_requests="1h2m0s"), 103.0, CAP
+    )
     assert governor.paused_until == pytest.approx(103.0 + CAP), "an exhausted daily window pauses for the cap"
-    governor.observe(answer(x_ratelimit_remaining_requests="3000", x_ratelimit_reset_requests="6m0s"), 200.0, CAP)
+    governor.observe(
+        answer(x_ratelimit_remaining_requests="3000", x_ratelimit_reset_requests="6m0s"), 200.0, CAP
+    )
     assert (governor.budget, governor.window_ends) == (3000, pytest.approx(200.0 + CAP))
 
 
@@ -93,7 +105,9 @@ def test_refusals_without_headers_halve_the_rate_and_successes_bring_it_back() -
 def test_paced_requests_start_in_the_order_they_asked() -> None:
     governor = RateGovernor()
     starts(governor, 40, now=99.5)
-    governor.observe(answer(429), 100.0, CAP)  # no headers: paced at half of the 40 a second that was too much
+    governor.observe(
+        answer(429), 100.0, CAP
+    )  # no headers: paced at half of the 40 a second that was too much
     delays = starts(governor, 20)
     assert delays == sorted(delays) and len(set(delays)) == 20, "each request gets its own, later, start"
 
@@ -148,7 +162,12 @@ def test_a_refusal_seen_by_one_hook_holds_the_requests_of_every_hook(
 def test_the_emulator_limits_the_rate_with_openai_headers(emulator: BatchAPIEmulator) -> None:
     batch_id = emulator.add_batch()["id"]
     emulator.limit_rate(2, per=30.0)
-    answers = [httpx.get(f"{emulator.base_url}/batches/{batch_id}", headers={"Authorization": f"Bearer {emulator.api_key}"}) for _ in range(3)]
+    answers = [
+        httpx.get(
+            f"{emulator.base_url}/batches/{batch_id}", headers={"Authorization": f"Bearer {emulator.api_key}"}
+        )
+        for _ in range(3)
+    ]
     assert [answer.status_code for answer in answers] == [200, 200, 429]
     assert [answer.headers["x-ratelimit-remaining-requests"] for answer in answers] == ["1", "0", "0"]
     assert all(answer.headers["x-ratelimit-limit-requests"] == "2" for answer in answers)
@@ -158,7 +177,9 @@ def test_the_emulator_limits_the_rate_with_openai_headers(emulator: BatchAPIEmul
     assert httpx.get(answers[0].request.url, headers=answers[0].request.headers).status_code == 200
 
 
-def test_a_storm_of_waits_on_one_key_slows_down_instead_of_failing(emulator_connection: BatchAPIEmulator) -> None:
+def test_a_storm_of_waits_on_one_key_slows_down_instead_of_failing(
+    emulator_connection: BatchAPIEmulator,
+) -> None:
     """60 waits in one loop, polling together, against an API serving 30 requests a second: every wait ends
     ``cancelled``, and the governor keeps what is sent within what is served (no 429 storm)."""
     from airflow_provider_openai_batch.triggers.openai_batch import OpenAIBatchCancellationTrigger

@@ -18,9 +18,14 @@ from tests.conftest import FAKE_API_KEY
 CLASSPATH = "airflow_provider_openai_batch.triggers.openai_batch.OpenAIBatchCancellationTrigger"
 
 
-def make_trigger(batch_id: str, *, deadline_in: float = 30, poll_interval: float = 0.01) -> OpenAIBatchCancellationTrigger:
+def make_trigger(
+    batch_id: str, *, deadline_in: float = 30, poll_interval: float = 0.01
+) -> OpenAIBatchCancellationTrigger:
     return OpenAIBatchCancellationTrigger(
-        batch_id=batch_id, conn_id="openai_default", poll_interval=poll_interval, deadline=time.time() + deadline_in
+        batch_id=batch_id,
+        conn_id="openai_default",
+        poll_interval=poll_interval,
+        deadline=time.time() + deadline_in,
     )
 
 
@@ -45,14 +50,18 @@ def cancelling(emulator: BatchAPIEmulator, **kwargs: Any) -> str:
 
 
 def test_serialize_round_trip() -> None:
-    trigger = OpenAIBatchCancellationTrigger(batch_id="batch_1", conn_id="my_conn", poll_interval=15, deadline=1.8e9)
+    trigger = OpenAIBatchCancellationTrigger(
+        batch_id="batch_1", conn_id="my_conn", poll_interval=15, deadline=1.8e9
+    )
     classpath, kwargs = trigger.serialize()
     assert classpath == CLASSPATH
     assert kwargs == {"batch_id": "batch_1", "conn_id": "my_conn", "poll_interval": 15, "deadline": 1.8e9}
     assert import_string(classpath)(**kwargs).serialize() == (classpath, kwargs)
 
 
-async def test_waits_until_cancelled_and_reports_partial_results(emulator_connection: BatchAPIEmulator) -> None:
+async def test_waits_until_cancelled_and_reports_partial_results(
+    emulator_connection: BatchAPIEmulator,
+) -> None:
     batch_id = cancelling(emulator_connection, cancel_after_polls=3)
     event = await run_to_end(make_trigger(batch_id))
     assert event["status"] == "cancelled"
@@ -66,7 +75,9 @@ async def test_waits_until_cancelled_and_reports_partial_results(emulator_connec
 
 
 @pytest.mark.parametrize("finish_as", ["completed", "failed", "expired"])
-async def test_batch_that_finishes_before_the_cancel(emulator_connection: BatchAPIEmulator, finish_as: str) -> None:
+async def test_batch_that_finishes_before_the_cancel(
+    emulator_connection: BatchAPIEmulator, finish_as: str
+) -> None:
     batch_id = cancelling(emulator_connection, cancel_after_polls=1, finish_as=finish_as)
     event = await run_to_end(make_trigger(batch_id))
     assert event["status"] == finish_as
@@ -85,7 +96,9 @@ async def test_times_out_at_the_deadline(emulator_connection: BatchAPIEmulator) 
     assert "still 'cancelling' at the deadline" in event["message"]
 
 
-async def test_deadline_already_passed_polls_once_then_times_out(emulator_connection: BatchAPIEmulator) -> None:
+async def test_deadline_already_passed_polls_once_then_times_out(
+    emulator_connection: BatchAPIEmulator,
+) -> None:
     batch_id = cancelling(emulator_connection, cancel_after_polls=10**9)
     event = await run_to_end(make_trigger(batch_id, deadline_in=-5, poll_interval=60))
     assert event["status"] == "timeout"
@@ -96,7 +109,9 @@ async def test_transient_failures_do_not_end_the_wait(fast_connection: BatchAPIE
     batch_id = cancelling(fast_connection, cancel_after_polls=1)
     fast_connection.inject(Fault(kind="status", status=503, times=2))
     fast_connection.inject(Fault(kind="drop", times=1))
-    fast_connection.inject(Fault(kind="body", status=200, body=b"<html>oops</html>", content_type="text/html"))
+    fast_connection.inject(
+        Fault(kind="body", status=200, body=b"<html>oops</html>", content_type="text/html")
+    )
     event = await run_to_end(make_trigger(batch_id))
     assert event["status"] == "cancelled"
     assert [r.status for r in fast_connection.requests] == [503, 503, 0, 200, 200]
@@ -150,14 +165,18 @@ async def test_restart_resumes_with_the_same_deadline(emulator_connection: Batch
     task.cancel()  # the triggerer stops: the wait is abandoned mid-way
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert _async_clients._clients.get(asyncio.get_running_loop(), {}) == {}, "the client is released on cancel"
+    assert _async_clients._clients.get(asyncio.get_running_loop(), {}) == {}, (
+        "the client is released on cancel"
+    )
 
     classpath, kwargs = first.serialize()
     second = import_string(classpath)(**kwargs)
     assert second.deadline == first.deadline
     event = await run_to_end(second)
     assert event["status"] == "cancelled"
-    assert emulator_connection.cancel_count(batch_id) == 0, "the trigger only polls; it never re-sends the cancel"
+    assert emulator_connection.cancel_count(batch_id) == 0, (
+        "the trigger only polls; it never re-sends the cancel"
+    )
 
 
 async def test_many_triggers_share_one_client(emulator_connection: BatchAPIEmulator, mocker) -> None:
@@ -166,3 +185,21 @@ async def test_many_triggers_share_one_client(emulator_connection: BatchAPIEmula
     events = await asyncio.gather(*(run_to_end(make_trigger(batch_id)) for batch_id in ids))
     assert {event["status"] for event in events} == {"cancelled"}
     assert constructed.call_count == 1
+
+
+CDN_CHALLENGE = (
+    "<!DOCTYPE html><html><title>Attention Required! | Cloudflare</title><body>Checking...</body></html>"
+)
+
+
+async def test_a_cdn_error_page_is_transient_not_an_authentication_error(
+    emulator_connection: BatchAPIEmulator,
+) -> None:
+    """The real API sits behind a CDN: its HTML 403 challenge says nothing about the key or the batch."""
+    batch_id = cancelling(emulator_connection, cancel_after_polls=2)
+    emulator_connection.inject(
+        Fault("body", status=403, times=2, method="GET", body=CDN_CHALLENGE, content_type="text/html")
+    )
+    event = await run_to_end(make_trigger(batch_id))
+    assert event["status"] == "cancelled"
+    assert [r.status for r in emulator_connection.requests][:2] == [403, 403]

@@ -225,7 +225,9 @@ class OpenAIBatchHook(BaseHook):
             conflict = _unsettled(error)
         return _settled(conflict, await self.aget_batch(batch_id))
 
-    async def alist_batches(self, *, after: str | None = None, limit: int = MAX_PAGE_SIZE) -> AsyncIterator[Batch]:
+    async def alist_batches(
+        self, *, after: str | None = None, limit: int = MAX_PAGE_SIZE
+    ) -> AsyncIterator[Batch]:
         """Async :meth:`list_batches`."""
         params = _list_params(after, limit)
         while True:
@@ -311,8 +313,12 @@ class OpenAIBatchHook(BaseHook):
         if delay is None:
             return None
         if attempts.retries_done == retries_done:  # backpressure within the patience: paced, not failing
-            self.log.info("%s %s got %s; the API is rate limiting, retrying when it allows.",
-                          request.method, request.url.path, _describe(outcome))
+            self.log.info(
+                "%s %s got %s; the API is rate limiting, retrying when it allows.",
+                request.method,
+                request.url.path,
+                _describe(outcome),
+            )
         else:
             self.log.warning(
                 "%s %s got %s; retry %d of %d in %.2f s.",
@@ -423,7 +429,9 @@ def _api_error(response: httpx.Response, batch_id: str | None, api_key: str) -> 
             f"OpenAI Batch API is still rate limiting requests for {subject} after all retries (HTTP {status}){detail}",
             **kwargs,
         )
-    return OpenAIBatchAPIError(f"OpenAI Batch API request for {subject} failed with HTTP {status}{detail}", **kwargs)
+    return OpenAIBatchAPIError(
+        f"OpenAI Batch API request for {subject} failed with HTTP {status}{detail}", **kwargs
+    )
 
 
 def _is_json(response: httpx.Response) -> bool:
@@ -457,4 +465,3 @@ def _parse(response: httpx.Response, model: type[ModelT], batch_id: str | None) 
             batch_id=batch_id,
             status_code=response.status_code,
         ) from None
-

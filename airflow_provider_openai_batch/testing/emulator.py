@@ -87,7 +87,12 @@ class Fault:
 
     @classmethod
     def rate_limited(
-        cls, times: int = 1, *, retry_after: float | None = None, headers: dict[str, str] | None = None, **match: Any
+        cls,
+        times: int = 1,
+        *,
+        retry_after: float | None = None,
+        headers: dict[str, str] | None = None,
+        **match: Any,
     ) -> Fault:
         """A 429 like OpenAI's, with a ``Retry-After`` header (seconds) when ``retry_after`` is given."""
         hint = {} if retry_after is None else {"Retry-After": f"{retry_after:g}"}
