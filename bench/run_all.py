@@ -24,6 +24,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import parse_cost
+import rate_limit_storm
 import requests_per_cancel
 import trigger_scale
 from _common import (
@@ -121,6 +122,10 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             "< 50 ms",
             ours_with_settings["lag_max_s"] < TARGET_LAG_MAX_S,
         )
+    storm = results.get("rate_limit_storm", {}).get("runs", {}).get("ours")
+    if storm:
+        for name, value, met in rate_limit_storm.targets(storm):
+            add(f"rate-limit storm: {name}", value, name, met)
     parse = results.get("parse_cost")
     if parse:
         ratio = parse["ratios"]["import_seconds"]
@@ -194,6 +199,14 @@ def format_report(results: dict[str, Any]) -> str:
             "",
             parse_cost.format_table(parse),
         ]
+    if "rate_limit_storm" in results:
+        storm = results["rate_limit_storm"]
+        lines += [
+            "",
+            f"## Rate-limit storm: {storm['n']} waits, {storm['polls']} polls each, API serving {storm['rate']} requests/s",
+            "",
+            rate_limit_storm.format_table(storm),
+        ]
     if "requests_per_cancel" in results:
         lines += [
             "",
@@ -224,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=300.0,
         help="wall-time cap of one trigger-scale run, seconds (default 300: keeps the run near 20 min)",
     )
-    parser.add_argument("--skip", default="", help="comma-separated: scale, settings, parse, requests")
+    parser.add_argument("--skip", default="", help="comma-separated: scale, settings, parse, requests, storm")
     parser.add_argument("--reuse", type=Path, help="take the skipped parts' results from this earlier JSON")
     parser.add_argument(
         "--wait-quiet",
@@ -266,6 +279,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "requests": "requests_per_cancel",
             "scale": "trigger_scale",
             "settings": "trigger_scale_local_settings",
+            "storm": "rate_limit_storm",
         }
         for part in skip:
             if keys[part] in earlier:
@@ -288,6 +302,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         results["trigger_scale_local_settings"] = trigger_scale.measure(
             [n], {n: repeats}, polls=3, cap=args.cap, local_settings=True
+        )
+    if "storm" not in skip:
+        results["other_load_at_start"]["rate_limit_storm"] = wait_until_quiet(args.wait_quiet)
+        print("rate-limit storm ...", file=sys.stderr, flush=True)
+        results["rate_limit_storm"] = rate_limit_storm.main(
+            ["--n", "100" if args.quick else str(rate_limit_storm.N)]
         )
     results["targets"] = evaluate_targets(results)
     results["duration_s"] = time.time() - started
