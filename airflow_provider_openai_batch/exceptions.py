@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from airflow.providers.common.compat.sdk import AirflowException
 
+from airflow_provider_openai_batch.hooks._retry import is_retryable_status
+
 
 class OpenAIBatchError(AirflowException):
     """Base class of every error raised by this provider.
@@ -49,7 +51,8 @@ class OpenAIBatchAPIError(OpenAIBatchError):
 
     @property
     def transient(self) -> bool:  # type: ignore[override]
-        return self.status_code is not None and (self.status_code in (408, 429) or self.status_code >= 500)
+        """The statuses the retry policy retries are the ones worth asking again later."""
+        return self.status_code is not None and is_retryable_status(self.status_code)
 
 
 class BatchNotFoundError(OpenAIBatchAPIError):

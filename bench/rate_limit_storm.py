@@ -39,7 +39,7 @@ def storm(provider: str, n: int, rate: int, polls: int, poll_interval: float, ca
     sent = sum(codes.values())
     served = codes.get("200", 0)
     ideal = n * polls / rate
-    final = "cancelled" if provider == "ours" else "completed"
+    final = "cancelled" if provider == "ours" else "success"
     return {
         "provider": provider,
         "complete": run["complete"],

@@ -22,7 +22,7 @@ def answer(status: int = 200, **headers: str) -> httpx.Response:
 
 def starts(governor: RateGovernor, count: int, now: float = 100.0) -> list[float]:
     """When ``count`` requests asking at ``now`` may start, relative to ``now``."""
-    return [round(governor.reserve(now), 6) for _ in range(count)]
+    return [round(governor.reserve(now)[0], 6) for _ in range(count)]
 
 
 def test_unknown_limit_sends_at_once() -> None:
@@ -32,7 +32,7 @@ def test_unknown_limit_sends_at_once() -> None:
 def test_lets_go_what_the_api_says_remains_then_waits_for_the_reset() -> None:
     governor = RateGovernor()
     governor.observe(
-        answer(x_ratelimit_remaining_requests="3", x_ratelimit_reset_requests="1.5s"), 100.0, CAP
+        answer(x_ratelimit_remaining_requests="3", x_ratelimit_reset_requests="1.5s"), 0, 100.0, CAP
     )
     assert starts(governor, 5) == [0.0, 0.0, 0.0, 1.5, 1.5]
     assert starts(governor, 1, now=101.5) == [0.0], "the window reset: the next answer tells its budget"
@@ -40,51 +40,54 @@ def test_lets_go_what_the_api_says_remains_then_waits_for_the_reset() -> None:
 
 def test_a_late_answer_does_not_give_back_what_was_already_let_go() -> None:
     governor = RateGovernor()
-    governor.observe(answer(x_ratelimit_remaining_requests="10", x_ratelimit_reset_requests="1s"), 100.0, CAP)
-    starts(governor, 8)  # 8 requests let go: 2 left
-    # An answer to a request sent before those 8 arrives: it still counts them as remaining.
+    governor.observe(answer(x_ratelimit_remaining_requests="10", x_ratelimit_reset_requests="1s"), 0, 100.0, CAP)
+    starts(governor, 8)  # tickets 1 to 8 let go: 2 left
+    # The answer to ticket 1 arrives: the server had counted only it, so it says 9 remain.
     governor.observe(
-        answer(x_ratelimit_remaining_requests="9", x_ratelimit_reset_requests="990ms"), 100.01, CAP
+        answer(x_ratelimit_remaining_requests="9", x_ratelimit_reset_requests="990ms"), 1, 100.01, CAP
     )
     assert governor.budget == 2
+    # Had the server's window reset meanwhile, the same count would leave 9 - 7 for the new window.
+    governor.observe(answer(x_ratelimit_remaining_requests="9", x_ratelimit_reset_requests="1s"), 1, 100.5, CAP)
+    assert governor.budget == 2 and governor.window_ends == pytest.approx(101.5)
 
 
 def test_openai_reset_durations_are_understood() -> None:
     governor = RateGovernor()
     governor.observe(
-        answer(x_ratelimit_remaining_requests="0", x_ratelimit_reset_requests="1.5s"), 100.0, CAP
+        answer(x_ratelimit_remaining_requests="0", x_ratelimit_reset_requests="1.5s"), 0, 100.0, CAP
     )
     assert governor.paused_until == pytest.approx(101.5)
     governor.observe(
-        answer(x_ratelimit_remaining_requests="0", x_ratelimit_reset_requests="20ms"), 102.0, CAP
+        answer(x_ratelimit_remaining_requests="0", x_ratelimit_reset_requests="20ms"), 0, 102.0, CAP
     )
     assert governor.paused_until == pytest.approx(102.02)
     governor.observe(
-        answer(x_ratelimit_remaining_requests="0", x_ratelimit_reset_requests="1h2m0s"), 103.0, CAP
+        answer(x_ratelimit_remaining_requests="0", x_ratelimit_reset_requests="1h2m0s"), 0, 103.0, CAP
     )
     assert governor.paused_until == pytest.approx(103.0 + CAP), "an exhausted daily window pauses for the cap"
     governor.observe(
-        answer(x_ratelimit_remaining_requests="3000", x_ratelimit_reset_requests="6m0s"), 200.0, CAP
+        answer(x_ratelimit_remaining_requests="3000", x_ratelimit_reset_requests="6m0s"), 0, 200.0, CAP
     )
     assert (governor.budget, governor.window_ends) == (3000, pytest.approx(200.0 + CAP))
 
 
 def test_a_refusal_with_a_hint_pauses_every_request_until_then() -> None:
     governor = RateGovernor()
-    governor.observe(answer(429, retry_after_ms="1500"), 100.0, CAP)
+    governor.observe(answer(429, retry_after_ms="1500"), 0, 100.0, CAP)
     assert all(delay >= 1.5 for delay in starts(governor, 10))
 
 
 def test_a_hint_beyond_the_cap_is_ignored() -> None:
     governor = RateGovernor()
-    governor.observe(answer(429, retry_after="3600"), 100.0, CAP)
+    governor.observe(answer(429, retry_after="3600"), 0, 100.0, CAP)
     assert governor.paused_until == 0.0 and governor.rate is None
 
 
 def test_a_503_is_a_refusal_only_with_a_hint() -> None:
     plain, hinted = RateGovernor(), RateGovernor()
-    plain.observe(answer(503), 100.0, CAP)
-    hinted.observe(answer(503, retry_after="2"), 100.0, CAP)
+    plain.observe(answer(503), 0, 100.0, CAP)
+    hinted.observe(answer(503, retry_after="2"), 0, 100.0, CAP)
     assert (plain.paused_until, plain.rate) == (0.0, None)
     assert hinted.paused_until == 102.0
 
@@ -92,13 +95,13 @@ def test_a_503_is_a_refusal_only_with_a_hint() -> None:
 def test_refusals_without_headers_halve_the_rate_and_successes_bring_it_back() -> None:
     governor = RateGovernor()
     for _ in range(40):  # 40 requests started in the second before the refusal
-        governor.reserve(99.5)
-    governor.observe(answer(429), 100.0, CAP)
+        governor.reserve(99.5)[0]
+    governor.observe(answer(429), 0, 100.0, CAP)
     assert governor.rate == pytest.approx(20.0)
-    governor.observe(answer(429), 100.1, CAP)
+    governor.observe(answer(429), 0, 100.1, CAP)
     assert governor.rate == pytest.approx(10.0)
     for _ in range(200):
-        governor.observe(answer(200), 101.0, CAP)
+        governor.observe(answer(200), 0, 101.0, CAP)
     assert governor.rate is None, "the limit lifted: the governor stops pacing"
 
 
@@ -106,7 +109,7 @@ def test_paced_requests_start_in_the_order_they_asked() -> None:
     governor = RateGovernor()
     starts(governor, 40, now=99.5)
     governor.observe(
-        answer(429), 100.0, CAP
+        answer(429), 0, 100.0, CAP
     )  # no headers: paced at half of the 40 a second that was too much
     delays = starts(governor, 20)
     assert delays == sorted(delays) and len(set(delays)) == 20, "each request gets its own, later, start"
@@ -115,7 +118,7 @@ def test_paced_requests_start_in_the_order_they_asked() -> None:
 async def test_waiting_for_a_turn_sleeps_and_blocks_no_one() -> None:
     governor = RateGovernor()
     loop = asyncio.get_running_loop()
-    governor.observe(answer(429, retry_after_ms="300"), loop.time(), CAP)
+    governor.observe(answer(429, retry_after_ms="300"), 0, loop.time(), CAP)
     ticks = 0
 
     async def ticker() -> None:

@@ -41,21 +41,18 @@ class SharedAsyncClient:
     users: int = 0
 
     async def send(self, request: httpx.Request) -> httpx.Response:
-        """Send ``request`` (built by :attr:`client`) and return its response, read whole.
+        """Send ``request`` (built by :attr:`client`) and return its response, read whole. The caller holds
+        :attr:`gate` and its turn from :attr:`governor`.
 
         With the lean transport the request skips ``AsyncClient.send``: its auth flow, redirect loop, cookie jar
         and event hooks serve nothing here (the key is a preset header; the API sets no cookies and does not
         redirect) and would add a tenth of a poll's CPU.
         """
-        async with self.gate:
-            # The turn is taken inside the gate: requests queued behind it have not reserved a start yet, so
-            # the rate the governor learns from the first answers applies to them (a cold burst stays small).
-            await self.governor.wait_turn()
-            if self.transport is None:
-                return await self.client.send(request)
-            response = await self.transport.handle_async_request(request)
-            await response.aread()
-            return response
+        if self.transport is None:
+            return await self.client.send(request)
+        response = await self.transport.handle_async_request(request)
+        await response.aread()
+        return response
 
 
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[ConnectionSettings, SharedAsyncClient]] = (

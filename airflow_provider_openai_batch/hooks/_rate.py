@@ -57,28 +57,35 @@ class RateGovernor:
         self.budget: int | None = None
         self.window_ends = 0.0
         self._next_start = 0.0
+        #: Requests let go so far: a request's ticket is this count when it went.
+        self._issued = 0
         self._sent_in_second = 0
         self._second = 0.0
         self._last_second_sent = 0
 
-    def reserve(self, now: float) -> float:
-        """Take the next start time; return the seconds to wait until it (0.0: go now)."""
+    def reserve(self, now: float) -> tuple[float, int | None]:
+        """Take the next start time: the seconds to wait until it (0.0: go now), and the request's ticket.
+
+        A ``None`` ticket means no start was given (the window's budget is spent): wait, then ask again.
+        """
         with self._lock:
             start = max(now, self.paused_until)
             if self.budget is not None and start >= self.window_ends:
                 self.budget = None  # a new window: the next answer tells its budget
             if self.budget is not None:
                 if self.budget <= 0:
-                    return self.window_ends - now  # then ask again: the window will have reset
+                    return self.window_ends - now, None
                 self.budget -= 1
             if self.rate is not None:
                 start = max(start, self._next_start)
                 self._next_start = start + 1.0 / self.rate
             self._count(start)
-            return start - now
+            self._issued += 1
+            return start - now, self._issued
 
-    def observe(self, response: httpx.Response, now: float, max_pause: float) -> None:
-        """Learn from a response: its rate headers, or the refusal it is; pause at most ``max_pause`` seconds."""
+    def observe(self, response: httpx.Response, ticket: int, now: float, max_pause: float) -> None:
+        """Learn from the response to the request of ``ticket`` (what :meth:`wait_turn` returned): its rate
+        headers, or the refusal it is; pause at most ``max_pause`` seconds."""
         headers = response.headers
         remaining = _int(headers.get("x-ratelimit-remaining-requests"))
         reset = _duration(headers.get("x-ratelimit-reset-requests"))
@@ -88,7 +95,8 @@ class RateGovernor:
             return
         with self._lock:
             if remaining is not None and reset is not None:
-                self._follow_headers(remaining, min(reset, max_pause), now)
+                # The requests let go after this one are not in its count yet.
+                self._follow_headers(remaining - (self._issued - ticket), min(reset, max_pause), now)
             if refused:
                 if hint is not None and hint > 0:
                     self.paused_until = max(self.paused_until, now + hint)
@@ -102,7 +110,7 @@ class RateGovernor:
 
     def _follow_headers(self, remaining: int, reset: float, now: float) -> None:
         """Take the window the answer describes; within the same window, trust the lower count (answers to
-        requests sent earlier arrive late, and requests let go since are not in them)."""
+        requests sent earlier may arrive later)."""
         window_ends = now + reset
         if self.budget is None or window_ends > self.window_ends + WINDOW_SLACK:
             self.budget, self.window_ends = remaining, window_ends
@@ -124,23 +132,32 @@ class RateGovernor:
         there is no rate to halve: the refusal came from other traffic on the key, and its hint is the signal."""
         return float(max(self._last_second_sent, self._sent_in_second))
 
-    async def wait_turn(self) -> None:
-        """Sleep until this request's start time, without blocking the loop; wait again if a new pause began
-        meanwhile (compared as values: the loop may wake a sleeper a clock tick early)."""
+    async def wait_turn(self) -> int:
+        """Sleep until this request may start, without blocking the loop; return its ticket for :meth:`observe`.
+
+        If a new pause began while it slept (compared as values: the loop may wake a sleeper a clock tick
+        early), or it was waiting for a window to reset, it asks again.
+        """
         loop = asyncio.get_running_loop()
-        while (delay := self.reserve(loop.time())) > 0:
+        while True:
+            delay, ticket = self.reserve(loop.time())
+            if delay <= 0 and ticket is not None:
+                return ticket
             pause = self.paused_until
             await asyncio.sleep(delay)
-            if self.paused_until <= pause:
-                return
+            if ticket is not None and self.paused_until <= pause:
+                return ticket
 
-    def wait_turn_sync(self) -> None:
+    def wait_turn_sync(self) -> int:
         """:meth:`wait_turn` for the synchronous hook."""
-        while (delay := self.reserve(time.monotonic())) > 0:
+        while True:
+            delay, ticket = self.reserve(time.monotonic())
+            if delay <= 0 and ticket is not None:
+                return ticket
             pause = self.paused_until
             time.sleep(delay)
-            if self.paused_until <= pause:
-                return
+            if ticket is not None and self.paused_until <= pause:
+                return ticket
 
 
 _governors: dict[tuple[str, str], RateGovernor] = {}

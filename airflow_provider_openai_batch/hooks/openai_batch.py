@@ -200,12 +200,12 @@ class OpenAIBatchHook(BaseHook):
         request = self.client.build_request(method, path, params=params)
         attempts = self.retry_policy.attempts(patient=patient, now=time.monotonic())
         while True:
-            self._governor.wait_turn_sync()
+            ticket = self._governor.wait_turn_sync()
             try:
                 outcome: httpx.Response | httpx.TransportError = self.client.send(request)
             except httpx.TransportError as error:
                 outcome = error
-            if (delay := self._retry_delay(request, attempts, outcome, self._governor)) is None:
+            if (delay := self._retry_delay(request, attempts, outcome, self._governor, ticket)) is None:
                 return _successful(outcome, batch_id, self.settings.api_key)
             time.sleep(delay)
 
@@ -272,11 +272,15 @@ class OpenAIBatchHook(BaseHook):
         request = self._abuilt_request(shared.client, method, path, params)
         attempts = self.retry_policy.attempts(patient=patient, now=time.monotonic())
         while True:
-            try:
-                outcome: httpx.Response | httpx.TransportError = await shared.send(request)
-            except httpx.TransportError as error:
-                outcome = error
-            if (delay := self._retry_delay(request, attempts, outcome, shared.governor)) is None:
+            # The turn is taken inside the gate: requests queued behind it have not reserved a start yet, so
+            # what the governor learns from the first answers applies to them (a cold burst stays small).
+            async with shared.gate:
+                ticket = await shared.governor.wait_turn()
+                try:
+                    outcome: httpx.Response | httpx.TransportError = await shared.send(request)
+                except httpx.TransportError as error:
+                    outcome = error
+            if (delay := self._retry_delay(request, attempts, outcome, shared.governor, ticket)) is None:
                 return _successful(outcome, batch_id, (await self.asettings()).api_key)
             await asyncio.sleep(delay)
 
@@ -303,11 +307,12 @@ class OpenAIBatchHook(BaseHook):
         attempts: Attempts,
         outcome: httpx.Response | httpx.TransportError,
         governor: RateGovernor,
+        ticket: int,
     ) -> float | None:
         """Tell the governor what came back, then decide (and log) whether and when to retry."""
         now = time.monotonic()
         if isinstance(outcome, httpx.Response):
-            governor.observe(outcome, now, self.retry_policy.max_retry_after)
+            governor.observe(outcome, ticket, now, self.retry_policy.max_retry_after)
         retries_done = attempts.retries_done
         delay = attempts.delay_after(outcome, now)
         if delay is None:
