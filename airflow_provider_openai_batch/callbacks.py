@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow_provider_openai_batch.exceptions import BatchNotCancellableError
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
-from airflow_provider_openai_batch.operators.openai_batch import resolve_batch_id
+from airflow_provider_openai_batch.ids import resolve_batch_id
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context

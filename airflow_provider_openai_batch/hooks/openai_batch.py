@@ -30,29 +30,13 @@ from airflow_provider_openai_batch.exceptions import (
 from airflow_provider_openai_batch.hooks import _async_clients, _connection_form
 from airflow_provider_openai_batch.hooks._connection import ConnectionSettings
 from airflow_provider_openai_batch.hooks._retry import RetryPolicy
+from airflow_provider_openai_batch.ids import validate_batch_id
 from airflow_provider_openai_batch.models import FINISHED_STATUSES, Batch, BatchList
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
-_BATCH_ID = re.compile(r"[A-Za-z0-9_-]{1,256}")
 _NOT_CANCELLABLE = re.compile(r"Cannot cancel a batch with status '(?P<status>[a-z_]+)'")
 MAX_PAGE_SIZE = 100
-
-
-def validate_batch_id(batch_id: Any) -> str:
-    """Return ``batch_id`` if it is a well-formed batch id, else raise ``ValueError`` saying what is wrong.
-
-    Checked before any request so that a malformed id (``None``, ``""``, ``"../files"``, ``"batch_1/cancel"``)
-    can never be turned into a request to another endpoint.
-    """
-    if not isinstance(batch_id, str):
-        raise ValueError(f"A batch id must be a string, got {type(batch_id).__name__}: {batch_id!r:.80}.")
-    if not _BATCH_ID.fullmatch(batch_id):
-        raise ValueError(
-            f"Invalid batch id {batch_id!r:.80}: expected 1 to 256 ASCII letters, digits, '_' or '-' "
-            "(like 'batch_abc123')."
-        )
-    return batch_id
 
 
 class OpenAIBatchHook(BaseHook):

@@ -28,7 +28,8 @@ from airflow_provider_openai_batch.exceptions import (
     BatchNotFoundError,
     OpenAIBatchError,
 )
-from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook, validate_batch_id
+from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
+from airflow_provider_openai_batch.ids import resolve_batch_id
 from airflow_provider_openai_batch.models import CANCELLABLE_STATUSES, Batch, BatchStatus
 from airflow_provider_openai_batch.triggers.openai_batch import (
     OpenAIBatchCancellationTrigger,
@@ -41,9 +42,6 @@ if TYPE_CHECKING:
 
 BATCH_URL = "https://platform.openai.com/batches/{batch_id}"
 
-#: What a missing upstream batch id looks like once templated: Jinja renders a missing XCom as "None".
-_MISSING = (None, "", "None")
-
 
 class OpenAIBatchLink(BaseOperatorLink):
     """Link to the batch's page on the OpenAI platform."""
@@ -55,19 +53,6 @@ class OpenAIBatchLink(BaseOperatorLink):
 
         batch_id = XCom.get_value(ti_key=ti_key, key="batch_id")
         return BATCH_URL.format(batch_id=batch_id) if batch_id else ""
-
-
-def resolve_batch_id(value: Any) -> str | None:
-    """Return the batch id held by ``value``, ``None`` if it holds none, or raise ``ValueError`` if malformed.
-
-    ``value`` is what the ``batch_id`` argument rendered to: an id, or a dict returned by another operator
-    (a Batch JSON with ``id``, or anything with a ``batch_id`` key).
-    """
-    if isinstance(value, dict):
-        value = value.get("batch_id", value.get("id"))
-    if value in _MISSING:
-        return None
-    return validate_batch_id(value)
 
 
 class OpenAICancelBatchOperator(BaseOperator):
@@ -266,8 +251,8 @@ class OpenAICancelStaleBatchesOperator(BaseOperator):
         self.timeout_seconds = _positive_seconds("timeout", timeout)
 
     def execute(self, context: Context) -> dict[str, Any]:
-        if not isinstance(self.dry_run, bool):
-            raise ValueError(
+        if not isinstance(self.dry_run, bool):  # a value problem (what the template rendered), not a type one
+            raise ValueError(  # noqa: TRY004
                 f"dry_run rendered to {self.dry_run!r}, not a boolean: template it in a DAG with "
                 "render_template_as_native_obj=True."
             )
