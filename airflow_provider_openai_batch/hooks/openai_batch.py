@@ -6,6 +6,7 @@ import asyncio
 import re
 import time
 from collections.abc import AsyncIterator, Iterator
+from datetime import datetime
 from functools import cached_property
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -17,6 +18,7 @@ from airflow.providers.common.compat.sdk import BaseHook, mask_secret
 from pydantic import BaseModel, ValidationError
 
 from airflow_provider_openai_batch._compat import amask_secret
+from airflow_provider_openai_batch._time import unix_time
 from airflow_provider_openai_batch.exceptions import (
     BatchNotCancellableError,
     BatchNotFoundError,
@@ -134,13 +136,26 @@ class OpenAIBatchHook(BaseHook):
             conflict = _unsettled(error)
         return _settled(conflict, self.get_batch(batch_id))
 
-    def list_batches(self, *, after: str | None = None, limit: int = MAX_PAGE_SIZE) -> Iterator[Batch]:
-        """Iterate over the organization's batches, newest first, fetching pages lazily as they are consumed."""
+    def list_batches(
+        self,
+        *,
+        after: str | None = None,
+        limit: int = MAX_PAGE_SIZE,
+        created_after: datetime | float | None = None,
+    ) -> Iterator[Batch]:
+        """Iterate over the organization's batches, newest first, fetching pages lazily as they are consumed.
+
+        :param created_after: a datetime with a time zone, or UNIX seconds. The listing ends at the first batch
+            created before it, without reading further pages: the list is newest first, so all the rest is
+            older. Finding one run's batches then costs a page or two instead of the organization's history.
+        """
         params = _list_params(after, limit)
+        cutoff = _cutoff(created_after)
         while True:
             page = _parse(self._send("GET", "/batches", params=params), BatchList, None)
-            yield from page.data
-            if (cursor := _next_cursor(page)) is None:
+            batches, cursor = _page_batches(page, cutoff)
+            yield from batches
+            if cursor is None:
                 return
             params = {**params, "after": cursor}
 
@@ -192,14 +207,22 @@ class OpenAIBatchHook(BaseHook):
             conflict = _unsettled(error)
         return _settled(conflict, await self.aget_batch(batch_id))
 
-    async def alist_batches(self, *, after: str | None = None, limit: int = MAX_PAGE_SIZE) -> AsyncIterator[Batch]:
-        """Async :meth:`list_batches`."""
+    async def alist_batches(
+        self,
+        *,
+        after: str | None = None,
+        limit: int = MAX_PAGE_SIZE,
+        created_after: datetime | float | None = None,
+    ) -> AsyncIterator[Batch]:
+        """Async :meth:`list_batches`, with the same early stop at ``created_after``."""
         params = _list_params(after, limit)
+        cutoff = _cutoff(created_after)
         while True:
             page = _parse(await self._asend("GET", "/batches", params=params), BatchList, None)
-            for batch in page.data:
+            batches, cursor = _page_batches(page, cutoff)
+            for batch in batches:
                 yield batch
-            if (cursor := _next_cursor(page)) is None:
+            if cursor is None:
                 return
             params = {**params, "after": cursor}
 
@@ -306,6 +329,20 @@ def _list_params(after: str | None, limit: int) -> dict[str, Any]:
     if after is not None:
         params["after"] = validate_batch_id(after)
     return params
+
+
+def _cutoff(created_after: datetime | float | None) -> float | None:
+    return None if created_after is None else unix_time(created_after, "created_after")
+
+
+def _page_batches(page: BatchList, cutoff: float | None) -> tuple[list[Batch], str | None]:
+    """The page's batches created at or after ``cutoff`` (UNIX seconds), and the cursor of the next page to
+    read: ``None`` at the last page, or once a batch older than ``cutoff`` shows that the rest is older too."""
+    if cutoff is not None:
+        for index, batch in enumerate(page.data):
+            if batch.created_at < cutoff:
+                return page.data[:index], None
+    return page.data, _next_cursor(page)
 
 
 def _next_cursor(page: BatchList) -> str | None:
