@@ -21,7 +21,7 @@ from airflow_provider_openai_batch._time import unix_time
 from airflow_provider_openai_batch.exceptions import BatchNotCancellableError, OpenAIBatchError
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
 from airflow_provider_openai_batch.ids import resolve_batch_id
-from airflow_provider_openai_batch.models import Batch
+from airflow_provider_openai_batch.models import Batch, check_metadata
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
@@ -33,11 +33,6 @@ log = logging.getLogger(__name__)
 DAG_ID_KEY = "airflow_dag_id"
 RUN_ID_KEY = "airflow_run_id"
 TASK_ID_KEY = "airflow_task_id"
-
-#: The Batch API's limits on a batch's metadata: keys, and characters per key and per value.
-MAX_METADATA_KEYS = 16
-MAX_METADATA_KEY_LENGTH = 64
-MAX_METADATA_VALUE_LENGTH = 512
 
 #: How much earlier than the run's start one of its batches may seem to have been created, the clocks of
 #: Airflow and OpenAI disagreeing. The listing reads that much further back; the tags alone decide.
@@ -119,31 +114,8 @@ def run_batch_metadata(context: Context, **extra: str) -> dict[str, str]:
     if clash := sorted(tags.keys() & extra.keys()):
         raise ValueError(f"run_batch_metadata sets {', '.join(clash)} itself; name your own keys otherwise.")
     metadata = {**tags, **extra}
-    _check_metadata_limits(metadata)
+    check_metadata(metadata)
     return metadata
-
-
-def _check_metadata_limits(metadata: dict[str, Any]) -> None:
-    if len(metadata) > MAX_METADATA_KEYS:
-        raise ValueError(
-            f"Batch metadata takes at most {MAX_METADATA_KEYS} keys; got {len(metadata)}, the run's tags "
-            f"included: {sorted(metadata)}."
-        )
-    for key, value in metadata.items():
-        if not 1 <= len(key) <= MAX_METADATA_KEY_LENGTH:
-            raise ValueError(
-                f"Batch metadata keys are 1 to {MAX_METADATA_KEY_LENGTH} characters; "
-                f"{key!r:.80} has {len(key)}."
-            )
-        if not isinstance(value, str):
-            raise ValueError(  # noqa: TRY004 - the one error for metadata the API would refuse
-                f"Batch metadata values are strings; {key!r} is {type(value).__name__} {value!r:.80}."
-            )
-        if len(value) > MAX_METADATA_VALUE_LENGTH:
-            raise ValueError(
-                f"Batch metadata values are at most {MAX_METADATA_VALUE_LENGTH} characters; "
-                f"the value of {key!r} has {len(value)}."
-            )
 
 
 # -- cancel a run's batches ----------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from airflow_provider_openai_batch.callbacks import (
     run_batch_metadata,
 )
 from airflow_provider_openai_batch.hooks import _async_clients
+from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
 from airflow_provider_openai_batch.testing import BatchAPIEmulator, Fault
 from tests._guards import (  # noqa: F401 - fixtures: guard and fast_backoff are autouse
     FAKE_API_KEY,
@@ -144,7 +145,7 @@ def test_metadata_at_the_api_limits_is_accepted() -> None:
     [
         (
             {f"k{i}": "v" for i in range(14)},
-            "Batch metadata takes at most 16 keys; got 17, the run's tags included",
+            "Batch metadata takes at most 16 keys; got 17: ['airflow_dag_id', 'airflow_run_id'",
         ),
         ({"k" * 65: "v"}, "Batch metadata keys are 1 to 64 characters; 'kkkk"),
         ({"": "v"}, "Batch metadata keys are 1 to 64 characters; '' has 0."),
@@ -160,6 +161,19 @@ def test_metadata_at_the_api_limits_is_accepted() -> None:
 def test_metadata_the_api_would_refuse_is_a_clear_error(extra: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         run_batch_metadata(task_context(), **extra)
+
+
+def test_tags_at_the_limits_are_accepted_by_the_api_and_found_again(api: BatchAPIEmulator) -> None:
+    """Created over HTTP with the tags, as a submit task does; the emulator refuses what the API refuses."""
+    extra = {f"k{i:02d}".ljust(64, "x"): "v" * 512 for i in range(13)}
+    body = {"input_file_id": "file-1", "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+    with OpenAIBatchHook() as hook:
+        created = hook.get_conn().post(
+            "/batches", json={**body, "metadata": run_batch_metadata(task_context(), **extra)}
+        )
+    assert created.status_code == 200, created.text
+    summary = cancel_run_batches()(failure_context(started=time.time() - 60))
+    assert summary["cancelled"] == [{"batch_id": created.json()["id"], "status": "cancelling"}]
 
 
 def test_tags_need_a_task_context() -> None:
