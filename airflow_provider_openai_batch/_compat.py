@@ -6,6 +6,7 @@ names the Airflow version that makes it obsolete: delete it when that version be
 
 from __future__ import annotations
 
+from airflow import __version__ as airflow_version
 from airflow.providers.common.compat.sdk import mask_secret
 from asgiref.sync import sync_to_async
 
@@ -24,4 +25,21 @@ except ImportError:
         await sync_to_async(mask_secret)(secret, name)
 
 
-__all__ = ["amask_secret"]
+def deadline_async_callback() -> type:
+    """Airflow's ``AsyncCallback``: what a deadline alert runs in the triggerer. Deadline alerts came in 3.1.
+
+    Imported only when asked for, so that the provider still imports on Airflow 3.0, where this raises an
+    ``ImportError`` that says which Airflow is needed.
+    """
+    try:  # Airflow >= 3.2
+        from airflow.sdk import AsyncCallback
+    except ImportError:
+        try:  # Airflow 3.1, where this is its documented home. Remove the fallback when 3.2 is the minimum.
+            from airflow.sdk.definitions.deadline import AsyncCallback
+        except ImportError:
+            message = f"Deadline alerts need Airflow 3.1 or later; this is Airflow {airflow_version}."
+            raise ImportError(message) from None
+    return AsyncCallback
+
+
+__all__ = ["amask_secret", "deadline_async_callback"]

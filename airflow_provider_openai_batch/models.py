@@ -11,6 +11,7 @@ Three choices make them safe against a live, evolving API:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any
 
@@ -46,6 +47,38 @@ TERMINAL_STATUSES = frozenset(
 CANCELLABLE_STATUSES = frozenset({BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING})
 #: Final statuses a batch reaches on its own: a cancel arriving then is refused, and there is nothing to stop.
 FINISHED_STATUSES = TERMINAL_STATUSES - {BatchStatus.CANCELLED}
+
+
+#: The API's limits on a batch's ``metadata`` (its ``Metadata`` schema): pairs, characters per key and value.
+MAX_METADATA_KEYS = 16
+MAX_METADATA_KEY_LENGTH = 64
+MAX_METADATA_VALUE_LENGTH = 512
+
+
+def check_metadata(metadata: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` saying what in ``metadata`` breaks the API's limits: it would refuse the batch.
+
+    The provider checks the metadata it builds before any request; the emulator refuses what the API refuses.
+    """
+    if len(metadata) > MAX_METADATA_KEYS:
+        raise ValueError(
+            f"Batch metadata takes at most {MAX_METADATA_KEYS} keys; got {len(metadata)}: {sorted(metadata)}."
+        )
+    for key, value in metadata.items():
+        if not 1 <= len(key) <= MAX_METADATA_KEY_LENGTH:
+            raise ValueError(
+                f"Batch metadata keys are 1 to {MAX_METADATA_KEY_LENGTH} characters; "
+                f"{key!r:.80} has {len(key)}."
+            )
+        if not isinstance(value, str):
+            raise ValueError(  # noqa: TRY004 - one error for all metadata the API refuses
+                f"Batch metadata values are strings; {key!r} is {type(value).__name__} {value!r:.80}."
+            )
+        if len(value) > MAX_METADATA_VALUE_LENGTH:
+            raise ValueError(
+                f"Batch metadata values are at most {MAX_METADATA_VALUE_LENGTH} characters; "
+                f"the value of {key!r} has {len(value)}."
+            )
 
 
 class _APIObject(BaseModel):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from unittest import mock
 
@@ -33,7 +33,8 @@ def cleanup(**kwargs: Any) -> OpenAICancelStaleBatchesOperator:
 
 
 def seed(emulator: BatchAPIEmulator, age_days: float, **kwargs: Any) -> str:
-    return emulator.add_batch(created_at=int(NOW - age_days * DAY), **kwargs)["id"]
+    kwargs.setdefault("created_at", int(NOW - age_days * DAY))
+    return emulator.add_batch(**kwargs)["id"]
 
 
 def test_selects_by_age_status_metadata_and_endpoint(emulator_connection: BatchAPIEmulator, context: dict) -> None:
@@ -60,6 +61,31 @@ def test_pages_through_the_whole_list(emulator_connection: BatchAPIEmulator, con
     assert sorted(summary["selected"]) == sorted(stale)
     list_calls = [r for r in emulator_connection.requests if r.path == "/v1/batches"]
     assert len(list_calls) == 3, "255 batches at 100 per page"
+
+
+def test_created_after_stops_the_listing_early(emulator_connection: BatchAPIEmulator, context: dict) -> None:
+    """The task-level form of cancel_run_batches: this run's batches, found in the first page of the list."""
+    tags = {"airflow_dag_id": "etl", "airflow_run_id": "manual__1"}
+    started = NOW - 600
+    for i in range(250):  # the organization's history, older than the run
+        seed(emulator_connection, 1 + i / 1000, metadata=dict(tags) if i % 50 == 0 else None)
+    ours = [seed(emulator_connection, 0, metadata=dict(tags), created_at=started + i) for i in range(3)]
+    seed(emulator_connection, 0, metadata={**tags, "airflow_run_id": "manual__2"}, created_at=started + 5)
+
+    summary = cleanup(
+        older_than=timedelta(0), created_after=str(started), metadata=dict(tags), wait_for_cancellation=False
+    ).execute(context)
+    assert sorted(summary["selected"]) == sorted(ours)
+    assert {entry["batch_id"] for entry in summary["cancelled"]} == set(ours)
+    list_calls = [r for r in emulator_connection.requests if r.path == "/v1/batches"]
+    assert len(list_calls) == 1, "the first batch older than created_after ends the listing"
+
+
+def test_created_after_is_templated(emulator_connection: BatchAPIEmulator) -> None:
+    operator = cleanup(created_after="{{ dag_run.start_date }}")
+    assert "created_after" in operator.template_fields
+    operator.render_template_fields({"dag_run": mock.Mock(start_date=datetime(2025, 6, 1, tzinfo=UTC))})
+    assert operator.created_after == "2025-06-01 00:00:00+00:00"
 
 
 def test_cancels_and_waits_for_partial_results(emulator_connection: BatchAPIEmulator, context: dict) -> None:
@@ -161,11 +187,23 @@ def test_nothing_stale_is_a_quiet_success(emulator_connection: BatchAPIEmulator,
         ({"statuses": []}, "statuses must be batch statuses"),
         ({"max_concurrency": 0}, "max_concurrency must be at least 1"),
         ({"timeout": 0}, "timeout must be positive"),
+        ({"created_after": datetime(2025, 6, 1)}, "created_after has no time zone"),
+        ({"created_after": -5}, "created_after must be non-negative"),
     ],
 )
 def test_constructor_validation(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         cleanup(**kwargs)
+
+
+@pytest.mark.parametrize("rendered", ["None", "", "yesterday", "2025-06-01T00:00:00"])
+def test_created_after_rendered_to_no_date_fails_before_any_request(
+    emulator_connection: BatchAPIEmulator, context: dict, rendered: str
+) -> None:
+    seed(emulator_connection, 2)
+    with pytest.raises(ValueError, match="created_after"):
+        cleanup(created_after=rendered).execute(context)
+    assert emulator_connection.requests == []
 
 
 # -- the multi-batch trigger --------------------------------------------------------------------------------------

@@ -156,6 +156,68 @@ def test_invalid_seeds_are_rejected(emulator: BatchAPIEmulator) -> None:
     assert len(emulator.add_batches(3, status="validating")) == 3
 
 
+# --- Creating a batch ---------------------------------------------------------------------------------------
+
+CREATE = {"input_file_id": "file-abc123", "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+
+
+def test_create_answers_a_validating_batch_that_lists_and_cancels(
+    emulator: BatchAPIEmulator, client: httpx.Client
+) -> None:
+    response = client.post("/batches", json={**CREATE, "metadata": {"airflow_run_id": "manual__1"}})
+    assert response.status_code == 200
+    created = response.json()
+    assert list(created) == BATCH_FIELDS
+    assert (created["status"], created["input_file_id"]) == ("validating", "file-abc123")
+    assert created["metadata"] == {"airflow_run_id": "manual__1"}
+    assert emulator.batch(created["id"]) == created
+    assert client.get("/batches").json()["data"][0] == created, "newest first"
+    assert client.post(f"/batches/{created['id']}/cancel").json()["status"] == "cancelling"
+    first = emulator.requests[0]
+    assert (first.method, first.path, first.status) == ("POST", "/v1/batches", 200)
+    assert first.batch_status == "validating"
+
+
+def test_create_without_metadata_has_null_metadata(client: httpx.Client) -> None:
+    assert client.post("/batches", json=CREATE).json()["metadata"] is None
+
+
+@pytest.mark.parametrize(
+    ("change", "param", "message"),
+    [
+        ({"input_file_id": None}, "input_file_id", "Missing required parameter: 'input_file_id'."),
+        ({"endpoint": "/v1/files"}, "endpoint", "Invalid value: '/v1/files'. Supported values are: "),
+        ({"completion_window": "48h"}, "completion_window", "Invalid value: '48h'. Supported values are: '24h'"),
+        ({"metadata": ["a"]}, "metadata", "Invalid type for 'metadata': expected an object, but got list."),
+        ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata", "at most 16 keys; got 17"),
+        ({"metadata": {"k" * 65: "v"}}, "metadata", "keys are 1 to 64 characters"),
+        ({"metadata": {"k": "v" * 513}}, "metadata", "values are at most 512 characters"),
+        ({"metadata": {"k": 1}}, "metadata", "values are strings"),
+    ],
+    ids=["no-file", "bad-endpoint", "bad-window", "metadata-list", "17-keys", "long-key", "long-value", "int"],
+)
+def test_create_refuses_what_the_api_refuses(
+    emulator: BatchAPIEmulator, client: httpx.Client, change: dict, param: str, message: str
+) -> None:
+    response = client.post("/batches", json={**CREATE, **change})
+    assert response.status_code == 400
+    assert envelope(response)["param"] == param and message in envelope(response)["message"]
+    assert client.get("/batches").json()["data"] == [], "nothing was created"
+
+
+@pytest.mark.parametrize("body", [b"", b"not json", b"[1, 2]"])
+def test_create_refuses_a_body_that_is_not_a_json_object(client: httpx.Client, body: bytes) -> None:
+    response = client.post("/batches", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert envelope(response)["message"].startswith("We could not parse the JSON body of your request")
+
+
+def test_create_needs_the_key(emulator: BatchAPIEmulator, client: httpx.Client) -> None:
+    response = httpx.post(f"{emulator.base_url}/batches", json=CREATE)
+    assert response.status_code == 401
+    assert client.get("/batches").json()["data"] == []
+
+
 # --- Cancellation lifecycle --------------------------------------------------------------------------------
 
 
@@ -379,7 +441,7 @@ def test_unknown_batch_is_a_404(client: httpx.Client, method: str, path: str, sh
 
 @pytest.mark.parametrize(
     ("method", "url"),
-    [("GET", "/files"), ("POST", "/batches"), ("DELETE", "/batches/batch_x"), ("PUT", "/batches/x/cancel"),
+    [("GET", "/files"), ("PATCH", "/batches"), ("DELETE", "/batches/batch_x"), ("PUT", "/batches/x/cancel"),
      ("GET", "/batches/x/cancel"), ("GET", "/batches/"), ("GET", "http://127.0.0.1:{port}/elsewhere")],
 )  # fmt: skip
 def test_other_routes_are_404s(emulator: BatchAPIEmulator, client: httpx.Client, method: str, url: str) -> None:
@@ -775,7 +837,7 @@ def test_stop_closes_the_port_and_every_connection_and_thread() -> None:
     keep_alive.close()
     emulator.stop()  # idempotent
     with pytest.raises(RuntimeError):
-        emulator.port
+        _ = emulator.port
 
 
 def test_stop_does_not_wait_for_a_delayed_answer() -> None:
@@ -805,7 +867,7 @@ def test_stop_does_not_wait_for_a_delayed_answer() -> None:
 def test_start_twice_fails_and_restart_works() -> None:
     emulator = BatchAPIEmulator()
     with pytest.raises(RuntimeError):
-        emulator.base_url
+        _ = emulator.base_url
     with emulator:
         with pytest.raises(RuntimeError, match="already running"):
             emulator.start()
@@ -878,7 +940,7 @@ def test_command_line_serves_until_signalled(stop_signal: signal.Signals) -> Non
             assert EmulatorControl(url).batch("batch_demo_search_1")["cancel_requests"] == 1
     finally:
         process.send_signal(stop_signal)
-        stdout, stderr = process.communicate(timeout=10)
+        _stdout, stderr = process.communicate(timeout=10)
     assert process.returncode == 0, stderr
     assert stderr == ""
     assert not port_is_open(port)

@@ -5,11 +5,16 @@ from __future__ import annotations
 import gc
 import socket
 import warnings
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from airflow import __version__ as airflow_version
+from packaging.version import Version
 
+from airflow_provider_openai_batch.callbacks import cancel_run_batches
+from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
 from airflow_provider_openai_batch.testing import BatchAPIEmulator
 from tests.test_e2e import dagbag, metadata_db, run_dag  # noqa: F401  (fixtures)
 
@@ -40,6 +45,7 @@ def test_examples_parse_without_errors_warnings_or_network(monkeypatch: pytest.M
         "example_openai_batch_cancel_on_upstream_failure",
         "example_openai_batch_cancel_in_failure_callback",
         "example_openai_batch_cleanup_stale_batches",
+        "example_openai_batch_cancel_on_deadline",
     }
     assert bag.dags["example_openai_batch_cleanup_stale_batches"].catchup is False
 
@@ -105,3 +111,71 @@ def test_cleanup_stale_batches(examples: Any, emulator_connection: BatchAPIEmula
             {"batch_id": stale, "status": "cancelled", "output_file_id": final["output_file_id"],
              "error_file_id": final["error_file_id"]}
         ]
+
+
+#: Airflow versions whose dag.test() raises at the end of a successful run of a DAG with a deadline alert,
+#: when it prunes the run's deadlines: 3.2 to 3.3.2 pass a serialized alert where its id is expected
+#: (apache/airflow#73428); 3.1 compares the run's end date before dag.test() has set it.
+DAG_TEST_CRASHES_ON_SUCCESS_WITH_A_DEADLINE = Version("3.1") <= Version(airflow_version) <= Version("3.3.2")
+
+
+def run_batches(emulator: BatchAPIEmulator, dag_id: str) -> list[dict[str, Any]]:
+    """The batches the emulator holds that a run of ``dag_id`` created (by their tags)."""
+    with OpenAIBatchHook() as hook:
+        batches = [batch.to_xcom() for batch in hook.list_batches()]
+    return [batch for batch in batches if (batch["metadata"] or {}).get("airflow_dag_id") == dag_id]
+
+
+@pytest.mark.parametrize("fail_at", ["after_submit", "processing"])
+def test_cancel_on_deadline_cancels_the_runs_batch_when_it_fails(
+    examples: Any, emulator_connection: BatchAPIEmulator, fail_at: str
+) -> None:
+    """Even when the submit task died before saving the batch id ("after_submit"): the tags find it."""
+    dag_id = "example_openai_batch_cancel_on_deadline"
+    other_run = emulator_connection.add_batch(metadata={"airflow_dag_id": dag_id, "airflow_run_id": "other"})
+    state, states, xcoms = run_dag(examples, dag_id, {"input_file_id": "file-in-1", "fail_at": fail_at})
+
+    assert state == "failed"
+    [batch] = [b for b in run_batches(emulator_connection, dag_id) if b["id"] != other_run["id"]]
+    assert batch["status"] == "cancelling"
+    assert batch["input_file_id"] == "file-in-1"
+    assert batch["metadata"]["airflow_task_id"] == "submit_batch"
+    assert batch["metadata"]["purpose"] == "example"
+    if fail_at == "after_submit":
+        assert states == {"submit_batch": "failed", "process_results": "upstream_failed"}
+        assert ("submit_batch", "return_value") not in xcoms, "no id was saved, yet the batch was found"
+    else:
+        assert states == {"submit_batch": "success", "process_results": "failed"}
+    assert emulator_connection.cancel_count(batch["id"]) == 1
+    assert emulator_connection.batch(other_run["id"])["status"] == "in_progress", "another run's batch"
+
+
+def test_cancel_on_deadline_cancels_nothing_when_the_run_succeeds(
+    examples: Any, emulator_connection: BatchAPIEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dag_id = "example_openai_batch_cancel_on_deadline"
+    if DAG_TEST_CRASHES_ON_SUCCESS_WITH_A_DEADLINE:
+        # dag.test() never fires a deadline: only its pruning at success would run, and that raises there.
+        # test_cancel_on_deadline_has_a_deadline_alert_where_airflow_has_them checks this DAG's deadline.
+        monkeypatch.setattr(examples.get_dag(dag_id), "deadline", None)
+    state, states, xcoms = run_dag(examples, dag_id, {"input_file_id": "file-in-2", "fail_at": "nowhere"})
+    assert state == "success" and set(states.values()) == {"success"}
+    assert emulator_connection.batch(xcoms[("submit_batch", "return_value")])["status"] == "validating"
+    assert [r.method for r in emulator_connection.requests if r.path.endswith("/cancel")] == []
+
+
+def test_cancel_on_deadline_has_a_deadline_alert_where_airflow_has_them(examples: Any) -> None:
+    """Airflow >= 3.1: the deadline runs the failure callback's callable, with only the connection id as
+    kwargs. Airflow 3.0 has no deadline alerts: the DAG has none, and still parses."""
+    dag = examples.get_dag("example_openai_batch_cancel_on_deadline")
+    assert isinstance(dag.on_failure_callback, cancel_run_batches)
+    if airflow_version.startswith("3.0."):
+        assert getattr(dag, "deadline", None) is None
+        return
+    [alert] = dag.deadline
+    assert alert.interval == timedelta(hours=6)
+    assert type(alert.reference).__name__ == "DagRunLogicalDateDeadline"
+    assert alert.callback.serialize() == {
+        "path": "airflow_provider_openai_batch.callbacks.cancel_run_batches",
+        "kwargs": {"conn_id": "openai_default"},
+    }

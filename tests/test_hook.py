@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import httpx
 import pytest
@@ -126,6 +128,68 @@ def test_list_batches_pages_lazily(emulator_connection: BatchAPIEmulator) -> Non
 def test_list_batches_starts_after_a_cursor(emulator_connection: BatchAPIEmulator) -> None:
     seeded = [emulator_connection.add_batch(created_at=1_700_000_000 + i)["id"] for i in range(3)]
     assert [b.id for b in hook().list_batches(after=seeded[2])] == [seeded[1], seeded[0]]
+
+
+T0 = 1_700_000_000
+
+
+def seed_ages(emulator: BatchAPIEmulator, newer: int, older: int) -> list[str]:
+    """``newer`` batches created at or after ``T0`` (one second apart), then ``older`` ones before it; return
+    the newer ids, newest first (the list's order)."""
+    for i in range(older):
+        emulator.add_batch(created_at=T0 - 1 - i)
+    return [emulator.add_batch(created_at=T0 + i)["id"] for i in range(newer)][::-1]
+
+
+def list_pages(emulator: BatchAPIEmulator) -> int:
+    return sum(1 for r in emulator.requests if r.path == "/v1/batches")
+
+
+@pytest.mark.parametrize(
+    ("newer", "older", "pages"),
+    [(3, 250, 1), (100, 250, 2), (150, 250, 2), (0, 5, 1)],
+    ids=["within-the-first-page", "exactly-one-page", "two-pages", "nothing-newer"],
+)
+def test_created_after_stops_at_the_first_older_batch(
+    emulator_connection: BatchAPIEmulator, newer: int, older: int, pages: int
+) -> None:
+    expected = seed_ages(emulator_connection, newer, older)
+    assert [b.id for b in hook().list_batches(created_after=T0)] == expected
+    assert list_pages(emulator_connection) == pages, "pages past the first older batch are never requested"
+
+
+@pytest.mark.parametrize(
+    "created_after",
+    [T0, float(T0), str(T0), datetime.fromtimestamp(T0, UTC), "2023-11-14T22:13:20+00:00",
+     "2023-11-14 23:13:20+01:00", "2023-11-14T22:13:20Z"],
+)  # fmt: skip
+def test_created_after_takes_datetimes_iso_strings_and_unix_seconds(
+    emulator_connection: BatchAPIEmulator, created_after: object
+) -> None:
+    expected = seed_ages(emulator_connection, 2, 2)
+    listed = hook().list_batches(created_after=created_after)  # type: ignore[arg-type]
+    assert [b.id for b in listed] == expected
+
+
+@pytest.mark.parametrize(
+    ("created_after", "message"),
+    [
+        ("2023-11-14T22:13:20", "created_after has no time zone"),
+        (datetime(2023, 11, 14), "created_after has no time zone"),
+        ("None", "created_after must be a date with a time zone or UNIX seconds; got 'None'"),
+        ("", "created_after must be a date with a time zone or UNIX seconds; got ''"),
+        (-1, "created_after must be non-negative, finite UNIX seconds"),
+        ("nan", "created_after must be non-negative, finite UNIX seconds"),
+        (True, "created_after must be a date with a time zone or UNIX seconds, got bool"),
+        ([T0], "created_after must be a date with a time zone or UNIX seconds, got list"),
+    ],
+)
+def test_bad_created_after_is_rejected_before_any_request(
+    emulator_connection: BatchAPIEmulator, created_after: object, message: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        next(hook().list_batches(created_after=created_after))  # type: ignore[arg-type]
+    assert emulator_connection.requests == []
 
 
 @pytest.mark.parametrize("limit", [0, 101, -1, "10", True, 2.5])
@@ -422,6 +486,14 @@ async def test_async_cancel_get_and_list(emulator_connection: BatchAPIEmulator) 
         listed = [batch.id async for batch in async_hook.alist_batches(limit=2)]
     assert listed == ids[::-1]
     assert sum(1 for r in emulator_connection.requests if r.path == "/v1/batches") == 3
+
+
+async def test_async_list_stops_at_created_after_too(emulator_connection: BatchAPIEmulator) -> None:
+    expected = seed_ages(emulator_connection, 150, 250)
+    async with hook() as async_hook:
+        listed = [batch.id async for batch in async_hook.alist_batches(created_after=T0)]
+    assert listed == expected
+    assert list_pages(emulator_connection) == 2
 
 
 async def test_async_idempotent_cancel_and_409(emulator_connection: BatchAPIEmulator) -> None:

@@ -10,10 +10,14 @@ from pydantic import ValidationError
 
 from airflow_provider_openai_batch.models import (
     CANCELLABLE_STATUSES,
+    MAX_METADATA_KEY_LENGTH,
+    MAX_METADATA_KEYS,
+    MAX_METADATA_VALUE_LENGTH,
     TERMINAL_STATUSES,
     Batch,
     BatchList,
     BatchStatus,
+    check_metadata,
 )
 
 SPEC = yaml.safe_load((Path(__file__).parent / "fixtures" / "openai-batch-spec.yaml").read_text())
@@ -46,6 +50,15 @@ def test_batch_has_every_field_of_the_spec() -> None:
 def test_status_enum_matches_the_spec() -> None:
     spec_statuses = SPEC["components"]["schemas"]["Batch"]["properties"]["status"]["enum"]
     assert {status.value for status in BatchStatus} == set(spec_statuses)
+
+
+def test_metadata_limits_are_the_specs() -> None:
+    [as_object, _] = SPEC["components"]["schemas"]["Metadata"]["anyOf"]
+    described = " ".join(as_object["description"].split())
+    assert f"Set of {MAX_METADATA_KEYS} key-value pairs" in described
+    assert f"Keys are strings with a maximum length of {MAX_METADATA_KEY_LENGTH} characters" in described
+    assert f"Values are strings with a maximum length of {MAX_METADATA_VALUE_LENGTH} characters" in described
+    check_metadata({f"{n:02d}".ljust(64, "k"): "v" * 512 for n in range(16)})  # right at every limit
 
 
 @pytest.mark.parametrize("name", ["schema", "create", "retrieve", "cancel"])

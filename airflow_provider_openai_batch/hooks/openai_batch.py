@@ -6,6 +6,7 @@ import asyncio
 import re
 import time
 from collections.abc import AsyncIterator, Iterator
+from datetime import datetime
 from functools import cached_property
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -17,6 +18,7 @@ from airflow.providers.common.compat.sdk import BaseHook, mask_secret
 from pydantic import BaseModel, ValidationError
 
 from airflow_provider_openai_batch._compat import amask_secret
+from airflow_provider_openai_batch._time import unix_time
 from airflow_provider_openai_batch.exceptions import (
     BatchNotCancellableError,
     BatchNotFoundError,
@@ -32,29 +34,13 @@ from airflow_provider_openai_batch.hooks import _async_clients, _connection_form
 from airflow_provider_openai_batch.hooks._connection import ConnectionSettings
 from airflow_provider_openai_batch.hooks._rate import RateGovernor, governor_for
 from airflow_provider_openai_batch.hooks._retry import Attempts, RetryPolicy, is_rate_limited
+from airflow_provider_openai_batch.ids import validate_batch_id
 from airflow_provider_openai_batch.models import FINISHED_STATUSES, Batch, BatchList
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
-_BATCH_ID = re.compile(r"[A-Za-z0-9_-]{1,256}")
 _NOT_CANCELLABLE = re.compile(r"Cannot cancel a batch with status '(?P<status>[a-z_]+)'")
 MAX_PAGE_SIZE = 100
-
-
-def validate_batch_id(batch_id: Any) -> str:
-    """Return ``batch_id`` if it is a well-formed batch id, else raise ``ValueError`` saying what is wrong.
-
-    Checked before any request so that a malformed id (``None``, ``""``, ``"../files"``, ``"batch_1/cancel"``)
-    can never be turned into a request to another endpoint.
-    """
-    if not isinstance(batch_id, str):
-        raise ValueError(f"A batch id must be a string, got {type(batch_id).__name__}: {batch_id!r:.80}.")
-    if not _BATCH_ID.fullmatch(batch_id):
-        raise ValueError(
-            f"Invalid batch id {batch_id!r:.80}: expected 1 to 256 ASCII letters, digits, '_' or '-' "
-            "(like 'batch_abc123')."
-        )
-    return batch_id
 
 
 class OpenAIBatchHook(BaseHook):
@@ -152,13 +138,26 @@ class OpenAIBatchHook(BaseHook):
             conflict = _unsettled(error)
         return _settled(conflict, self.get_batch(batch_id))
 
-    def list_batches(self, *, after: str | None = None, limit: int = MAX_PAGE_SIZE) -> Iterator[Batch]:
-        """Iterate over the organization's batches, newest first, fetching pages lazily as they are consumed."""
+    def list_batches(
+        self,
+        *,
+        after: str | None = None,
+        limit: int = MAX_PAGE_SIZE,
+        created_after: datetime | float | None = None,
+    ) -> Iterator[Batch]:
+        """Iterate over the organization's batches, newest first, fetching pages lazily as they are consumed.
+
+        :param created_after: a datetime with a time zone, or UNIX seconds. The listing ends at the first batch
+            created before it, without reading further pages: the list is newest first, so all the rest is
+            older. Finding one run's batches then costs a page or two instead of the organization's history.
+        """
         params = _list_params(after, limit)
+        cutoff = _cutoff(created_after)
         while True:
             page = _parse(self._send("GET", "/batches", params=params), BatchList, None)
-            yield from page.data
-            if (cursor := _next_cursor(page)) is None:
+            batches, cursor = _page_batches(page, cutoff)
+            yield from batches
+            if cursor is None:
                 return
             params = {**params, "after": cursor}
 
@@ -226,15 +225,21 @@ class OpenAIBatchHook(BaseHook):
         return _settled(conflict, await self.aget_batch(batch_id))
 
     async def alist_batches(
-        self, *, after: str | None = None, limit: int = MAX_PAGE_SIZE
+        self,
+        *,
+        after: str | None = None,
+        limit: int = MAX_PAGE_SIZE,
+        created_after: datetime | float | None = None,
     ) -> AsyncIterator[Batch]:
-        """Async :meth:`list_batches`."""
+        """Async :meth:`list_batches`, with the same early stop at ``created_after``."""
         params = _list_params(after, limit)
+        cutoff = _cutoff(created_after)
         while True:
             page = _parse(await self._asend("GET", "/batches", params=params), BatchList, None)
-            for batch in page.data:
+            batches, cursor = _page_batches(page, cutoff)
+            for batch in batches:
                 yield batch
-            if (cursor := _next_cursor(page)) is None:
+            if cursor is None:
                 return
             params = {**params, "after": cursor}
 
@@ -370,6 +375,20 @@ def _list_params(after: str | None, limit: int) -> dict[str, Any]:
     if after is not None:
         params["after"] = validate_batch_id(after)
     return params
+
+
+def _cutoff(created_after: datetime | float | None) -> float | None:
+    return None if created_after is None else unix_time(created_after, "created_after")
+
+
+def _page_batches(page: BatchList, cutoff: float | None) -> tuple[list[Batch], str | None]:
+    """The page's batches created at or after ``cutoff`` (UNIX seconds), and the cursor of the next page to
+    read: ``None`` at the last page, or once a batch older than ``cutoff`` shows that the rest is older too."""
+    if cutoff is not None:
+        for index, batch in enumerate(page.data):
+            if batch.created_at < cutoff:
+                return page.data[:index], None
+    return page.data, _next_cursor(page)
 
 
 def _next_cursor(page: BatchList) -> str | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Collection, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
 from airflow.providers.common.compat.sdk import (
@@ -17,6 +17,7 @@ from airflow.providers.common.compat.sdk import (
 )
 from pydantic import BaseModel
 
+from airflow_provider_openai_batch._time import unix_time
 from airflow_provider_openai_batch.cancellation import (
     FINISHED_FIRST,
     CancellationEvent,
@@ -28,7 +29,8 @@ from airflow_provider_openai_batch.exceptions import (
     BatchNotFoundError,
     OpenAIBatchError,
 )
-from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook, validate_batch_id
+from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
+from airflow_provider_openai_batch.ids import resolve_batch_id
 from airflow_provider_openai_batch.models import CANCELLABLE_STATUSES, Batch, BatchStatus
 from airflow_provider_openai_batch.triggers.openai_batch import (
     OpenAIBatchCancellationTrigger,
@@ -41,9 +43,6 @@ if TYPE_CHECKING:
 
 BATCH_URL = "https://platform.openai.com/batches/{batch_id}"
 
-#: What a missing upstream batch id looks like once templated: Jinja renders a missing XCom as "None".
-_MISSING = (None, "", "None")
-
 
 class OpenAIBatchLink(BaseOperatorLink):
     """Link to the batch's page on the OpenAI platform."""
@@ -55,19 +54,6 @@ class OpenAIBatchLink(BaseOperatorLink):
 
         batch_id = XCom.get_value(ti_key=ti_key, key="batch_id")
         return BATCH_URL.format(batch_id=batch_id) if batch_id else ""
-
-
-def resolve_batch_id(value: Any) -> str | None:
-    """Return the batch id held by ``value``, ``None`` if it holds none, or raise ``ValueError`` if malformed.
-
-    ``value`` is what the ``batch_id`` argument rendered to: an id, or a dict returned by another operator
-    (a Batch JSON with ``id``, or anything with a ``batch_id`` key).
-    """
-    if isinstance(value, dict):
-        value = value.get("batch_id", value.get("id"))
-    if value in _MISSING:
-        return None
-    return validate_batch_id(value)
 
 
 class OpenAICancelBatchOperator(BaseOperator):
@@ -202,10 +188,18 @@ class OpenAICancelBatchOperator(BaseOperator):
 class OpenAICancelStaleBatchesOperator(BaseOperator):
     """Cancel every batch still running past an age limit: the scheduled cleanup of forgotten, costly batches.
 
-    It reads the whole batch list (newest first: the stale batches are the oldest, at its end, so there is no
-    page at which to stop early), selects the batches in ``statuses`` created more than ``older_than`` ago whose
-    metadata and endpoint match, and cancels them concurrently. One batch failing to cancel does not stop the
-    others. With ``wait_for_cancellation`` it then waits for all of them at once (one trigger when deferrable).
+    It reads the batch list, newest first, selects the batches in ``statuses`` created more than
+    ``older_than`` ago whose metadata and endpoint match, and cancels them concurrently. One batch failing to
+    cancel does not stop the others. With ``wait_for_cancellation`` it then waits for all of them at once (one
+    trigger when deferrable). Stale batches are the oldest, at the end of the list, so it reads the whole list
+    unless ``created_after`` bounds it: then it stops at the first batch created before that time.
+
+    With ``older_than=timedelta(0)``,
+    ``created_after="{{ dag_run.start_date - macros.timedelta(minutes=5) }}"`` and
+    ``metadata={"airflow_dag_id": "{{ dag.dag_id }}", "airflow_run_id": "{{ run_id }}"}`` it cancels what the
+    current DAG run started (the batches tagged by
+    :func:`~airflow_provider_openai_batch.callbacks.run_batch_metadata`) for a page or two of listing: the
+    task-level form of :class:`~airflow_provider_openai_batch.callbacks.cancel_run_batches`.
 
     The task returns a JSON summary: ``selected`` ids, ``cancelled`` (with each batch's final status and output
     file ids), ``already_finished`` (the API answered 409), ``not_found``, and ``failed`` (with the error). If any
@@ -217,6 +211,9 @@ class OpenAICancelStaleBatchesOperator(BaseOperator):
     :param statuses: statuses a batch must be in to be selected (default: the cancellable ones).
     :param metadata: only batches whose metadata has each of these key/value pairs (templated).
     :param endpoint: only batches for this endpoint, e.g. ``/v1/chat/completions``.
+    :param created_after: only batches created at or after this time, where the listing stops (templated): a
+        datetime with a time zone, its ISO 8601 string, or UNIX seconds. Taken as given: subtract a margin
+        yourself if the clocks of Airflow and OpenAI may disagree.
     :param dry_run: select and report, but cancel nothing (templated: must render to a boolean).
     :param max_concurrency: cancel requests in flight at once.
     :param wait_for_cancellation: wait until the cancelled batches are ``cancelled``, to report output files.
@@ -225,7 +222,7 @@ class OpenAICancelStaleBatchesOperator(BaseOperator):
     :param timeout: how long to wait after the cancels before reporting the still-cancelling batches as failed.
     """
 
-    template_fields: Sequence[str] = ("conn_id", "metadata", "dry_run")
+    template_fields: Sequence[str] = ("conn_id", "metadata", "dry_run", "created_after")
     ui_color = "#e8f4ef"
 
     def __init__(
@@ -236,6 +233,7 @@ class OpenAICancelStaleBatchesOperator(BaseOperator):
         statuses: Collection[str] = tuple(CANCELLABLE_STATUSES),
         metadata: dict[str, str] | None = None,
         endpoint: str | None = None,
+        created_after: datetime | float | str | None = None,
         dry_run: bool | str = False,
         max_concurrency: int = 8,
         wait_for_cancellation: bool = True,
@@ -252,11 +250,14 @@ class OpenAICancelStaleBatchesOperator(BaseOperator):
             raise ValueError(f"statuses must be batch statuses ({', '.join(BatchStatus)}), got {sorted(statuses)}.")
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency!r}.")
+        if created_after is not None and not isinstance(created_after, str):  # a string may be a template
+            unix_time(created_after, "created_after")
         self.conn_id = conn_id
         self.older_than = older_than
         self.statuses = frozenset(BatchStatus(status) for status in statuses)
         self.metadata = metadata or {}
         self.endpoint = endpoint
+        self.created_after = created_after
         # Shadows BaseOperator.dry_run(), a template-rendering helper nothing in Airflow 3 calls.
         self.dry_run = dry_run  # type: ignore[method-assign,assignment]
         self.max_concurrency = max_concurrency
@@ -266,14 +267,15 @@ class OpenAICancelStaleBatchesOperator(BaseOperator):
         self.timeout_seconds = _positive_seconds("timeout", timeout)
 
     def execute(self, context: Context) -> dict[str, Any]:
-        if not isinstance(self.dry_run, bool):
-            raise ValueError(
+        if not isinstance(self.dry_run, bool):  # a value problem (what the template rendered), not a type one
+            raise ValueError(  # noqa: TRY004
                 f"dry_run rendered to {self.dry_run!r}, not a boolean: template it in a DAG with "
                 "render_template_as_native_obj=True."
             )
         hook = OpenAIBatchHook(self.conn_id)
         with hook:
-            selected = [batch for batch in hook.list_batches() if self._is_stale(batch)]
+            listed = hook.list_batches(created_after=self.created_after)  # checks it before the first request
+            selected = [batch for batch in listed if self._is_stale(batch)]
         summary = CleanupSummary(dry_run=self.dry_run, selected=[batch.id for batch in selected])
         self.log.info("Selected %d stale batch(es): %s", len(selected), summary.selected)
         if self.dry_run or not selected:

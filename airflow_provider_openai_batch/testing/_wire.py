@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from airflow_provider_openai_batch.models import check_metadata
 from airflow_provider_openai_batch.testing._http import Response
 
 FIELDS = (
@@ -90,6 +91,44 @@ def authenticate(api_key: str, headers: dict[str, str]) -> Response | None:
         "You can find your API key at https://platform.openai.com/account/api-keys."
     )
     return error(401, message, code="invalid_api_key")
+
+
+#: The ``endpoint`` values ``POST /v1/batches`` accepts (the spec's enum).
+ENDPOINTS = frozenset(
+    {"/v1/responses", "/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/moderations",
+     "/v1/images/generations", "/v1/images/edits", "/v1/videos"}
+)  # fmt: skip
+
+
+def create_request(body: bytes) -> dict[str, Any]:
+    """The batch a ``POST /v1/batches`` body asks for, as :meth:`BatchAPIEmulator.add_batch` arguments; or
+    :class:`Reply` with the 400 the API answers a request it refuses."""
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        payload = None
+    if not isinstance(payload, dict):
+        raise Reply(error(400, "We could not parse the JSON body of your request: expected a JSON object."))
+    for name in ("input_file_id", "endpoint", "completion_window"):
+        if not isinstance(payload.get(name), str) or not payload[name]:
+            message = f"Missing required parameter: '{name}'."
+            raise Reply(error(400, message, param=name, code="missing_required_parameter"))
+    if payload["endpoint"] not in ENDPOINTS:
+        supported = ", ".join(f"'{endpoint}'" for endpoint in sorted(ENDPOINTS))
+        message = f"Invalid value: '{payload['endpoint']}'. Supported values are: {supported}."
+        raise Reply(error(400, message, param="endpoint", code="invalid_value"))
+    if payload["completion_window"] != "24h":
+        message = f"Invalid value: '{payload['completion_window']}'. Supported values are: '24h'."
+        raise Reply(error(400, message, param="completion_window", code="invalid_value"))
+    metadata = payload.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        message = f"Invalid type for 'metadata': expected an object, but got {type(metadata).__name__}."
+        raise Reply(error(400, message, param="metadata", code="invalid_type"))
+    try:
+        check_metadata(metadata or {})
+    except ValueError as problem:
+        raise Reply(error(400, f"Invalid 'metadata': {problem}", param="metadata")) from None
+    return {"input_file_id": payload["input_file_id"], "endpoint": payload["endpoint"], "metadata": metadata}
 
 
 def new_batch(

@@ -1,4 +1,4 @@
-"""A local HTTP emulator of the OpenAI Batch API (list, retrieve and cancel), built on the standard library.
+"""A local HTTP emulator of the OpenAI Batch API (create, list, retrieve, cancel), on the standard library.
 
 It speaks real HTTP/1.1 with keep-alive over loopback, so the provider's actual HTTP clients, retry logic and
 timeouts are exercised exactly as against api.openai.com, in-process (unit tests) or out of process (Airflow
@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.client import responses
-from typing import Any, Literal
+from typing import Any, Literal, Self
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import httpx
@@ -30,6 +30,7 @@ from airflow_provider_openai_batch.testing._wire import (
     Entry,
     Reply,
     authenticate,
+    create_request,
     error,
     invalid_url,
     json_response,
@@ -183,7 +184,7 @@ class BatchAPIEmulator:
         self._server: Server | None = None
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> BatchAPIEmulator:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:
@@ -397,6 +398,8 @@ class BatchAPIEmulator:
             match (request.method, segments[1:]):
                 case ("GET", ["batches"]):
                     return self._list(request.query), None
+                case ("POST", ["batches"]):
+                    return self._create(request.body)
                 case ("GET", ["batches", batch_id]) if batch_id:
                     return self._retrieve(batch_id)
                 case ("POST", ["batches", batch_id, "cancel"]) if batch_id:
@@ -427,6 +430,11 @@ class BatchAPIEmulator:
                 "has_more": start + limit < len(order),
             }
             return json_response(200, body)
+
+    def _create(self, body: bytes) -> tuple[Response, str]:
+        """Answer ``POST /v1/batches`` as the API does: refuse a bad request, or make a ``validating`` batch."""
+        batch = self.add_batch(status="validating", **create_request(body))
+        return json_response(200, batch), batch["status"]
 
     def _sorted_ids(self) -> list[str]:
         """Ids newest first (then last inserted first), cached because thousands of pollers may list."""
@@ -493,7 +501,7 @@ class BatchAPIEmulator:
 def _json_object(body: bytes) -> dict[str, Any]:
     payload = json.loads(body or b"{}")
     if not isinstance(payload, dict):
-        raise ValueError("The request body must be a JSON object.")
+        raise TypeError("The request body must be a JSON object.")
     return payload
 
 
