@@ -75,12 +75,18 @@ def prepare(uv: str, python: str, version: str, wheel: Path) -> Path:
     return interpreter
 
 
-def test(interpreter: Path, version: str, pytest_args: list[str]) -> int:
-    """Run the suites from a copy of the tests outside the source tree; return pytest's exit code."""
+def copy_tests(version: str) -> Path:
+    """A copy of the suites outside the source tree, taken with the wheel, so that edits made while the
+    matrix runs do not mix into it."""
     workdir = WORK / f"run-{version}"
     shutil.rmtree(workdir, ignore_errors=True)
     for name in COPIED:
         shutil.copytree(ROOT / name, workdir / name, ignore=shutil.ignore_patterns("__pycache__", "system"))
+    return workdir
+
+
+def test(interpreter: Path, version: str, workdir: Path, pytest_args: list[str]) -> int:
+    """Run the suites from their copy; return pytest's exit code."""
     env = {**os.environ, "PATH": f"{interpreter.parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("PYTHONPATH", None)
     where = subprocess.run(
@@ -118,6 +124,7 @@ def main() -> int:
     if uv is None:
         raise SystemExit("uv is needed: run `make install` first.")
     wheel = build_wheel(uv)
+    workdirs = {version: copy_tests(version) for version in args.versions}
     results: dict[str, str] = {}
     for version in args.versions:
         print(f"\n===== Airflow {version} =====", flush=True)
@@ -127,7 +134,7 @@ def main() -> int:
         except subprocess.CalledProcessError as error:
             results[version] = f"install failed ({error.returncode})"
             continue
-        code = test(interpreter, version, args.pytest_args.split())
+        code = test(interpreter, version, workdirs[version], args.pytest_args.split())
         minutes = (time.monotonic() - started) / 60
         results[version] = "passed" if code == 0 else f"FAILED (pytest exit {code})"
         print(f"===== Airflow {version}: {results[version]} in {minutes:.1f} min =====", flush=True)
