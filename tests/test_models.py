@@ -14,6 +14,7 @@ from airflow_provider_openai_batch.models import (
     Batch,
     BatchList,
     BatchStatus,
+    File,
 )
 
 SPEC = yaml.safe_load((Path(__file__).parent / "fixtures" / "openai-batch-spec.yaml").read_text())
@@ -144,3 +145,34 @@ def test_errors_object() -> None:
     }
     batch = Batch.model_validate(data)
     assert batch.errors is not None and batch.errors.data[0].line == 3
+
+
+def file_example(where: str) -> dict:
+    if where == "schema":
+        return spec_json(SPEC["components"]["schemas"]["OpenAIFile"]["x-oaiMeta"]["example"])
+    return spec_json(SPEC["paths"]["/files/{file_id}"]["get"]["x-oaiMeta"]["examples"]["response"])
+
+
+def test_file_has_every_field_of_the_spec() -> None:
+    spec_file = SPEC["components"]["schemas"]["OpenAIFile"]
+    assert set(File.model_fields) == set(spec_file["properties"])
+    required = {name for name, field in File.model_fields.items() if field.is_required()}
+    # The deprecated status is required by the schema but absent from its own examples: optional here.
+    assert required == set(spec_file["required"]) - {"status"}
+
+
+@pytest.mark.parametrize("where", ["schema", "retrieve"])
+def test_parses_the_spec_file_examples(where: str) -> None:
+    data = file_example(where)
+    file = File.model_validate(data)
+    assert file.id == "file-abc123"
+    assert file.bytes == data["bytes"] and isinstance(file.bytes, int)
+    assert file.status is None
+    assert file.model_dump(mode="json", exclude_none=True) == data
+
+
+def test_file_without_a_size_is_rejected() -> None:
+    data = file_example("retrieve")
+    del data["bytes"]
+    with pytest.raises(ValidationError, match="bytes"):
+        File.model_validate(data)
