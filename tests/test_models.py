@@ -77,7 +77,9 @@ def test_cancel_example_is_cancelling_without_output() -> None:
 
 
 def test_list_example() -> None:
-    page = BatchList.model_validate(spec_json(SPEC["paths"]["/batches"]["get"]["x-oaiMeta"]["examples"]["response"]))
+    page = BatchList.model_validate(
+        spec_json(SPEC["paths"]["/batches"]["get"]["x-oaiMeta"]["examples"]["response"])
+    )
     assert page.has_more is True
     assert page.last_id == "batch_abc456"
     assert [batch.id for batch in page.data] == ["batch_abc123"]
@@ -123,17 +125,25 @@ def test_unknown_status_does_not_break_a_list() -> None:
 
 
 def test_status_sets() -> None:
-    assert {s for s in BatchStatus if s.is_terminal} == TERMINAL_STATUSES == {
-        BatchStatus.COMPLETED,
-        BatchStatus.FAILED,
-        BatchStatus.EXPIRED,
-        BatchStatus.CANCELLED,
-    }
-    assert {s for s in BatchStatus if s.is_cancellable} == CANCELLABLE_STATUSES == {
-        BatchStatus.VALIDATING,
-        BatchStatus.IN_PROGRESS,
-        BatchStatus.FINALIZING,
-    }
+    assert (
+        {s for s in BatchStatus if s.is_terminal}
+        == TERMINAL_STATUSES
+        == {
+            BatchStatus.COMPLETED,
+            BatchStatus.FAILED,
+            BatchStatus.EXPIRED,
+            BatchStatus.CANCELLED,
+        }
+    )
+    assert (
+        {s for s in BatchStatus if s.is_cancellable}
+        == CANCELLABLE_STATUSES
+        == {
+            BatchStatus.VALIDATING,
+            BatchStatus.IN_PROGRESS,
+            BatchStatus.FINALIZING,
+        }
+    )
     assert not BatchStatus.CANCELLING.is_terminal and not BatchStatus.CANCELLING.is_cancellable
 
 
@@ -141,7 +151,10 @@ def test_errors_object() -> None:
     data = {
         **spec_examples()["schema"],
         "status": "failed",
-        "errors": {"object": "list", "data": [{"code": "invalid_json", "message": "bad line", "param": None, "line": 3}]},
+        "errors": {
+            "object": "list",
+            "data": [{"code": "invalid_json", "message": "bad line", "param": None, "line": 3}],
+        },
     }
     batch = Batch.model_validate(data)
     assert batch.errors is not None and batch.errors.data[0].line == 3
