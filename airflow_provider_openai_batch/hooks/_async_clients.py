@@ -51,10 +51,12 @@ class SharedAsyncClient:
             return response
 
 
-_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[ConnectionSettings, SharedAsyncClient]] = (
+_clients: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[ConnectionSettings, SharedAsyncClient]
+] = weakref.WeakKeyDictionary()
+_tls_builds: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Future[object]] = (
     weakref.WeakKeyDictionary()
 )
-_tls_builds: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Future[object]] = weakref.WeakKeyDictionary()
 
 
 async def acquire(settings: ConnectionSettings) -> SharedAsyncClient:

@@ -146,7 +146,9 @@ async def _exchange(
     connection.writer.write(data)
     await _io(connection.writer.drain(), timeouts.get("write"), httpx.WriteTimeout, httpx.WriteError, request)
     # The read timeout bounds the whole response: every response of this API is one small JSON document.
-    return await _io(_read_response(connection, request), timeouts.get("read"), httpx.ReadTimeout, httpx.ReadError, request)
+    return await _io(
+        _read_response(connection, request), timeouts.get("read"), httpx.ReadTimeout, httpx.ReadError, request
+    )
 
 
 async def _read_response(connection: _Connection, request: httpx.Request) -> httpx.Response:
@@ -159,7 +161,9 @@ async def _read_response(connection: _Connection, request: httpx.Request) -> htt
             if event is h11.NEED_DATA:
                 data = await connection.reader.read(_READ_SIZE)
                 if not data and head is None:
-                    raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
+                    raise httpx.RemoteProtocolError(
+                        "Server disconnected without sending a response.", request=request
+                    )
                 protocol.receive_data(data)
                 continue
         except h11.RemoteProtocolError as error:

@@ -179,7 +179,9 @@ class OpenAIBatchHook(BaseHook):
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _send(self, method: str, path: str, *, batch_id: str | None = None, params: dict | None = None) -> httpx.Response:
+    def _send(
+        self, method: str, path: str, *, batch_id: str | None = None, params: dict | None = None
+    ) -> httpx.Response:
         request = self.client.build_request(method, path, params=params)
         retries_done = 0
         while True:
@@ -208,7 +210,9 @@ class OpenAIBatchHook(BaseHook):
             conflict = _unsettled(error)
         return _settled(conflict, await self.aget_batch(batch_id))
 
-    async def alist_batches(self, *, after: str | None = None, limit: int = MAX_PAGE_SIZE) -> AsyncIterator[Batch]:
+    async def alist_batches(
+        self, *, after: str | None = None, limit: int = MAX_PAGE_SIZE
+    ) -> AsyncIterator[Batch]:
         """Async :meth:`list_batches`."""
         params = _list_params(after, limit)
         while True:
@@ -380,7 +384,9 @@ def _api_error(response: httpx.Response, batch_id: str | None, api_key: str) -> 
             f"OpenAI Batch API is still rate limiting requests for {subject} after all retries (HTTP 429){detail}",
             **kwargs,
         )
-    return OpenAIBatchAPIError(f"OpenAI Batch API request for {subject} failed with HTTP {status}{detail}", **kwargs)
+    return OpenAIBatchAPIError(
+        f"OpenAI Batch API request for {subject} failed with HTTP {status}{detail}", **kwargs
+    )
 
 
 def _error_message(response: httpx.Response, api_key: str) -> str | None:
@@ -410,4 +416,3 @@ def _parse(response: httpx.Response, model: type[ModelT], batch_id: str | None) 
             batch_id=batch_id,
             status_code=response.status_code,
         ) from None
-

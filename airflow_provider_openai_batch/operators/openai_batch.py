@@ -152,7 +152,10 @@ class OpenAICancelBatchOperator(BaseOperator):
             if self.deferrable:
                 self.defer(
                     trigger=OpenAIBatchCancellationTrigger(
-                        batch_id=batch_id, conn_id=self.conn_id, poll_interval=self.poll_interval, deadline=deadline
+                        batch_id=batch_id,
+                        conn_id=self.conn_id,
+                        poll_interval=self.poll_interval,
+                        deadline=deadline,
                     ),
                     method_name="execute_complete",
                 )
@@ -161,7 +164,9 @@ class OpenAICancelBatchOperator(BaseOperator):
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
         """Resume after the trigger fired: validate its event and report the outcome."""
         if event is None:
-            raise AirflowException("The cancellation trigger fired no event payload; cannot tell the batch's fate.")
+            raise AirflowException(
+                "The cancellation trigger fired no event payload; cannot tell the batch's fate."
+            )
         return self._finish(context, CancellationEvent.model_validate(event))
 
     def _wait(self, hook: OpenAIBatchHook, batch_id: str, deadline: float) -> CancellationEvent:
@@ -249,7 +254,9 @@ class OpenAICancelStaleBatchesOperator(BaseOperator):
             raise ValueError(f"older_than must be a non-negative timedelta, got {older_than!r}.")
         unknown = set(statuses) - set(BatchStatus)
         if unknown or not statuses:
-            raise ValueError(f"statuses must be batch statuses ({', '.join(BatchStatus)}), got {sorted(statuses)}.")
+            raise ValueError(
+                f"statuses must be batch statuses ({', '.join(BatchStatus)}), got {sorted(statuses)}."
+            )
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency!r}.")
         self.conn_id = conn_id
@@ -280,7 +287,9 @@ class OpenAICancelStaleBatchesOperator(BaseOperator):
             return self._report(context, summary)
 
         asyncio.run(self._cancel_all(hook, summary))
-        waiting = [entry["batch_id"] for entry in summary.cancelled if entry["status"] != BatchStatus.CANCELLED]
+        waiting = [
+            entry["batch_id"] for entry in summary.cancelled if entry["status"] != BatchStatus.CANCELLED
+        ]
         if not (self.wait_for_cancellation and waiting):
             return self._report(context, summary)
         deadline = time.time() + self.timeout_seconds
@@ -289,7 +298,10 @@ class OpenAICancelStaleBatchesOperator(BaseOperator):
             context["ti"].xcom_push(key="summary", value=summary.model_dump())
             self.defer(
                 trigger=OpenAIBatchesCancellationTrigger(
-                    batch_ids=waiting, conn_id=self.conn_id, poll_interval=self.poll_interval, deadline=deadline
+                    batch_ids=waiting,
+                    conn_id=self.conn_id,
+                    poll_interval=self.poll_interval,
+                    deadline=deadline,
                 ),
                 method_name="execute_complete",
             )
@@ -299,7 +311,9 @@ class OpenAICancelStaleBatchesOperator(BaseOperator):
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
         """Resume after the trigger fired: merge each batch's outcome into the summary saved before deferring."""
         if event is None:
-            raise AirflowException("The cancellation trigger fired no event payload; cannot tell the batches' fate.")
+            raise AirflowException(
+                "The cancellation trigger fired no event payload; cannot tell the batches' fate."
+            )
         ti = context["ti"]
         saved = ti.xcom_pull(task_ids=ti.task_id, key="summary", map_indexes=ti.map_index)
         if saved is None:
@@ -361,7 +375,9 @@ class CleanupSummary(BaseModel):
     failed: list[dict[str, Any]] = []
 
     def record_cancel(self, batch: Batch) -> None:
-        self.cancelled.append(_cancelled_entry(batch.id, batch.status, batch.output_file_id, batch.error_file_id))
+        self.cancelled.append(
+            _cancelled_entry(batch.id, batch.status, batch.output_file_id, batch.error_file_id)
+        )
 
     def with_outcomes(self, events: list[CancellationEvent]) -> CleanupSummary:
         """Update the cancelled batches with how their wait ended; timeouts and errors move to ``failed``."""
@@ -381,8 +397,15 @@ class CleanupSummary(BaseModel):
         return summary
 
 
-def _cancelled_entry(batch_id: str, status: str, output_file_id: str | None, error_file_id: str | None) -> dict:
-    return {"batch_id": batch_id, "status": str(status), "output_file_id": output_file_id, "error_file_id": error_file_id}
+def _cancelled_entry(
+    batch_id: str, status: str, output_file_id: str | None, error_file_id: str | None
+) -> dict:
+    return {
+        "batch_id": batch_id,
+        "status": str(status),
+        "output_file_id": output_file_id,
+        "error_file_id": error_file_id,
+    }
 
 
 def _positive_seconds(name: str, value: timedelta | float) -> float:
