@@ -7,9 +7,10 @@ for every request and every response (encode/httpcore#1035). This transport spea
 the same ``h11`` state machine httpcore uses, directly over asyncio streams; taking an idle connection is O(1).
 See docs/performance.md for the measurements.
 
-What it leaves out, on purpose, because the Batch API never needs it: HTTP/2, streaming request bodies and
-streaming responses (every answer is a small JSON document, read whole). Proxies still work: httpx routes
-proxied URLs (``HTTPS_PROXY``...) to its own proxy transports before they reach this one.
+What it leaves out, on purpose, because polling never needs it: HTTP/2, streaming request bodies and
+streaming responses (every answer is a small JSON document, read whole; file downloads, which stream, run in
+workers through a plain ``httpx`` client instead: ``_async_clients.streaming_client``). Proxies still work: httpx
+routes proxied URLs (``HTTPS_PROXY``...) to its own proxy transports before they reach this one.
 
 Concurrency is bounded by the caller (the shared client's semaphore): this transport opens a connection
 whenever none is idle, and keeps at most ``max_idle`` idle ones per origin.
