@@ -167,6 +167,7 @@ def test_execute_complete_rejects_bad_events(context: dict) -> None:
         ({"if_finished": "maybe"}, "if_finished must be"),
         ({"poll_interval": 0}, "must be positive"),
         ({"timeout": -1}, "must be positive"),
+        ({"save_results_to": "/tmp/results", "wait_for_cancellation": False}, "save_results_to needs wait_for"),
     ],
 )
 def test_constructor_validation(kwargs: dict, message: str) -> None:
@@ -175,7 +176,7 @@ def test_constructor_validation(kwargs: dict, message: str) -> None:
 
 
 def test_templated_fields() -> None:
-    assert set(OpenAICancelBatchOperator.template_fields) == {"batch_id", "conn_id"}
+    assert set(OpenAICancelBatchOperator.template_fields) == {"batch_id", "conn_id", "save_results_to"}
 
 
 def test_extra_link_reads_the_pushed_batch_id(mocker) -> None:
