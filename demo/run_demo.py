@@ -93,7 +93,9 @@ def main() -> int:
             ),
             "OPENAI_BATCH_POLL_INTERVAL": "1",
         }
-        print(f"OpenAI Batch provider demo: emulator at {emulator.base_url}, Airflow home {HOME.relative_to(ROOT)}/")
+        print(
+            f"OpenAI Batch provider demo: emulator at {emulator.base_url}, Airflow home {HOME.relative_to(ROOT)}/"
+        )
         print("Migrating the SQLite metadata DB...", flush=True)
         airflow = Path(sys.executable).with_name("airflow")
         subprocess.run([str(airflow), "db", "migrate"], env=env, stdout=log, stderr=log, check=True)
@@ -112,7 +114,13 @@ def main() -> int:
 def run_scenario(number: int, scenario: Scenario, emulator: BatchAPIEmulator, env: dict, log: Any) -> None:
     before = {batch_id: emulator.batch(batch_id)["status"] for batch_id in scenario.expected_batches}
     output = HOME / f"{scenario.dag_id}.json"
-    runner = [sys.executable, str(ROOT / "demo" / "run_dag.py"), scenario.dag_id, json.dumps(scenario.conf), str(output)]
+    runner = [
+        sys.executable,
+        str(ROOT / "demo" / "run_dag.py"),
+        scenario.dag_id,
+        json.dumps(scenario.conf),
+        str(output),
+    ]
     print(f"\n{number}. {scenario.title}\n   DAG {scenario.dag_id}", flush=True)
     finished = subprocess.run(runner, env=env, stdout=log, stderr=log, timeout=600)
     if finished.returncode != 0 or not output.exists():
@@ -134,8 +142,10 @@ def run_scenario(number: int, scenario: Scenario, emulator: BatchAPIEmulator, en
         expect(scenario, "output file id downstream", handed, expected_file)
     summary = outcome["xcoms"].get("cancel_stale_batches.return_value")
     if summary:
-        print(f"   cleanup summary: selected {summary['selected']}, cancelled "
-              + str([(e["batch_id"], e["status"], e["output_file_id"]) for e in summary["cancelled"]]))
+        print(
+            f"   cleanup summary: selected {summary['selected']}, cancelled "
+            + str([(e["batch_id"], e["status"], e["output_file_id"]) for e in summary["cancelled"]])
+        )
 
 
 def files(batch: dict[str, Any]) -> str:

@@ -44,10 +44,14 @@ def test_examples_parse_without_errors_warnings_or_network(monkeypatch: pytest.M
     assert bag.dags["example_openai_batch_cleanup_stale_batches"].catchup is False
 
 
-def test_cancel_on_upstream_failure(examples: Any, emulator_connection: BatchAPIEmulator, monkeypatch) -> None:
+def test_cancel_on_upstream_failure(
+    examples: Any, emulator_connection: BatchAPIEmulator, monkeypatch
+) -> None:
     batch_id = emulator_connection.add_batch()["id"]
     state, states, xcoms = run_dag(
-        examples, "example_openai_batch_cancel_on_upstream_failure", {"batch_id": batch_id, "simulate_failure": True}
+        examples,
+        "example_openai_batch_cancel_on_upstream_failure",
+        {"batch_id": batch_id, "simulate_failure": True},
     )
     final = emulator_connection.batch(batch_id)
     assert state == "failed", "the run stays failed so alerting fires"
@@ -62,10 +66,14 @@ def test_cancel_on_upstream_failure(examples: Any, emulator_connection: BatchAPI
     assert xcoms[("use_partial_results", "return_value")] == final["output_file_id"] is not None
 
 
-def test_nothing_is_cancelled_when_nothing_fails(examples: Any, emulator_connection: BatchAPIEmulator) -> None:
+def test_nothing_is_cancelled_when_nothing_fails(
+    examples: Any, emulator_connection: BatchAPIEmulator
+) -> None:
     batch_id = emulator_connection.add_batch()["id"]
     state, states, _ = run_dag(
-        examples, "example_openai_batch_cancel_on_upstream_failure", {"batch_id": batch_id, "simulate_failure": False}
+        examples,
+        "example_openai_batch_cancel_on_upstream_failure",
+        {"batch_id": batch_id, "simulate_failure": False},
     )
     assert state == "success"
     assert states["cancel_batch"] == states["use_partial_results"] == states["fail_run"] == "skipped"
@@ -76,7 +84,9 @@ def test_nothing_is_cancelled_when_nothing_fails(examples: Any, emulator_connect
 def test_cancel_in_failure_callback(examples: Any, emulator_connection: BatchAPIEmulator) -> None:
     batch_id = emulator_connection.add_batch()["id"]
     state, states, _ = run_dag(
-        examples, "example_openai_batch_cancel_in_failure_callback", {"batch_id": batch_id, "simulate_failure": True}
+        examples,
+        "example_openai_batch_cancel_in_failure_callback",
+        {"batch_id": batch_id, "simulate_failure": True},
     )
     assert state == "failed"
     assert states == {"receive_batch_id": "success", "process_results": "failed"}
@@ -86,11 +96,19 @@ def test_cancel_in_failure_callback(examples: Any, emulator_connection: BatchAPI
 
 @pytest.mark.parametrize("dry_run", [True, False])
 def test_cleanup_stale_batches(examples: Any, emulator_connection: BatchAPIEmulator, dry_run: bool) -> None:
-    now = emulator_connection.batch(emulator_connection.add_batch(metadata={"team": "search"})["id"])["created_at"]
-    stale = emulator_connection.add_batch(created_at=now - 3 * DAY, metadata={"team": "search", "purpose": "eval"})["id"]
+    now = emulator_connection.batch(emulator_connection.add_batch(metadata={"team": "search"})["id"])[
+        "created_at"
+    ]
+    stale = emulator_connection.add_batch(
+        created_at=now - 3 * DAY, metadata={"team": "search", "purpose": "eval"}
+    )["id"]
     other_team = emulator_connection.add_batch(created_at=now - 3 * DAY, metadata={"team": "ads"})["id"]
-    done = emulator_connection.add_batch(created_at=now - 3 * DAY, status="completed", metadata={"team": "search"})["id"]
-    state, states, xcoms = run_dag(examples, "example_openai_batch_cleanup_stale_batches", {"dry_run": dry_run})
+    done = emulator_connection.add_batch(
+        created_at=now - 3 * DAY, status="completed", metadata={"team": "search"}
+    )["id"]
+    state, states, xcoms = run_dag(
+        examples, "example_openai_batch_cleanup_stale_batches", {"dry_run": dry_run}
+    )
     assert state == "success" and states == {"cancel_stale_batches": "success"}
     summary = xcoms[("cancel_stale_batches", "return_value")]
     assert summary["selected"] == [stale]
@@ -102,6 +120,10 @@ def test_cleanup_stale_batches(examples: Any, emulator_connection: BatchAPIEmula
         final = emulator_connection.batch(stale)
         assert final["status"] == "cancelled"
         assert summary["cancelled"] == [
-            {"batch_id": stale, "status": "cancelled", "output_file_id": final["output_file_id"],
-             "error_file_id": final["error_file_id"]}
+            {
+                "batch_id": stale,
+                "status": "cancelled",
+                "output_file_id": final["output_file_id"],
+                "error_file_id": final["error_file_id"],
+            }
         ]
