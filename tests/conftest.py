@@ -24,6 +24,8 @@ for _dag_file in [
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(DAGS_FOLDER)
 os.environ.pop("AIRFLOW_CONN_OPENAI_DEFAULT", None)
 os.environ["OPENAI_BATCH_POLL_INTERVAL"] = "0.2"  # the example DAGs poll every 30 s by default
+RESULTS_DIR = _AIRFLOW_HOME / "results"  # where the example DAG saves partial results
+os.environ["OPENAI_BATCH_RESULTS_DIR"] = str(RESULTS_DIR)
 
 import pytest
 

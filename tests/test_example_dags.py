@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from airflow_provider_openai_batch.testing import BatchAPIEmulator
+from tests.conftest import RESULTS_DIR
 from tests.test_e2e import dagbag, metadata_db, run_dag  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.e2e
@@ -63,7 +64,23 @@ def test_cancel_on_upstream_failure(
         "fail_run": "failed",
     }
     assert final["status"] == "cancelled"
-    assert xcoms[("use_partial_results", "return_value")] == final["output_file_id"] is not None
+    counts = final["request_counts"]
+    never_ran = counts["total"] - counts["completed"] - counts["failed"]
+    assert xcoms[("use_partial_results", "return_value")] == {
+        "output": counts["completed"],
+        "errors": counts["failed"],
+        "remaining": never_ran,
+    }
+    results = xcoms[("cancel_batch", "results")]
+    assert results["remaining"]["path"] == str(RESULTS_DIR / batch_id / "remaining.jsonl")
+    assert sorted(path.name for path in (RESULTS_DIR / batch_id).iterdir()) == [
+        "errors.jsonl",
+        "output.jsonl",
+        "remaining.jsonl",
+    ]
+    assert (RESULTS_DIR / batch_id / "output.jsonl").read_bytes() == emulator_connection.file_content(
+        final["output_file_id"]
+    )
 
 
 def test_nothing_is_cancelled_when_nothing_fails(
@@ -79,6 +96,7 @@ def test_nothing_is_cancelled_when_nothing_fails(
     assert states["cancel_batch"] == states["use_partial_results"] == states["fail_run"] == "skipped"
     assert emulator_connection.batch(batch_id)["status"] == "in_progress"
     assert emulator_connection.requests == []
+    assert not (RESULTS_DIR / batch_id).exists()
 
 
 def test_cancel_in_failure_callback(examples: Any, emulator_connection: BatchAPIEmulator) -> None:
