@@ -38,7 +38,7 @@ from tests._guards import (  # noqa: F401 - fixtures: guard and fast_backoff are
 try:  # Airflow >= 3.1
     from airflow.sdk.io import attach
 except ImportError:  # Airflow 3.0
-    from airflow.io import attach  # type: ignore[no-redef]
+    from airflow.io.store import attach  # type: ignore[no-redef]
 
 pytestmark = pytest.mark.timeout(60)
 
