@@ -1,9 +1,9 @@
 """Errors raised by the OpenAI Batch hook.
 
 One base class, :class:`OpenAIBatchError`, so a caller can catch everything the provider raises, and one
-subclass per decision a caller makes differently: the batch does not exist, the credentials are wrong, the
-batch is past cancelling, the API is overloaded. Every message names the batch (when there is one) and the
-HTTP status; none ever contains the API key.
+subclass per decision a caller makes differently: the batch or file does not exist, the credentials are wrong,
+the batch is past cancelling, the API is overloaded, a download did not arrive whole. Every message names the
+batch or file (when there is one) and the HTTP status; none ever contains the API key.
 """
 
 from __future__ import annotations
@@ -19,15 +19,24 @@ class OpenAIBatchError(AirflowException):
     :param message: human-readable description, already naming the batch and the HTTP status.
     :param batch_id: the batch the failed request was about, if any.
     :param status_code: the HTTP status of the last response, or ``None`` when no response arrived.
+    :param file_id: the file the failed request was about, if any.
     """
 
     #: Whether waiting and asking again may succeed (overload, outage, network trouble).
     transient: bool = False
 
-    def __init__(self, message: str, *, batch_id: str | None = None, status_code: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        batch_id: str | None = None,
+        status_code: int | None = None,
+        file_id: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.batch_id = batch_id
+        self.file_id = file_id
         # Named like httpx's and the OpenAI SDK's; an int here, where AirflowException declares an HTTPStatus.
         self.status_code = status_code  # type: ignore[assignment]
 
@@ -45,8 +54,9 @@ class OpenAIBatchAPIError(OpenAIBatchError):
         batch_id: str | None = None,
         status_code: int | None = None,
         api_message: str | None = None,
+        file_id: str | None = None,
     ) -> None:
-        super().__init__(message, batch_id=batch_id, status_code=status_code)
+        super().__init__(message, batch_id=batch_id, status_code=status_code, file_id=file_id)
         self.api_message = api_message
 
     @property
@@ -57,6 +67,10 @@ class OpenAIBatchAPIError(OpenAIBatchError):
 
 class BatchNotFoundError(OpenAIBatchAPIError):
     """HTTP 404: no batch with that id is visible to these credentials."""
+
+
+class OpenAIFileNotFoundError(OpenAIBatchAPIError):
+    """HTTP 404 for a file: none with that id is visible to these credentials (never there, deleted or expired)."""
 
 
 class OpenAIBatchAuthenticationError(OpenAIBatchAPIError):
@@ -99,3 +113,26 @@ class OpenAIBatchResponseError(OpenAIBatchError):
     """
 
     transient = True
+
+
+class OpenAIFileDownloadError(OpenAIBatchError):
+    """A file's content did not arrive whole: the connection was lost in the middle of it, or the bytes received
+    do not add up to the file's size (``File.bytes``).
+
+    Transient when the download was cut short (asking again from the start may get it whole), not when more bytes
+    arrived than the file has (the content is not the file the API describes).
+
+    :param expected_bytes: the file's size, when the check against it failed; ``None`` for a lost connection.
+    :param received_bytes: the bytes received before the download stopped.
+    """
+
+    def __init__(
+        self, message: str, *, file_id: str, received_bytes: int, expected_bytes: int | None = None
+    ) -> None:
+        super().__init__(message, file_id=file_id)
+        self.expected_bytes = expected_bytes
+        self.received_bytes = received_bytes
+
+    @property
+    def transient(self) -> bool:  # type: ignore[override]
+        return self.expected_bytes is None or self.received_bytes < self.expected_bytes

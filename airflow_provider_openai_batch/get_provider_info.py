@@ -15,7 +15,8 @@ def get_provider_info() -> dict[str, Any]:
         "package-name": PACKAGE_NAME,
         "name": "OpenAI Batch",
         "description": "Cancel `OpenAI Batch API <https://platform.openai.com/docs/api-reference/batch>`__ jobs "
-        "from Airflow and wait, deferrably, for their partial results.",
+        "from Airflow, wait, deferrably, for their partial results, and save them with the requests that never "
+        "ran.",
         "versions": [__version__],
         "integrations": [
             {

@@ -1,4 +1,5 @@
-"""Batch ids: what a well-formed one looks like, and how to find one in what an upstream task handed over.
+"""Batch and file ids: what a well-formed one looks like, and how to find a batch id in what an upstream task
+handed over.
 
 The hook, the operators and the callbacks all apply these rules. They live here, in a module that imports
 nothing of the provider, so that none of those has to import another only to share them (the callbacks run
@@ -10,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-_BATCH_ID = re.compile(r"[A-Za-z0-9_-]{1,256}")
+_ID = re.compile(r"[A-Za-z0-9_-]{1,256}")
 
 #: What a missing upstream batch id looks like once templated: Jinja renders a missing XCom as "None".
 _MISSING = (None, "", "None")
@@ -22,16 +23,23 @@ def validate_batch_id(batch_id: Any) -> str:
     Checked before any request so that a malformed id (``None``, ``""``, ``"../files"``, ``"batch_1/cancel"``)
     can never be turned into a request to another endpoint.
     """
-    if not isinstance(batch_id, str):  # ValueError all the same: callers handle one error for a bad id
-        raise ValueError(  # noqa: TRY004
-            f"A batch id must be a string, got {type(batch_id).__name__}: {batch_id!r:.80}."
-        )
-    if not _BATCH_ID.fullmatch(batch_id):
+    return _validated_id(batch_id, "batch", "batch_abc123")
+
+
+def validate_file_id(file_id: Any) -> str:
+    """Return ``file_id`` if it is a well-formed file id, else raise ``ValueError``: as :func:`validate_batch_id`."""
+    return _validated_id(file_id, "file", "file-abc123")
+
+
+def _validated_id(value: Any, kind: str, example: str) -> str:
+    if not isinstance(value, str):  # ValueError all the same: callers handle one error for a bad id
+        raise ValueError(f"A {kind} id must be a string, got {type(value).__name__}: {value!r:.80}.")  # noqa: TRY004
+    if not _ID.fullmatch(value):
         raise ValueError(
-            f"Invalid batch id {batch_id!r:.80}: expected 1 to 256 ASCII letters, digits, '_' or '-' "
-            "(like 'batch_abc123')."
+            f"Invalid {kind} id {value!r:.80}: expected 1 to 256 ASCII letters, digits, '_' or '-' "
+            f"(like '{example}')."
         )
-    return batch_id
+    return value
 
 
 def resolve_batch_id(value: Any) -> str | None:

@@ -1,6 +1,7 @@
 """Pydantic models of the OpenAI Batch API objects.
 
-They follow the ``Batch`` and ``ListBatchesResponse`` schemas of the official OpenAPI spec field for field.
+They follow the ``Batch``, ``ListBatchesResponse`` and ``OpenAIFile`` schemas of the official OpenAPI spec field
+for field.
 Three choices make them safe against a live, evolving API:
 
 * every optional field is nullable, because the API sends ``null`` for unset fields rather than omitting them;
@@ -170,3 +171,21 @@ class BatchList(_APIObject):
     has_more: bool
     first_id: str | None = None
     last_id: str | None = None
+
+
+class File(_APIObject):
+    """A file's metadata as ``GET /files/{file_id}`` returns it: a batch's input, output or error file.
+
+    ``bytes`` is what a download of the file's content must add up to. The spec lists the deprecated ``status``
+    as required, yet its own examples (and the API) leave it out: it is optional here.
+    """
+
+    id: str
+    object: str
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    expires_at: int | None = None
+    status: str | None = None
+    status_details: str | None = None

@@ -1,10 +1,11 @@
 """Run every benchmark against the official OpenAI provider and write a report; what ``make bench`` runs.
 
 Usage: .venv/bin/python bench/run_all.py [--quick] [--n 100,1000,5000] [--repeats 3]
-       [--skip scale,settings,parse,requests]
+       [--skip scale,settings,parse,requests,download]
 
 Creates ``.bench-venv`` (official provider 2.2.0) on first use, then runs bench/parse_cost.py,
-bench/requests_per_cancel.py and bench/trigger_scale.py (for every N as Airflow runs triggers by default, and at
+bench/requests_per_cancel.py, bench/download_split.py (saving a 50,000-request batch's results, against a plain
+httpx download) and bench/trigger_scale.py (for every N as Airflow runs triggers by default, and at
 N = 1,000 again as a triggerer deployed with docs/recipes/airflow_local_settings.py), and writes
 ``bench/results/latest.json`` (every run's raw numbers) and ``bench/results/latest.md`` (machine, tables,
 targets), also printed at the end. ``--quick`` is a smoke run of a minute or two (N=100 once, fewer samples); the
@@ -23,6 +24,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import download_split
 import parse_cost
 import rate_limit_storm
 import requests_per_cancel
@@ -126,6 +128,21 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     if storm:
         for name, value, met in rate_limit_storm.targets(storm):
             add(f"rate-limit storm: {name}", value, name, met)
+    download = results.get("download_split")
+    if download:
+        growth = download["summary"]["ours"]["peak_rss_growth_bytes"]
+        add(
+            f"peak RSS growth saving a {download['requests']:,}-request batch's results",
+            f"{growth / 1024 / 1024:.1f} MiB",
+            "< 64 MB",
+            download["targets"]["peak_rss_growth"],
+        )
+        add(
+            "throughput saving results vs a plain httpx download",
+            f"{download['throughput_ratio']:.2f}x",
+            ">= 0.5x",
+            download["targets"]["throughput_ratio"],
+        )
     parse = results.get("parse_cost")
     if parse:
         ratio = parse["ratios"]["import_seconds"]
@@ -207,6 +224,13 @@ def format_report(results: dict[str, Any]) -> str:
             "",
             rate_limit_storm.format_table(storm),
         ]
+    if "download_split" in results:
+        lines += [
+            "",
+            "## Saving a cancelled batch's results",
+            "",
+            download_split.format_table(results["download_split"]),
+        ]
     if "requests_per_cancel" in results:
         lines += [
             "",
@@ -237,7 +261,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=300.0,
         help="wall-time cap of one trigger-scale run, seconds (default 300: keeps the run near 20 min)",
     )
-    parser.add_argument("--skip", default="", help="comma-separated: scale, settings, parse, requests, storm")
+    parser.add_argument(
+        "--skip", default="", help="comma-separated: scale, settings, parse, requests, download, storm"
+    )
     parser.add_argument("--reuse", type=Path, help="take the skipped parts' results from this earlier JSON")
     parser.add_argument(
         "--wait-quiet",
@@ -272,11 +298,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["requests_per_cancel"] = run_requests_per_cancel(
             batches=3 if args.quick else 10, quick=args.quick
         )
+    if "download" not in skip:
+        results["other_load_at_start"]["download_split"] = wait_until_quiet(args.wait_quiet)
+        print("saving a cancelled batch's results ...", file=sys.stderr, flush=True)
+        results["download_split"] = download_split.measure(
+            requests=5_000 if args.quick else 50_000, request_bytes=4_000, repeats=1 if args.quick else 3
+        )
     if args.reuse:
         earlier = json.loads(args.reuse.read_text())
         keys = {
             "parse": "parse_cost",
             "requests": "requests_per_cancel",
+            "download": "download_split",
             "scale": "trigger_scale",
             "settings": "trigger_scale_local_settings",
             "storm": "rate_limit_storm",

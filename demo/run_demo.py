@@ -23,6 +23,7 @@ from airflow_provider_openai_batch.testing.emulator import seed_demo
 ROOT = Path(__file__).resolve().parents[1]
 HOME = ROOT / ".airflow-demo"
 LOG = HOME / "demo.log"
+RESULTS = HOME / "results"
 API_KEY = "sk-demo-not-a-real-key"
 
 
@@ -34,7 +35,7 @@ class Scenario:
     expected_state: str
     expected_tasks: dict[str, str]
     expected_batches: dict[str, str]  #: batch id -> status after the run
-    handed_downstream: str | None = None  #: "task.key" of the XCom holding the output file id passed on
+    saves_results: bool = False  #: cancel_batch saves the partial results that use_partial_results reads
     problems: list[str] = field(default_factory=list)
 
 
@@ -52,7 +53,7 @@ SCENARIOS = [
             "fail_run": "failed",
         },
         expected_batches={"batch_demo_search_1": "cancelled"},
-        handed_downstream="use_partial_results.return_value",
+        saves_results=True,
     ),
     Scenario(
         "Cancel in a failure callback",
@@ -92,8 +93,11 @@ def main() -> int:
                 {"conn_type": "openai_batch", "password": API_KEY, "host": emulator.base_url}
             ),
             "OPENAI_BATCH_POLL_INTERVAL": "1",
+            "OPENAI_BATCH_RESULTS_DIR": str(RESULTS),
         }
-        print(f"OpenAI Batch provider demo: emulator at {emulator.base_url}, Airflow home {HOME.relative_to(ROOT)}/")
+        print(
+            f"OpenAI Batch provider demo: emulator at {emulator.base_url}, Airflow home {HOME.relative_to(ROOT)}/"
+        )
         print("Migrating the SQLite metadata DB...", flush=True)
         airflow = Path(sys.executable).with_name("airflow")
         subprocess.run([str(airflow), "db", "migrate"], env=env, stdout=log, stderr=log, check=True)
@@ -112,7 +116,13 @@ def main() -> int:
 def run_scenario(number: int, scenario: Scenario, emulator: BatchAPIEmulator, env: dict, log: Any) -> None:
     before = {batch_id: emulator.batch(batch_id)["status"] for batch_id in scenario.expected_batches}
     output = HOME / f"{scenario.dag_id}.json"
-    runner = [sys.executable, str(ROOT / "demo" / "run_dag.py"), scenario.dag_id, json.dumps(scenario.conf), str(output)]
+    runner = [
+        sys.executable,
+        str(ROOT / "demo" / "run_dag.py"),
+        scenario.dag_id,
+        json.dumps(scenario.conf),
+        str(output),
+    ]
     print(f"\n{number}. {scenario.title}\n   DAG {scenario.dag_id}", flush=True)
     finished = subprocess.run(runner, env=env, stdout=log, stderr=log, timeout=600)
     if finished.returncode != 0 or not output.exists():
@@ -127,15 +137,46 @@ def run_scenario(number: int, scenario: Scenario, emulator: BatchAPIEmulator, en
         after = emulator.batch(batch_id)
         print(f"   {batch_id}: {before[batch_id]} -> {after['status']}" + files(after))
         expect(scenario, f"{batch_id} status", after["status"], expected)
-    if scenario.handed_downstream:
-        handed = outcome["xcoms"].get(scenario.handed_downstream)
-        print(f"   output file id handed downstream: {handed}")
-        expected_file = emulator.batch(next(iter(scenario.expected_batches)))["output_file_id"]
-        expect(scenario, "output file id downstream", handed, expected_file)
+    if scenario.saves_results:
+        report_saved_results(
+            scenario, outcome["xcoms"], emulator.batch(next(iter(scenario.expected_batches)))
+        )
     summary = outcome["xcoms"].get("cancel_stale_batches.return_value")
     if summary:
-        print(f"   cleanup summary: selected {summary['selected']}, cancelled "
-              + str([(e["batch_id"], e["status"], e["output_file_id"]) for e in summary["cancelled"]]))
+        print(
+            f"   cleanup summary: selected {summary['selected']}, cancelled "
+            + str([(e["batch_id"], e["status"], e["output_file_id"]) for e in summary["cancelled"]])
+        )
+
+
+def report_saved_results(scenario: Scenario, xcoms: dict[str, Any], batch: dict[str, Any]) -> None:
+    """The three files' line counts, as saved (the manifest) and as read downstream, against the batch's counts."""
+    counts = batch["request_counts"]
+    never_ran = counts["total"] - counts["completed"] - counts["failed"]
+    expected = {"output": counts["completed"], "errors": counts["failed"], "remaining": never_ran}
+    manifest = xcoms.get("cancel_batch.results") or {}
+    saved = {name: (manifest.get(name) or {}).get("lines") for name in expected}
+    folder = RESULTS / batch["id"]
+    print(
+        f"   partial results saved in {folder.relative_to(ROOT)}/: "
+        + ", ".join(f"{name}.jsonl {lines(saved[name])}" for name in ("output", "errors", "remaining"))
+    )
+    read = xcoms.get("use_partial_results.return_value") or {}
+    print(
+        f"   read downstream: {read.get('remaining')} requests never ran, ready to resubmit from remaining.jsonl"
+    )
+    expect(scenario, "saved line counts", saved, expected)
+    expect(scenario, "line counts read downstream", read, expected)
+    expect(
+        scenario,
+        "files saved",
+        sorted(path.name for path in folder.glob("*")),
+        sorted(f"{n}.jsonl" for n in expected),
+    )
+
+
+def lines(count: int | None) -> str:
+    return f"{count} line{'' if count == 1 else 's'}"
 
 
 def files(batch: dict[str, Any]) -> str:

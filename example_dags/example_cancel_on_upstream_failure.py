@@ -1,15 +1,22 @@
-"""Cancel an OpenAI batch as soon as anything beside it fails, and use its partial results.
+"""Cancel an OpenAI batch as soon as anything beside it fails, and keep what it already paid for.
 
 A batch was submitted (here its id arrives as the ``batch_id`` param: swap ``receive_batch_id`` for your own
 submitting task). Work that needs the batch runs beside it. If any of it fails, the batch's results are no
 longer wanted: ``cancel_batch`` (``trigger_rule="one_failed"``) cancels it and waits in the triggerer, holding
-no worker slot, until OpenAI reports it ``cancelled``; ``use_partial_results`` then gets the output file with
-whatever the batch had finished. ``fail_run`` keeps the run marked failed, so alerting still fires.
+no worker slot, until OpenAI reports it ``cancelled``. Back on a worker, it saves the batch's partial results to
+``RESULTS_DIR/<batch_id>/``: ``output.jsonl`` (the requests that ran), ``errors.jsonl`` (those that failed) and
+``remaining.jsonl`` (those that never ran, ready to be submitted again as they are). ``use_partial_results``
+reads them through the manifest ``cancel_batch`` pushes as the XCom ``results``. ``fail_run`` keeps the run marked
+failed, so alerting still fires.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
+from pathlib import Path
+from typing import Any
 
 import pendulum
 from airflow.sdk import Param, dag, task
@@ -18,6 +25,10 @@ from airflow_provider_openai_batch.operators.openai_batch import OpenAICancelBat
 
 #: Seconds between status polls; the demo shortens it for the emulator.
 POLL_INTERVAL = float(os.environ.get("OPENAI_BATCH_POLL_INTERVAL", "30"))
+#: Where partial results are saved: any local folder, or object storage such as "s3://bucket/openai-batches".
+RESULTS_DIR = os.environ.get(
+    "OPENAI_BATCH_RESULTS_DIR", str(Path(tempfile.gettempdir()) / "openai-batch-results")
+)
 
 
 @dag(
@@ -50,20 +61,30 @@ def example_openai_batch_cancel_on_upstream_failure() -> None:
         trigger_rule="one_failed",
         deferrable=True,
         poll_interval=POLL_INTERVAL,
+        save_results_to=RESULTS_DIR,
     )
 
     @task
-    def use_partial_results(output_file_id: str, batch: dict) -> str:
-        counts = batch.get("request_counts") or {}
-        print(f"Partial results in {output_file_id}: {counts.get('completed')} of {counts.get('total')} requests done.")
-        return output_file_id
+    def use_partial_results(**context: Any) -> dict[str, int]:
+        """Count what was saved, and read the requests still to run from remaining.jsonl."""
+        results = context["ti"].xcom_pull(task_ids="cancel_batch", key="results")
+        counts = {name: (results[name] or {}).get("lines", 0) for name in ("output", "errors")}
+        to_resubmit = []
+        if results["remaining"]:  # None only if the batch's input file is gone
+            # A local folder here; for object storage, open ObjectStoragePath(path) instead.
+            with open(results["remaining"]["path"], "rb") as remaining:
+                to_resubmit = [json.loads(line)["custom_id"] for line in remaining if line.strip()]
+        print(
+            f"Batch {results['batch_id']}: {counts['output']} results and {counts['errors']} errors saved; "
+            f"{len(to_resubmit)} requests never ran (first: {to_resubmit[:3]}). Submit remaining.jsonl to run them."
+        )
+        return {**counts, "remaining": len(to_resubmit)}
 
     @task(trigger_rule="one_failed", retries=0)
     def fail_run() -> None:
         raise RuntimeError("An upstream task failed; the batch was cancelled.")
 
-    [batch_id, features] >> cancel_batch
-    use_partial_results("{{ ti.xcom_pull(task_ids='cancel_batch', key='output_file_id') }}", cancel_batch.output)
+    [batch_id, features] >> cancel_batch >> use_partial_results()
     features >> fail_run()
 
 

@@ -27,7 +27,9 @@ POLL_INTERVAL = float(os.environ.get("OPENAI_BATCH_POLL_INTERVAL", "30"))
     tags=["example", "openai"],
     # dry_run must render to a real boolean, not the string "False".
     render_template_as_native_obj=True,
-    params={"dry_run": Param(False, type="boolean", description="Report what would be cancelled; cancel nothing.")},
+    params={
+        "dry_run": Param(False, type="boolean", description="Report what would be cancelled; cancel nothing.")
+    },
 )
 def example_openai_batch_cleanup_stale_batches() -> None:
     OpenAICancelStaleBatchesOperator(

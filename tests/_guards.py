@@ -140,6 +140,14 @@ def assert_no_key(value: Any, where: str) -> None:
             )
 
 
+def assert_no_key_in_files(root: Path) -> None:
+    """Fail if the key is in the name or the content of any file under ``root`` (a download's destination)."""
+    for path in root.rglob("*"):
+        assert_no_key(str(path), "a file name")
+        if path.is_file():
+            assert_no_key(path.read_bytes(), f"the file {path}")
+
+
 def exception_chain(error: BaseException) -> list[BaseException]:
     """``error`` and every exception reachable through ``__cause__`` and ``__context__``."""
     chain: list[BaseException] = []

@@ -16,11 +16,16 @@ os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 # dag.test() only runs DAGs whose files sit in the DAGs folder: gather the test DAGs and the examples there.
 DAGS_FOLDER = _AIRFLOW_HOME / "dags"
 DAGS_FOLDER.mkdir()
-for _dag_file in [*(Path(__file__).parent / "dags").glob("*.py"), *(Path(__file__).parents[1] / "example_dags").glob("*.py")]:
+for _dag_file in [
+    *(Path(__file__).parent / "dags").glob("*.py"),
+    *(Path(__file__).parents[1] / "example_dags").glob("*.py"),
+]:
     (DAGS_FOLDER / _dag_file.name).symlink_to(_dag_file)
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(DAGS_FOLDER)
 os.environ.pop("AIRFLOW_CONN_OPENAI_DEFAULT", None)
 os.environ["OPENAI_BATCH_POLL_INTERVAL"] = "0.2"  # the example DAGs poll every 30 s by default
+RESULTS_DIR = _AIRFLOW_HOME / "results"  # where the example DAG saves partial results
+os.environ["OPENAI_BATCH_RESULTS_DIR"] = str(RESULTS_DIR)
 
 import pytest
 
@@ -43,7 +48,9 @@ def pytest_report_header() -> str:
 
     import airflow_provider_openai_batch
 
-    return f"Airflow {airflow.__version__}; provider from {Path(airflow_provider_openai_batch.__file__).parent}"
+    return (
+        f"Airflow {airflow.__version__}; provider from {Path(airflow_provider_openai_batch.__file__).parent}"
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -65,7 +72,9 @@ def set_connection(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
     """Define an Airflow connection through its ``AIRFLOW_CONN_*`` environment variable."""
 
     def define(conn_id: str = "openai_default", **fields: object) -> None:
-        monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps({"conn_type": "openai_batch", **fields}))
+        monkeypatch.setenv(
+            f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps({"conn_type": "openai_batch", **fields})
+        )
 
     return define
 

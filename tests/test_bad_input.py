@@ -10,8 +10,10 @@ task, and the fake key in no log, exception or request.
 from __future__ import annotations
 
 import json
+import os
 import time
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -244,6 +246,181 @@ def test_cleanup_with_a_malformed_id_in_the_listing_still_cancels_the_others(
     assert {r.path for r in api.requests if r.method == "POST"} == {
         f"/v1/batches/{stale[i]}/cancel" for i in (0, 2)
     }
+
+
+# -- file ids: hook -----------------------------------------------------------------------------------------------
+
+#: The same ids as file ids: the same checks, the error naming a file id.
+FILE_IDS = {
+    name: (value, expected.replace("batch id", "file id").replace("'batch_abc123'", "'file-abc123'"))
+    for name, (value, expected) in BAD_IDS.items()
+}
+
+
+@pytest.mark.parametrize("name", FILE_IDS)
+def test_hook_rejects_bad_file_ids(api: BatchAPIEmulator, guard: Guard, name: str, tmp_path: Path) -> None:
+    """Sync and async: metadata, both content streams (refused when called, not at the first chunk), download."""
+    file_id, expected = FILE_IDS[name]
+
+    async def async_calls() -> list[BaseException]:
+        errors = []
+        async with OpenAIBatchHook() as hook:
+            for call in (hook.aget_file, hook.aiter_file_content):
+                with guard.raises(ValueError) as caught:
+                    await call(file_id)  # type: ignore[misc]
+                errors.append(caught.value)
+        return errors
+
+    errors = []
+    with OpenAIBatchHook() as hook:
+        calls = (
+            hook.get_file,
+            hook.iter_file_content,
+            lambda bad: hook.download_file(bad, tmp_path / "f.jsonl"),
+        )
+        for call in calls:
+            with guard.raises(ValueError) as caught:
+                call(file_id)
+            errors.append(caught.value)
+    errors += run_async(async_calls())
+    assert len(errors) == 5
+    for error in errors:
+        assert_clear(error, expected)
+    assert_nothing_sent(api)
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- destinations: download_file, save_results_to -----------------------------------------------------------------
+
+
+def bad_destinations(tmp_path: Path) -> dict[str, tuple[Any, type[Exception], str]]:
+    """Destination, the error it gets, and what its message says (``{name}``: the parameter's name)."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("in the way")
+    return {
+        "none": (
+            None,
+            TypeError,
+            "{name} must be a local path, a URL string or an ObjectStoragePath, got NoneType",
+        ),
+        "int": (
+            42,
+            TypeError,
+            "{name} must be a local path, a URL string or an ObjectStoragePath, got int: 42.",
+        ),
+        "dict": (
+            {"path": "/tmp"},
+            TypeError,
+            "{name} must be a local path, a URL string or an ObjectStoragePath",
+        ),
+        "empty": ("", ValueError, "{name} is an empty string"),
+        "blank": ("  ", ValueError, "{name} is an empty string"),
+        "relative": (
+            "results/today",
+            ValueError,
+            "{name} 'results/today' is a relative path; give an absolute one",
+        ),
+        "home": ("~/results", ValueError, "{name} '~/results' is a relative path"),
+        "unknown_scheme": (
+            "nosuchfs://bucket/results",
+            ValueError,
+            "{name} 'nosuchfs://bucket/results': Airflow has no filesystem for it",
+        ),
+        "under_a_file": (
+            f"{a_file}/results",
+            ValueError,
+            f"{{name}} '{a_file}/results' cannot be created: '{a_file}' is a file, not a directory.",
+        ),
+        "under_a_file_url": (
+            f"file://{a_file}/results",
+            ValueError,
+            f"{{name}} 'file://{a_file}/results' cannot be created: '{a_file}' is a file, not a directory.",
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "name", ["none", "int", "dict", "empty", "blank", "relative", "home", "unknown_scheme", "under_a_file",
+             "under_a_file_url"]
+)  # fmt: skip
+def test_bad_destinations_are_refused_before_any_request(
+    api: BatchAPIEmulator, guard: Guard, tmp_path: Path, name: str
+) -> None:
+    """By ``download_file`` and by both operators' ``save_results_to``, blocking and deferrable: nothing is sent,
+    nothing cancelled, nothing written. ``None`` is only bad for ``download_file``: it means "save nothing"."""
+    destination, error_type, expected = bad_destinations(tmp_path)[name]
+    before = sorted(tmp_path.iterdir())
+    file_id = api.batch(api.untouched)["input_file_id"]  # type: ignore[attr-defined]
+    with OpenAIBatchHook() as hook, guard.raises(error_type) as caught:
+        hook.download_file(file_id, destination)
+    assert str(caught.value).startswith(expected.format(name="destination")), str(caught.value)
+    if destination is not None:
+        for deferrable in (False, True):
+            operators = [
+                OpenAICancelBatchOperator(
+                    task_id="cancel",
+                    batch_id=api.untouched,
+                    deferrable=deferrable,
+                    save_results_to=destination,
+                ),  # type: ignore[attr-defined]
+                OpenAICancelStaleBatchesOperator(
+                    task_id="cleanup",
+                    older_than=timedelta(0),
+                    deferrable=deferrable,
+                    save_results_to=destination,
+                ),
+            ]
+            for operator in operators:
+                context = TaskContext()
+                with guard.raises(error_type) as caught:
+                    run_operator(operator, context, guard)
+                assert str(caught.value).startswith(expected.format(name="save_results_to")), str(
+                    caught.value
+                )
+                assert "results" not in context.xcoms and "summary" not in context.xcoms
+    assert_nothing_sent(api)
+    assert sorted(tmp_path.iterdir()) == before
+
+
+def test_a_directory_is_not_a_file_to_download_to(
+    api: BatchAPIEmulator, guard: Guard, tmp_path: Path
+) -> None:
+    file_id = api.batch(api.untouched)["input_file_id"]  # type: ignore[attr-defined]
+    for destination in (tmp_path, f"{tmp_path}/new/"):
+        with (
+            OpenAIBatchHook() as hook,
+            guard.raises(ValueError, match="is a directory; give the path of the file"),
+        ):
+            hook.download_file(file_id, destination)
+    assert_nothing_sent(api)
+
+
+def test_a_file_is_not_a_directory_to_save_results_under(
+    api: BatchAPIEmulator, guard: Guard, tmp_path: Path
+) -> None:
+    (tmp_path / "a_file").write_text("in the way")
+    operator = OpenAICancelBatchOperator(
+        task_id="cancel",
+        batch_id=api.untouched,
+        save_results_to=tmp_path / "a_file",  # type: ignore[attr-defined]
+    )
+    with guard.raises(ValueError, match=f"save_results_to '{tmp_path}/a_file' is a file, not a directory."):
+        run_operator(operator, TaskContext(), guard)
+    assert_nothing_sent(api)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_an_unwritable_directory_is_refused(api: BatchAPIEmulator, guard: Guard, tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    operator = OpenAICancelBatchOperator(
+        task_id="cancel",
+        batch_id=api.untouched,
+        save_results_to=locked / "results",  # type: ignore[attr-defined]
+    )
+    with guard.raises(ValueError, match=f"'{locked}' is not writable by this worker"):
+        run_operator(operator, TaskContext(), guard)
+    assert_nothing_sent(api)
 
 
 # -- connections ------------------------------------------------------------------------------------------------

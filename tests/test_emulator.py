@@ -78,7 +78,9 @@ def client(emulator: BatchAPIEmulator) -> Iterator[httpx.Client]:
 # --- The batch object -------------------------------------------------------------------------------------
 
 
-def test_seeded_batch_has_every_field_like_the_real_api(emulator: BatchAPIEmulator, client: httpx.Client) -> None:
+def test_seeded_batch_has_every_field_like_the_real_api(
+    emulator: BatchAPIEmulator, client: httpx.Client
+) -> None:
     before = int(time.time())
     seeded = emulator.add_batch(metadata={"team": "search"})
 
@@ -105,7 +107,9 @@ def test_seeded_batch_has_every_field_like_the_real_api(emulator: BatchAPIEmulat
 
 
 def test_seeded_batch_is_a_copy_and_fields_override(emulator: BatchAPIEmulator) -> None:
-    seeded = emulator.add_batch("batch_x", model="gpt-4.1", usage={"total_tokens": 3}, created_at=1_700_000_000)
+    seeded = emulator.add_batch(
+        "batch_x", model="gpt-4.1", usage={"total_tokens": 3}, created_at=1_700_000_000
+    )
     seeded["status"] = "mutated"
     seeded["request_counts"]["total"] = -1
 
@@ -266,9 +270,10 @@ def test_cancel_can_complete_after_a_delay_instead_of_polls(
 
 
 def test_server_defaults_apply_and_a_batch_can_be_held_in_cancelling() -> None:
-    with BatchAPIEmulator(cancel_after_polls=10**9) as emulator, httpx.Client(
-        base_url=emulator.base_url, headers={"api-key": emulator.api_key}
-    ) as client:
+    with (
+        BatchAPIEmulator(cancel_after_polls=10**9) as emulator,
+        httpx.Client(base_url=emulator.base_url, headers={"api-key": emulator.api_key}) as client,
+    ):
         emulator.add_batch("batch_h")
         client.post("/batches/batch_h/cancel")
         assert {client.get("/batches/batch_h").json()["status"] for _ in range(20)} == {"cancelling"}
@@ -305,12 +310,16 @@ def test_cancel_is_idempotent_while_cancelling(emulator: BatchAPIEmulator, clien
 
     assert again.status_code == 200
     assert again.json()["cancelling_at"] == first["cancelling_at"]
-    assert client.get("/batches/batch_i").json()["status"] == "cancelled"  # the repeat did not reset the count
+    assert (
+        client.get("/batches/batch_i").json()["status"] == "cancelled"
+    )  # the repeat did not reset the count
     assert emulator.cancel_count("batch_i") == 2
 
 
 @pytest.mark.parametrize("status", ["validating", "in_progress", "finalizing"])
-def test_active_batches_can_be_cancelled(emulator: BatchAPIEmulator, client: httpx.Client, status: str) -> None:
+def test_active_batches_can_be_cancelled(
+    emulator: BatchAPIEmulator, client: httpx.Client, status: str
+) -> None:
     emulator.add_batch("batch_a", status=status)
     response = client.post("/batches/batch_a/cancel")
     assert response.status_code == 200
@@ -318,7 +327,9 @@ def test_active_batches_can_be_cancelled(emulator: BatchAPIEmulator, client: htt
 
 
 @pytest.mark.parametrize("status", ["completed", "failed", "expired", "cancelled"])
-def test_cancelling_a_finished_batch_is_a_409(emulator: BatchAPIEmulator, client: httpx.Client, status: str) -> None:
+def test_cancelling_a_finished_batch_is_a_409(
+    emulator: BatchAPIEmulator, client: httpx.Client, status: str
+) -> None:
     emulator.add_batch("batch_f", status=status)
 
     response = client.post("/batches/batch_f/cancel")
@@ -444,7 +455,9 @@ def test_unknown_batch_is_a_404(client: httpx.Client, method: str, path: str, sh
     [("GET", "/files"), ("PATCH", "/batches"), ("DELETE", "/batches/batch_x"), ("PUT", "/batches/x/cancel"),
      ("GET", "/batches/x/cancel"), ("GET", "/batches/"), ("GET", "http://127.0.0.1:{port}/elsewhere")],
 )  # fmt: skip
-def test_other_routes_are_404s(emulator: BatchAPIEmulator, client: httpx.Client, method: str, url: str) -> None:
+def test_other_routes_are_404s(
+    emulator: BatchAPIEmulator, client: httpx.Client, method: str, url: str
+) -> None:
     emulator.add_batch("batch_x")
     response = client.request(method, url.format(port=emulator.port))
     assert response.status_code == 404
@@ -487,8 +500,12 @@ def test_wrong_key_is_a_401_that_never_echoes_the_key(
     [{"Authorization": f"Bearer {DEFAULT_API_KEY}"}, {"authorization": f"bearer {DEFAULT_API_KEY}"},
      {"api-key": DEFAULT_API_KEY}, {"api-key": DEFAULT_API_KEY, "Authorization": "Bearer ignored"}],
 )  # fmt: skip
-def test_openai_and_azure_authentication_are_accepted(emulator: BatchAPIEmulator, headers: dict[str, str]) -> None:
-    response = httpx.get(f"{emulator.base_url}/batches", params={"api-version": "2024-10-21"}, headers=headers)
+def test_openai_and_azure_authentication_are_accepted(
+    emulator: BatchAPIEmulator, headers: dict[str, str]
+) -> None:
+    response = httpx.get(
+        f"{emulator.base_url}/batches", params={"api-version": "2024-10-21"}, headers=headers
+    )
     assert response.status_code == 200
 
 
@@ -642,7 +659,9 @@ def test_body_fault_sends_the_raw_body(
     assert client.get("/batches").json()["object"] == "list"  # the connection is still usable
 
 
-def test_drop_fault_loses_the_connection_mid_response(emulator: BatchAPIEmulator, client: httpx.Client) -> None:
+def test_drop_fault_loses_the_connection_mid_response(
+    emulator: BatchAPIEmulator, client: httpx.Client
+) -> None:
     emulator.inject(Fault("drop", path="/batches$"))
 
     with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
@@ -661,7 +680,9 @@ def test_delay_fault_makes_a_client_time_out(emulator: BatchAPIEmulator, client:
     assert client.get("/batches", timeout=2).status_code == 200
 
 
-def test_delay_fault_answers_normally_after_the_delay(emulator: BatchAPIEmulator, client: httpx.Client) -> None:
+def test_delay_fault_answers_normally_after_the_delay(
+    emulator: BatchAPIEmulator, client: httpx.Client
+) -> None:
     emulator.add_batch("batch_d")
     emulator.inject(Fault("delay", delay=0.2, headers={"x-delayed": "yes"}))
 
@@ -687,6 +708,190 @@ def test_faults_are_validated_and_can_be_cleared(emulator: BatchAPIEmulator, cli
     emulator.clear_faults()
 
     assert client.get("/batches").status_code == 200
+
+
+# --- Files ----------------------------------------------------------------------------------------------------
+
+FILE_FIELDS = [
+    "id",
+    "object",
+    "bytes",
+    "created_at",
+    "expires_at",
+    "filename",
+    "purpose",
+    "status",
+    "status_details",
+]
+
+
+def jsonl(content: bytes) -> list[dict]:
+    return [json.loads(line) for line in content.splitlines()]
+
+
+def test_every_batch_has_an_input_file_with_one_request_line_per_request(
+    emulator: BatchAPIEmulator, client: httpx.Client
+) -> None:
+    batch = emulator.add_batch(total_requests=7, endpoint="/v1/embeddings")
+
+    meta = client.get(f"/files/{batch['input_file_id']}").json()
+    content = client.get(f"/files/{batch['input_file_id']}/content").content
+
+    assert list(meta) == FILE_FIELDS
+    assert (meta["id"], meta["object"], meta["purpose"]) == (batch["input_file_id"], "file", "batch")
+    assert meta["bytes"] == len(content) and meta["created_at"] == batch["created_at"]
+    requests = jsonl(content)
+    assert [request["custom_id"] for request in requests] == [f"request-{n}" for n in range(1, 8)]
+    assert all(set(request) == {"custom_id", "method", "url", "body"} for request in requests)
+    assert {(request["method"], request["url"]) for request in requests} == {("POST", "/v1/embeddings")}
+    assert content.endswith(b"\n") and content.count(b"\n") == 7
+
+
+def test_input_lines_can_be_padded_to_a_size(emulator: BatchAPIEmulator, client: httpx.Client) -> None:
+    batch = emulator.add_batch(total_requests=20, request_bytes=1000)
+
+    content = client.get(f"/files/{batch['input_file_id']}/content").content
+
+    assert [len(line) for line in content.splitlines(keepends=True)] == [1000] * 20
+    assert emulator.file(batch["input_file_id"])["bytes"] == 20_000
+    assert len(jsonl(content)) == 20
+
+
+def test_a_cancelled_batch_has_output_and_error_files_matching_its_counts(
+    emulator: BatchAPIEmulator, client: httpx.Client
+) -> None:
+    batch_id = emulator.add_batch(total_requests=30, cancel_after_polls=1)["id"]
+    client.post(f"/batches/{batch_id}/cancel")
+    final = client.get(f"/batches/{batch_id}").json()
+    assert final["status"] == "cancelled"
+    assert final["request_counts"] == {"total": 30, "completed": 10, "failed": 1}
+
+    inputs = [line["custom_id"] for line in jsonl(emulator.file_content(final["input_file_id"]))]
+    output = jsonl(client.get(f"/files/{final['output_file_id']}/content").content)
+    errors = jsonl(client.get(f"/files/{final['error_file_id']}/content").content)
+
+    assert len(output) == 10 and len(errors) == 1
+    assert all(list(line) == ["id", "custom_id", "response", "error"] for line in output + errors)
+    assert {line["response"]["status_code"] for line in output} == {200}
+    assert all(
+        line["response"]["body"]["object"] == "chat.completion" and line["error"] is None for line in output
+    )
+    assert errors[0]["response"]["status_code"] == 400 and "error" in errors[0]["response"]["body"]
+    ran = [line["custom_id"] for line in output + errors]
+    assert len(set(ran)) == 11 and set(ran) <= set(inputs)
+    assert ran != sorted(ran, key=inputs.index), "results are not listed in input order"
+    for file_id in (final["output_file_id"], final["error_file_id"]):
+        meta = client.get(f"/files/{file_id}").json()
+        assert meta["purpose"] == "batch_output" and meta["bytes"] == len(emulator.file_content(file_id))
+        assert meta["created_at"] == final["cancelled_at"]
+    again = client.get(f"/files/{final['output_file_id']}/content").content
+    assert jsonl(again) == output, "a file's content does not change between downloads"
+
+
+def test_result_counts_can_be_chosen_and_an_empty_result_file_has_no_id(
+    emulator: BatchAPIEmulator, client: httpx.Client
+) -> None:
+    half = emulator.add_batch(status="cancelled", total_requests=10, completed_requests=5, failed_requests=0)
+    none_ran = emulator.add_batch(status="expired", total_requests=4, completed_requests=0, failed_requests=0)
+
+    assert half["request_counts"] == {"total": 10, "completed": 5, "failed": 0}
+    assert half["error_file_id"] is None
+    assert len(jsonl(client.get(f"/files/{half['output_file_id']}/content").content)) == 5
+    assert none_ran["output_file_id"] is None and none_ran["error_file_id"] is None
+    for completed, failed in [(5, None), (None, 1), (-1, 1), (8, 3)]:
+        with pytest.raises(ValueError, match="completed_requests and failed_requests"):
+            emulator.add_batch(total_requests=10, completed_requests=completed, failed_requests=failed)
+
+
+def test_seeded_files_are_served_and_replace_a_batchs_own(
+    emulator: BatchAPIEmulator, client: httpx.Client
+) -> None:
+    own = emulator.add_file('{"custom_id": "a"}\n', filename="mine.jsonl", purpose="batch")
+    assert own == emulator.file(own["id"]) == client.get(f"/files/{own['id']}").json()
+    assert (own["bytes"], own["filename"]) == (19, "mine.jsonl")
+
+    requests = b"".join(b'{"custom_id": "q%d", "method": "POST"}\n' % n for n in range(6))
+    batch = emulator.add_batch(status="cancelled", total_requests=6, completed_requests=3, failed_requests=1)
+    emulator.add_file(requests, batch["input_file_id"])
+    assert client.get(f"/files/{batch['input_file_id']}/content").content == requests
+    ran = jsonl(emulator.file_content(batch["output_file_id"])) + jsonl(
+        emulator.file_content(batch["error_file_id"])
+    )
+    assert {line["custom_id"] for line in ran} <= {f"q{n}" for n in range(6)} and len(ran) == 4
+
+    emulator.add_file(b"short", batch["error_file_id"], bytes=1000)
+    assert client.get(f"/files/{batch['error_file_id']}").json()["bytes"] == 1000
+    assert client.get(f"/files/{batch['error_file_id']}/content").content == b"short"
+
+
+@pytest.mark.parametrize("path", ["/files/file-none", "/files/file-none/content"])
+def test_unknown_and_removed_files_are_404s(
+    emulator: BatchAPIEmulator, client: httpx.Client, path: str
+) -> None:
+    batch = emulator.add_batch(status="cancelled")
+    emulator.remove_file(batch["output_file_id"])
+
+    for missing in (path, path.replace("file-none", batch["output_file_id"])):
+        response = client.get(missing)
+        assert response.status_code == 404
+        file_id = missing.split("/")[2]
+        assert envelope(response) == {
+            "message": f"No such File object: {file_id}",
+            "type": "invalid_request_error",
+            "param": "id",
+            "code": None,
+        }
+    with pytest.raises(KeyError):
+        emulator.file_content(batch["output_file_id"])
+    assert client.get(f"/files/{batch['input_file_id']}").status_code == 200
+
+
+def test_files_need_the_key(emulator: BatchAPIEmulator) -> None:
+    batch = emulator.add_batch()
+    response = httpx.get(f"{emulator.base_url}/files/{batch['input_file_id']}/content")
+    assert response.status_code == 401
+
+
+def test_a_drop_cuts_a_download_halfway_through_the_file(
+    emulator: BatchAPIEmulator, client: httpx.Client
+) -> None:
+    batch = emulator.add_batch(total_requests=50)
+    path = f"/files/{batch['input_file_id']}/content"
+    content = emulator.file_content(batch["input_file_id"])
+    emulator.inject(Fault("drop", path="/content$"))
+
+    received = bytearray()
+    with pytest.raises(httpx.RemoteProtocolError), client.stream("GET", path) as response:
+        assert response.headers["content-length"] == str(len(content))
+        for chunk in response.iter_bytes():
+            received += chunk
+
+    assert bytes(received) == content[: len(content) // 2]
+    assert client.get(path).content == content, "the next download is whole"
+    assert [request.status for request in emulator.requests] == [0, 200]
+
+
+def test_status_and_delay_faults_apply_to_downloads(emulator: BatchAPIEmulator, client: httpx.Client) -> None:
+    batch = emulator.add_batch()
+    path = f"/files/{batch['input_file_id']}/content"
+    emulator.inject(Fault("status", status=503, path="/content$"))
+    emulator.inject(Fault("delay", delay=1.0, path="/content$"))
+
+    assert client.get(path).status_code == 503
+    with pytest.raises(httpx.ReadTimeout):
+        client.get(path, timeout=0.2)
+    assert client.get(f"/files/{batch['input_file_id']}").status_code == 200, "the metadata is not matched"
+
+
+def test_control_client_seeds_and_removes_files(emulator: BatchAPIEmulator, client: httpx.Client) -> None:
+    control = EmulatorControl(emulator.base_url)
+
+    seeded = control.add_file('{"custom_id": "x"}\n', "file-ctl", purpose="batch_output")
+
+    assert seeded == client.get("/files/file-ctl").json() and seeded["purpose"] == "batch_output"
+    assert client.get("/files/file-ctl/content").text == '{"custom_id": "x"}\n'
+    control.remove_file("file-ctl")
+    assert client.get("/files/file-ctl").status_code == 404
 
 
 # --- Recording ----------------------------------------------------------------------------------------------

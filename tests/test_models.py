@@ -18,6 +18,7 @@ from airflow_provider_openai_batch.models import (
     BatchList,
     BatchStatus,
     check_metadata,
+    File,
 )
 
 SPEC = yaml.safe_load((Path(__file__).parent / "fixtures" / "openai-batch-spec.yaml").read_text())
@@ -89,7 +90,9 @@ def test_cancel_example_is_cancelling_without_output() -> None:
 
 
 def test_list_example() -> None:
-    page = BatchList.model_validate(spec_json(SPEC["paths"]["/batches"]["get"]["x-oaiMeta"]["examples"]["response"]))
+    page = BatchList.model_validate(
+        spec_json(SPEC["paths"]["/batches"]["get"]["x-oaiMeta"]["examples"]["response"])
+    )
     assert page.has_more is True
     assert page.last_id == "batch_abc456"
     assert [batch.id for batch in page.data] == ["batch_abc123"]
@@ -135,17 +138,25 @@ def test_unknown_status_does_not_break_a_list() -> None:
 
 
 def test_status_sets() -> None:
-    assert {s for s in BatchStatus if s.is_terminal} == TERMINAL_STATUSES == {
-        BatchStatus.COMPLETED,
-        BatchStatus.FAILED,
-        BatchStatus.EXPIRED,
-        BatchStatus.CANCELLED,
-    }
-    assert {s for s in BatchStatus if s.is_cancellable} == CANCELLABLE_STATUSES == {
-        BatchStatus.VALIDATING,
-        BatchStatus.IN_PROGRESS,
-        BatchStatus.FINALIZING,
-    }
+    assert (
+        {s for s in BatchStatus if s.is_terminal}
+        == TERMINAL_STATUSES
+        == {
+            BatchStatus.COMPLETED,
+            BatchStatus.FAILED,
+            BatchStatus.EXPIRED,
+            BatchStatus.CANCELLED,
+        }
+    )
+    assert (
+        {s for s in BatchStatus if s.is_cancellable}
+        == CANCELLABLE_STATUSES
+        == {
+            BatchStatus.VALIDATING,
+            BatchStatus.IN_PROGRESS,
+            BatchStatus.FINALIZING,
+        }
+    )
     assert not BatchStatus.CANCELLING.is_terminal and not BatchStatus.CANCELLING.is_cancellable
 
 
@@ -153,7 +164,41 @@ def test_errors_object() -> None:
     data = {
         **spec_examples()["schema"],
         "status": "failed",
-        "errors": {"object": "list", "data": [{"code": "invalid_json", "message": "bad line", "param": None, "line": 3}]},
+        "errors": {
+            "object": "list",
+            "data": [{"code": "invalid_json", "message": "bad line", "param": None, "line": 3}],
+        },
     }
     batch = Batch.model_validate(data)
     assert batch.errors is not None and batch.errors.data[0].line == 3
+
+
+def file_example(where: str) -> dict:
+    if where == "schema":
+        return spec_json(SPEC["components"]["schemas"]["OpenAIFile"]["x-oaiMeta"]["example"])
+    return spec_json(SPEC["paths"]["/files/{file_id}"]["get"]["x-oaiMeta"]["examples"]["response"])
+
+
+def test_file_has_every_field_of_the_spec() -> None:
+    spec_file = SPEC["components"]["schemas"]["OpenAIFile"]
+    assert set(File.model_fields) == set(spec_file["properties"])
+    required = {name for name, field in File.model_fields.items() if field.is_required()}
+    # The deprecated status is required by the schema but absent from its own examples: optional here.
+    assert required == set(spec_file["required"]) - {"status"}
+
+
+@pytest.mark.parametrize("where", ["schema", "retrieve"])
+def test_parses_the_spec_file_examples(where: str) -> None:
+    data = file_example(where)
+    file = File.model_validate(data)
+    assert file.id == "file-abc123"
+    assert file.bytes == data["bytes"] and isinstance(file.bytes, int)
+    assert file.status is None
+    assert file.model_dump(mode="json", exclude_none=True) == data
+
+
+def test_file_without_a_size_is_rejected() -> None:
+    data = file_example("retrieve")
+    del data["bytes"]
+    with pytest.raises(ValidationError, match="bytes"):
+        File.model_validate(data)

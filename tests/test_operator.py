@@ -76,7 +76,9 @@ def test_without_waiting_finishes_at_cancelling(emulator_connection: BatchAPIEmu
     assert [r.method for r in emulator_connection.requests] == ["POST"]
 
 
-def test_already_cancelled_batch_finishes_without_deferring(emulator_connection: BatchAPIEmulator, context: dict) -> None:
+def test_already_cancelled_batch_finishes_without_deferring(
+    emulator_connection: BatchAPIEmulator, context: dict
+) -> None:
     batch_id = emulator_connection.add_batch(status="cancelled")["id"]
     result = operator(batch_id, deferrable=True).execute(context)
     assert result["status"] == "cancelled"
@@ -93,14 +95,18 @@ def test_retried_task_is_idempotent(emulator_connection: BatchAPIEmulator, conte
 
 
 @pytest.mark.parametrize("status", ["completed", "failed", "expired"])
-def test_finished_batch_with_if_finished_succeed(emulator_connection: BatchAPIEmulator, context: dict, status: str) -> None:
+def test_finished_batch_with_if_finished_succeed(
+    emulator_connection: BatchAPIEmulator, context: dict, status: str
+) -> None:
     batch_id = emulator_connection.add_batch(status=status)["id"]
     result = operator(batch_id, deferrable=True).execute(context)
     assert result["status"] == status
     assert pushed(context)["status"] == status
 
 
-def test_finished_batch_with_if_finished_skip_and_fail(emulator_connection: BatchAPIEmulator, context: dict) -> None:
+def test_finished_batch_with_if_finished_skip_and_fail(
+    emulator_connection: BatchAPIEmulator, context: dict
+) -> None:
     batch_id = emulator_connection.add_batch(status="completed")["id"]
     with pytest.raises(AirflowSkipException, match=f"Batch '{batch_id}' had already completed"):
         operator(batch_id, if_finished="skip").execute(context)
@@ -109,7 +115,9 @@ def test_finished_batch_with_if_finished_skip_and_fail(emulator_connection: Batc
 
 
 @pytest.mark.parametrize("missing", [None, "", "None", {}, {"id": None}])
-def test_missing_batch_id_skips_or_fails(emulator_connection: BatchAPIEmulator, context: dict, missing: Any) -> None:
+def test_missing_batch_id_skips_or_fails(
+    emulator_connection: BatchAPIEmulator, context: dict, missing: Any
+) -> None:
     with pytest.raises(AirflowSkipException, match="No batch id to cancel"):
         operator(missing).execute(context)
     with pytest.raises(AirflowException, match="No batch id to cancel") as caught:
@@ -119,7 +127,9 @@ def test_missing_batch_id_skips_or_fails(emulator_connection: BatchAPIEmulator, 
 
 
 @pytest.mark.parametrize("bad", [" ", "../files", "batch_1/cancel", ["batch_1"], 7, {"id": "a/b"}])
-def test_malformed_batch_id_fails_before_any_request(emulator_connection: BatchAPIEmulator, context: dict, bad: Any) -> None:
+def test_malformed_batch_id_fails_before_any_request(
+    emulator_connection: BatchAPIEmulator, context: dict, bad: Any
+) -> None:
     with pytest.raises(ValueError, match="batch id"):
         operator(bad).execute(context)
     assert emulator_connection.requests == []
@@ -134,7 +144,13 @@ def test_resolve_batch_id_accepts_dicts() -> None:
 @pytest.mark.parametrize("status", ["cancelled", "completed"])
 def test_execute_complete_success(context: dict, status: str) -> None:
     batch = {"id": "batch_1", "status": status, "output_file_id": "file-out", "error_file_id": "file-err"}
-    event = {"status": status, "batch_id": "batch_1", "output_file_id": "file-out", "batch": batch, "message": "done"}
+    event = {
+        "status": status,
+        "batch_id": "batch_1",
+        "output_file_id": "file-out",
+        "batch": batch,
+        "message": "done",
+    }
     assert operator("batch_1").execute_complete(context, event) == batch
     assert pushed(context) == {"status": status, "output_file_id": "file-out", "error_file_id": "file-err"}
 
@@ -157,7 +173,9 @@ def test_execute_complete_rejects_bad_events(context: dict) -> None:
     with pytest.raises(AirflowException, match="no event payload"):
         operator("batch_1").execute_complete(context, None)
     with pytest.raises(ValidationError, match="status"):
-        operator("batch_1").execute_complete(context, {"status": "paused", "batch_id": "batch_1", "message": "?"})
+        operator("batch_1").execute_complete(
+            context, {"status": "paused", "batch_id": "batch_1", "message": "?"}
+        )
 
 
 @pytest.mark.parametrize(
@@ -167,6 +185,10 @@ def test_execute_complete_rejects_bad_events(context: dict) -> None:
         ({"if_finished": "maybe"}, "if_finished must be"),
         ({"poll_interval": 0}, "must be positive"),
         ({"timeout": -1}, "must be positive"),
+        (
+            {"save_results_to": "/tmp/results", "wait_for_cancellation": False},
+            "save_results_to needs wait_for",
+        ),
     ],
 )
 def test_constructor_validation(kwargs: dict, message: str) -> None:
@@ -175,7 +197,7 @@ def test_constructor_validation(kwargs: dict, message: str) -> None:
 
 
 def test_templated_fields() -> None:
-    assert set(OpenAICancelBatchOperator.template_fields) == {"batch_id", "conn_id"}
+    assert set(OpenAICancelBatchOperator.template_fields) == {"batch_id", "conn_id", "save_results_to"}
 
 
 def test_extra_link_reads_the_pushed_batch_id(mocker) -> None:

@@ -18,12 +18,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import re
 import socket
 import threading
 import time
 from dataclasses import dataclass
 from email.utils import formatdate
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -796,6 +798,79 @@ def test_two_tasks_cancel_the_same_batch_at_once(fresh_api: Api, surface: str) -
     assert [r.status for r in posts] == [200, 200] and abs(posts[0].at - posts[1].at) < 0.4, "they overlapped"
     assert api.emulator.cancel_count(batch_id) == 2
     assert api.emulator.batch(batch_id)["status"] == ("cancelling" if case.is_hook else "cancelled")
+
+
+# -- saving results: faults on the downloads ---------------------------------------------------------------------
+
+
+def saved(api: Api, surface: str, root: Path, batch_id: str) -> Outcome:
+    """Cancel ``batch_id`` through the operator in ``surface`` mode, saving its results under ``root``."""
+    return api.act(Case(surface, "poll"), batch_id, save_results_to=str(root))
+
+
+def assert_whole(api: Api, root: Path, batch_id: str) -> None:
+    batch = api.emulator.batch(batch_id)
+    for name, file_id in (("output", batch["output_file_id"]), ("errors", batch["error_file_id"])):
+        assert (root / batch_id / f"{name}.jsonl").read_bytes() == api.emulator.file_content(file_id)
+    remaining = (root / batch_id / "remaining.jsonl").read_bytes().splitlines()
+    assert len(remaining) == batch["request_counts"]["total"] - 34
+
+
+@pytest.mark.parametrize("surface", OPERATORS)
+def test_downloads_cut_short_start_again_and_the_results_are_whole(
+    api: Api, guard: Guard, tmp_path: Path, surface: str
+) -> None:
+    """The first two downloads of every file (output, errors, input) are dropped halfway through."""
+    batch = api.emulator.add_batch(status="cancelled")
+    for file_id in (batch["output_file_id"], batch["error_file_id"], batch["input_file_id"]):
+        api.emulator.inject(Fault("drop", times=2, path=f"/{file_id}/content$"))
+
+    assert saved(api, surface, tmp_path, batch["id"]).ok() == "cancelled"
+
+    batch_id = batch["id"]
+    assert_whole(api, tmp_path, batch_id)
+    content = [r.status for r in api.emulator.requests if r.path.endswith("/content")]
+    assert content == [0, 0, 200] * 3, "each file dropped twice, then downloaded whole"
+    assert sorted(os.listdir(tmp_path / batch_id)) == ["errors.jsonl", "output.jsonl", "remaining.jsonl"]
+
+
+@pytest.mark.parametrize("surface", OPERATORS)
+def test_5xx_bursts_on_the_files_api_are_absorbed(api: Api, tmp_path: Path, surface: str) -> None:
+    batch_id = api.emulator.add_batch(cancel_after_polls=1)["id"]
+    api.emulator.inject(Fault("status", status=502, times=RETRIES, path="^/v1/files/"))
+
+    assert saved(api, surface, tmp_path, batch_id).ok() == "cancelled"
+
+    assert_whole(api, tmp_path, batch_id)
+    assert [r.status for r in api.emulator.requests if r.path.startswith("/v1/files/")][: RETRIES + 1] == [
+        502
+    ] * RETRIES + [200]
+
+
+@pytest.mark.parametrize("surface", OPERATORS)
+def test_5xx_on_the_files_api_beyond_the_retries_fails_the_task(
+    api: Api, tmp_path: Path, surface: str
+) -> None:
+    batch_id = api.emulator.add_batch(cancel_after_polls=1)["id"]
+    api.emulator.inject(Fault("status", status=503, times=100, path="/content$"))
+
+    outcome = saved(api, surface, tmp_path, batch_id)
+
+    assert isinstance(outcome.error, OpenAIBatchAPIError) and "HTTP 503" in str(outcome.error)
+    assert "file 'file-out-" in str(outcome.error)
+    assert list((tmp_path / batch_id).iterdir()) == [], "no partial file"
+
+
+@pytest.mark.parametrize("surface", OPERATORS)
+def test_a_slow_download_times_out_and_is_retried(fresh_api: Api, tmp_path: Path, surface: str) -> None:
+    api = fresh_api
+    api.connect(timeout=0.3)
+    batch_id = api.emulator.add_batch(cancel_after_polls=1)["id"]
+    api.emulator.inject(Fault("delay", delay=2.0, path="/content$"))
+
+    assert saved(api, surface, tmp_path, batch_id).ok() == "cancelled"
+
+    assert_whole(api, tmp_path, batch_id)
 
 
 # -- the checks themselves: each would catch what it looks for --------------------------------------------------

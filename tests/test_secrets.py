@@ -45,6 +45,7 @@ from tests._guards import (  # noqa: F401 - fixtures: guard, and fast_backoff ar
     Guard,
     TaskContext,
     assert_no_key,
+    assert_no_key_in_files,
     emulator,
     exception_chain,
     fast_backoff,
@@ -384,6 +385,61 @@ def test_a_server_echoing_the_key_does_not_get_it_repeated(
     found["the cleanup's summary XCom"] = json.dumps(context.xcoms)
     leaked = [where for where, text in found.items() if FAKE_API_KEY in text]
     assert leaked == [], f"the key echoed by the server reached: {', '.join(leaked)}"
+
+
+# -- files: downloads and saved results ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("deferrable", [False, True])
+def test_saved_results_and_their_manifest_hold_no_key(
+    connected: BatchAPIEmulator, guard: Guard, tmp_path: Path, deferrable: bool
+) -> None:
+    """A save that works and one whose download is cut short every time: files written (and their names),
+    XComs, return values, exceptions and logs hold no key; the key went in the auth header only."""
+    done = connected.add_batch(cancel_after_polls=1, total_requests=50)["id"]
+    operator = OpenAICancelBatchOperator(
+        task_id="cancel", batch_id=done, deferrable=deferrable, poll_interval=0.01, save_results_to=tmp_path
+    )
+    context = TaskContext()
+    run_operator(operator, context, guard)
+    assert context.xcoms["results"]["remaining"]["lines"] == 50 - 16 - 1
+    cut = connected.add_batch(cancel_after_polls=1)
+    connected.inject(Fault("drop", times=100, path="/content$"))
+    failing = OpenAICancelBatchOperator(
+        task_id="cancel",
+        batch_id=cut["id"],
+        deferrable=deferrable,
+        poll_interval=0.01,
+        save_results_to=tmp_path,
+    )
+    with guard.raises(OpenAIBatchError, match="cut short"):
+        run_operator(failing, TaskContext(), guard)
+    assert_no_key_in_files(tmp_path)
+    file_requests = [r for r in connected.requests if r.path.startswith("/v1/files/")]
+    assert file_requests and {r.headers["authorization"] for r in file_requests} == {f"Bearer {FAKE_API_KEY}"}
+
+
+@pytest.mark.parametrize("path", ["metadata", "content", "async_content"])
+def test_a_server_echoing_the_key_about_a_file_does_not_get_it_repeated(
+    connected: BatchAPIEmulator, guard: Guard, path: str
+) -> None:
+    echo = json.dumps({"error": {"message": f"Denied: 'Authorization: Bearer {FAKE_API_KEY}'"}})
+    file_id = connected.add_batch()["input_file_id"]
+    connected.inject(Fault("body", status=403, body=echo, path=f"/files/{file_id}"))
+
+    async def read_async() -> None:
+        async with OpenAIBatchHook() as hook:
+            [chunk async for chunk in hook.aiter_file_content(file_id)]
+
+    with guard.raises(
+        OpenAIBatchError, match=r"refused the credentials for file .* \(HTTP 403\): Denied"
+    ) as caught:
+        if path == "async_content":
+            run_async(read_async())
+        else:
+            with OpenAIBatchHook() as hook:
+                hook.get_file(file_id) if path == "metadata" else list(hook.iter_file_content(file_id))
+    assert "***" in str(caught.value)
 
 
 # -- what reaches the wire --------------------------------------------------------------------------------------

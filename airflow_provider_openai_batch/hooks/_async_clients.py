@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import weakref
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from urllib.request import getproxies
 
@@ -55,7 +57,10 @@ class SharedAsyncClient:
         return response
 
 
-_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[ConnectionSettings, SharedAsyncClient]] = (
+_clients: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[ConnectionSettings, SharedAsyncClient]
+] = weakref.WeakKeyDictionary()
+_tls_builds: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Future[object]] = (
     weakref.WeakKeyDictionary()
 )
 _tls_builds: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str | None, asyncio.Future[object]]] = (
@@ -75,6 +80,19 @@ async def acquire(settings: ConnectionSettings) -> SharedAsyncClient:
         shared = per_loop[settings] = SharedAsyncClient(client, transport, governor)
     shared.users += 1
     return shared
+
+
+@asynccontextmanager
+async def streaming_client(settings: ConnectionSettings) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of its own for one streamed download, closed after it.
+
+    Not the shared client: its lean transport reads every response whole, which suits a trigger's small polls
+    and would hold a whole file in memory. httpx's default transport streams; it costs a little more CPU per
+    request, which a download (rare, long, run in a worker) never notices. The TLS context is still the shared one.
+    """
+    await _tls_context_built(settings.ca_bundle)
+    async with httpx.AsyncClient(**settings.client_kwargs()) as client:
+        yield client
 
 
 async def _tls_context_built(ca_bundle: str | None) -> None:

@@ -58,7 +58,9 @@ class ConnectionSettings:
         extras = extras or {}
         client_kwargs = extras.get(OFFICIAL_CLIENT_KWARGS) or {}
         if not isinstance(client_kwargs, dict):
-            raise ValueError(f"Connection '{conn_id}': extra '{OFFICIAL_CLIENT_KWARGS}' must be a JSON object.")
+            raise ValueError(
+                f"Connection '{conn_id}': extra '{OFFICIAL_CLIENT_KWARGS}' must be a JSON object."
+            )
 
         def pick(name: str) -> Any:
             for source in (extras, client_kwargs):
@@ -74,11 +76,15 @@ class ConnectionSettings:
             )
         api_type = (pick("api_type") or "openai").lower()
         if api_type not in ("openai", "azure"):
-            raise ValueError(f"Connection '{conn_id}': extra 'api_type' must be 'openai' or 'azure', not {api_type!r}.")
+            raise ValueError(
+                f"Connection '{conn_id}': extra 'api_type' must be 'openai' or 'azure', not {api_type!r}."
+            )
         return cls(
             conn_id=conn_id,
             api_key=api_key,
-            base_url=_validated_base_url(conn_id, conn.host or client_kwargs.get("base_url") or DEFAULT_BASE_URL),
+            base_url=_validated_base_url(
+                conn_id, conn.host or client_kwargs.get("base_url") or DEFAULT_BASE_URL
+            ),
             organization=pick("organization"),
             project=pick("project"),
             api_type=cast(Literal["openai", "azure"], api_type),
@@ -91,7 +97,11 @@ class ConnectionSettings:
     @property
     def headers(self) -> dict[str, str]:
         """Authentication and scoping headers sent with every request."""
-        headers = {"api-key": self.api_key} if self.api_type == "azure" else {"Authorization": f"Bearer {self.api_key}"}
+        headers = (
+            {"api-key": self.api_key}
+            if self.api_type == "azure"
+            else {"Authorization": f"Bearer {self.api_key}"}
+        )
         if self.organization:
             headers["OpenAI-Organization"] = self.organization
         if self.project:
@@ -154,7 +164,9 @@ def _validated_base_url(conn_id: str, raw: str) -> str:
         )
     if url.scheme == "http" and not _is_loopback(url.host):
         log.warning(
-            "Connection '%s' sends the API key in clear text over http:// to %s; use https://.", conn_id, url.host
+            "Connection '%s' sends the API key in clear text over http:// to %s; use https://.",
+            conn_id,
+            url.host,
         )
     return str(url)
 

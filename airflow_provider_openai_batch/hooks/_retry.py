@@ -51,7 +51,9 @@ class RetryPolicy:
     max_retry_after: float = 60.0
     rate_limit_patience: float = 300.0
 
-    def delay_before_retry(self, retries_done: int, outcome: httpx.Response | httpx.TransportError) -> float | None:
+    def delay_before_retry(
+        self, retries_done: int, outcome: httpx.Response | httpx.TransportError
+    ) -> float | None:
         """Seconds to wait before retrying after ``outcome``, or ``None`` if ``outcome`` is final."""
         if retries_done >= self.max_retries:
             return None

@@ -1,15 +1,17 @@
-"""Hook for the OpenAI Batch API: retrieve, list and cancel batches, sync or async, over httpx."""
+"""Hook for the OpenAI Batch API: retrieve, list and cancel batches, and retrieve and download their files,
+sync or async, over httpx."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import datetime
-from functools import cached_property
+from functools import cached_property, partial
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -17,6 +19,7 @@ from airflow.providers.common.compat.connection import get_async_connection, get
 from airflow.providers.common.compat.sdk import BaseHook, mask_secret
 from pydantic import BaseModel, ValidationError
 
+from airflow_provider_openai_batch import storage
 from airflow_provider_openai_batch._compat import amask_secret
 from airflow_provider_openai_batch._time import unix_time
 from airflow_provider_openai_batch.exceptions import (
@@ -29,13 +32,18 @@ from airflow_provider_openai_batch.exceptions import (
     OpenAIBatchGatewayError,
     OpenAIBatchRateLimitError,
     OpenAIBatchResponseError,
+    OpenAIFileDownloadError,
+    OpenAIFileNotFoundError,
 )
-from airflow_provider_openai_batch.hooks import _async_clients, _connection_form
+from airflow_provider_openai_batch.hooks import _async_clients, _connection_form, _download
 from airflow_provider_openai_batch.hooks._connection import ConnectionSettings
 from airflow_provider_openai_batch.hooks._rate import RateGovernor, governor_for
 from airflow_provider_openai_batch.hooks._retry import Attempts, RetryPolicy, is_rate_limited
-from airflow_provider_openai_batch.ids import validate_batch_id
-from airflow_provider_openai_batch.models import FINISHED_STATUSES, Batch, BatchList
+from airflow_provider_openai_batch.ids import validate_batch_id, validate_file_id
+from airflow_provider_openai_batch.models import FINISHED_STATUSES, Batch, BatchList, File
+
+if TYPE_CHECKING:
+    from airflow.providers.common.compat.sdk import ObjectStoragePath
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -54,6 +62,13 @@ class OpenAIBatchHook(BaseHook):
     Sync methods share one ``httpx.Client``; ``a``-prefixed twins share one ``httpx.AsyncClient`` per event loop
     and never block the loop, connection lookup included. Use the hook as a context manager (``with`` or
     ``async with``) to release its clients.
+
+    Files (a batch's input, output and error files) go through the same retries, error mapping and key hygiene.
+    Their content is streamed, never held whole: :meth:`iter_file_content` and :meth:`aiter_file_content` yield
+    chunks, and :meth:`download_file` writes them to a local path or an ``ObjectStoragePath``. An async stream
+    uses a plain ``httpx.AsyncClient`` of its own rather than the loop's shared client: that client's lean
+    transport (``_transport``) reads every response whole, which is what keeps a trigger's polls cheap, and a
+    download is rare and long, so a client of its own costs nothing that matters (the TLS context is shared).
 
     :param conn_id: the Airflow connection to use.
     :param retry_policy: overrides the retry policy built from the connection's ``max_retries``.
@@ -161,6 +176,35 @@ class OpenAIBatchHook(BaseHook):
                 return
             params = {**params, "after": cursor}
 
+    def get_file(self, file_id: str) -> File:
+        """Retrieve a file's metadata; its ``bytes`` is the size a download of it must have."""
+        path = _file_path(file_id)
+        return _parse(self._send("GET", path, file_id=file_id), File, file_id=file_id)
+
+    def iter_file_content(self, file_id: str) -> Iterator[bytes]:
+        """Stream a file's content in the chunks it arrives in, never holding it whole.
+
+        Retried like every request until the answer starts. A connection lost after that raises
+        :class:`OpenAIFileDownloadError`: the chunks already yielded cannot be taken back, so restarting is the
+        caller's choice (:meth:`download_file` makes it). The id is checked at once, before any request; the
+        request is sent at the first ``next()``. Close the iterator if you stop early, to free its connection.
+        """
+        return self._content(_file_path(file_id, "content"), file_id)
+
+    def download_file(self, file_id: str, destination: str | os.PathLike | ObjectStoragePath) -> int:
+        """Stream a file's content to ``destination`` and return the bytes written.
+
+        ``destination`` is the file to write: a local path, or an ``ObjectStoragePath`` or URL (any scheme
+        Airflow has a filesystem for). Its directory is created if missing. The content goes to a temporary name
+        next to it, renamed once complete, so an interrupted download never looks complete, and an older file
+        there is replaced only by a whole new one. The size is checked against the file's ``bytes``; a download
+        cut short starts again from the start, up to the connection's ``max_retries`` times. The id and the
+        destination are checked before any request.
+        """
+        validate_file_id(file_id)
+        target = storage.file(destination, "destination")
+        return _download.transfer(self, self.get_file(file_id), target, _download.Copy).bytes_written
+
     def test_connection(self) -> tuple[bool, str]:
         """Back the UI's Test button: list a single batch."""
         try:
@@ -190,23 +234,41 @@ class OpenAIBatchHook(BaseHook):
         path: str,
         *,
         batch_id: str | None = None,
+        file_id: str | None = None,
         params: dict | None = None,
         patient: bool = True,
+        stream: bool = False,
     ) -> httpx.Response:
-        """Send with retries. Cancels and list pages are ``patient``: rate limiting is ridden out for the
-        policy's ``rate_limit_patience``. A poll is not: refused, it is backpressure for its wait, which polls again
-        until its own deadline."""
+        """The 2xx response to ``method path`` after retries; with ``stream`` its body is left to be read.
+
+        Cancels and list pages are ``patient``: rate limiting is ridden out for the policy's
+        ``rate_limit_patience``. A poll is not: refused, it is backpressure for its wait, which polls again until
+        its own deadline.
+        """
         request = self.client.build_request(method, path, params=params)
+        send = partial(_streamed, self.client) if stream else self.client.send
         attempts = self.retry_policy.attempts(patient=patient, now=time.monotonic())
         while True:
             ticket = self._governor.wait_turn_sync()
             try:
-                outcome: httpx.Response | httpx.TransportError = self.client.send(request)
+                outcome: httpx.Response | httpx.TransportError = send(request)
             except httpx.TransportError as error:
                 outcome = error
             if (delay := self._retry_delay(request, attempts, outcome, self._governor, ticket)) is None:
-                return _successful(outcome, batch_id, self.settings.api_key)
+                return _successful(outcome, self.settings.api_key, batch_id=batch_id, file_id=file_id)
             time.sleep(delay)
+
+    def _content(self, path: str, file_id: str) -> Iterator[bytes]:
+        response = self._send("GET", path, file_id=file_id, stream=True)
+        received = 0
+        try:
+            for chunk in response.iter_bytes():
+                received += len(chunk)
+                yield chunk
+        except httpx.TransportError as error:
+            raise _cut_short(error, file_id, received) from error
+        finally:
+            response.close()
 
     # -- async API --------------------------------------------------------------------------------------------
 
@@ -243,6 +305,18 @@ class OpenAIBatchHook(BaseHook):
                 return
             params = {**params, "after": cursor}
 
+    async def aget_file(self, file_id: str) -> File:
+        """Async :meth:`get_file`."""
+        path = _file_path(file_id)
+        return _parse(await self._asend("GET", path, file_id=file_id), File, file_id=file_id)
+
+    def aiter_file_content(self, file_id: str) -> AsyncIterator[bytes]:
+        """Async :meth:`iter_file_content`, through a client of its own (see the class docstring).
+
+        Close it (``contextlib.aclosing``) if you stop early: an async generator left open keeps its connection.
+        """
+        return self._acontent(_file_path(file_id, "content"), file_id)
+
     async def aclose(self) -> None:
         """Release this hook's use of the shared async client."""
         if self._shared_async_client is not None:
@@ -269,12 +343,20 @@ class OpenAIBatchHook(BaseHook):
         path: str,
         *,
         batch_id: str | None = None,
+        file_id: str | None = None,
         params: dict | None = None,
         patient: bool = True,
+        streaming_client: httpx.AsyncClient | None = None,
     ) -> httpx.Response:
-        """Async :meth:`_send`."""
+        """Async :meth:`_send`: through the loop's shared client, or streamed through ``streaming_client``; both
+        take their turn from the key's rate governor, inside the shared client's gate."""
         shared = await self._ashared()
-        request = self._abuilt_request(shared.client, method, path, params)
+        send: Callable[[httpx.Request], Awaitable[httpx.Response]]
+        if streaming_client is None:
+            request, send = self._abuilt_request(shared.client, method, path, params), shared.send
+        else:
+            request = streaming_client.build_request(method, path, params=params)
+            send = partial(_astreamed, streaming_client)
         attempts = self.retry_policy.attempts(patient=patient, now=time.monotonic())
         while True:
             # The turn is taken inside the gate: requests queued behind it have not reserved a start yet, so
@@ -282,12 +364,26 @@ class OpenAIBatchHook(BaseHook):
             async with shared.gate:
                 ticket = await shared.governor.wait_turn()
                 try:
-                    outcome: httpx.Response | httpx.TransportError = await shared.send(request)
+                    outcome: httpx.Response | httpx.TransportError = await send(request)
                 except httpx.TransportError as error:
                     outcome = error
             if (delay := self._retry_delay(request, attempts, outcome, shared.governor, ticket)) is None:
-                return _successful(outcome, batch_id, (await self.asettings()).api_key)
+                api_key = (await self.asettings()).api_key
+                return _successful(outcome, api_key, batch_id=batch_id, file_id=file_id)
             await asyncio.sleep(delay)
+
+    async def _acontent(self, path: str, file_id: str) -> AsyncIterator[bytes]:
+        async with _async_clients.streaming_client(await self.asettings()) as client:
+            response = await self._asend("GET", path, file_id=file_id, streaming_client=client)
+            received = 0
+            try:
+                async for chunk in response.aiter_bytes():
+                    received += len(chunk)
+                    yield chunk
+            except httpx.TransportError as error:
+                raise _cut_short(error, file_id, received) from error
+            finally:
+                await response.aclose()
 
     def _abuilt_request(
         self, client: httpx.AsyncClient, method: str, path: str, params: dict | None
@@ -364,8 +460,47 @@ def _settled(conflict: BatchNotCancellableError, batch: Batch) -> Batch:
 
 
 def _batch_path(batch_id: str, action: str | None = None) -> str:
-    path = f"/batches/{quote(validate_batch_id(batch_id), safe='')}"
+    return _path("batches", validate_batch_id(batch_id), action)
+
+
+def _file_path(file_id: str, action: str | None = None) -> str:
+    return _path("files", validate_file_id(file_id), action)
+
+
+def _path(collection: str, resource_id: str, action: str | None) -> str:
+    path = f"/{collection}/{quote(resource_id, safe='')}"
     return f"{path}/{action}" if action else path
+
+
+def _streamed(client: httpx.Client, request: httpx.Request) -> httpx.Response:
+    """Send ``request`` leaving a 2xx body to stream; an error's body (a small JSON document) is read whole, to be
+    mapped to an exception, and its connection released."""
+    response = client.send(request, stream=True)
+    if not response.is_success:
+        try:
+            response.read()
+        finally:
+            response.close()
+    return response
+
+
+async def _astreamed(client: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
+    """Async :func:`_streamed`."""
+    response = await client.send(request, stream=True)
+    if not response.is_success:
+        try:
+            await response.aread()
+        finally:
+            await response.aclose()
+    return response
+
+
+def _cut_short(error: httpx.TransportError, file_id: str, received: int) -> OpenAIFileDownloadError:
+    return OpenAIFileDownloadError(
+        f"Download of file '{file_id}' was cut short after {received} bytes: {_describe(error)}.",
+        file_id=file_id,
+        received_bytes=received,
+    )
 
 
 def _list_params(after: str | None, limit: int) -> dict[str, Any]:
@@ -403,31 +538,46 @@ def _describe(outcome: httpx.Response | httpx.TransportError) -> str:
     return f"{type(outcome).__name__} ({outcome})" if str(outcome) else type(outcome).__name__
 
 
-def _subject(batch_id: str | None) -> str:
+def _subject(batch_id: str | None, file_id: str | None = None) -> str:
+    if file_id:
+        return f"file '{file_id}'"
     return f"batch '{batch_id}'" if batch_id else "the batch list"
 
 
 def _successful(
-    outcome: httpx.Response | httpx.TransportError, batch_id: str | None, api_key: str
+    outcome: httpx.Response | httpx.TransportError,
+    api_key: str,
+    *,
+    batch_id: str | None = None,
+    file_id: str | None = None,
 ) -> httpx.Response:
     """Return a 2xx response, or raise the provider error matching ``outcome``."""
     if isinstance(outcome, httpx.TransportError):
         raise OpenAIBatchConnectionError(
-            f"No response from the OpenAI Batch API for {_subject(batch_id)}: {_describe(outcome)}.",
+            f"No response from the OpenAI Batch API for {_subject(batch_id, file_id)}: {_describe(outcome)}.",
             batch_id=batch_id,
+            file_id=file_id,
         ) from outcome
     if outcome.is_success:
         return outcome
-    raise _api_error(outcome, batch_id, api_key)
+    raise _api_error(outcome, api_key, batch_id, file_id)
 
 
-def _api_error(response: httpx.Response, batch_id: str | None, api_key: str) -> OpenAIBatchAPIError:
+def _api_error(
+    response: httpx.Response, api_key: str, batch_id: str | None, file_id: str | None
+) -> OpenAIBatchAPIError:
     """Map an error response to the provider's exception for it, keeping the API's own message."""
     status = response.status_code
     api_message = _error_message(response, api_key)
-    subject = _subject(batch_id)
+    subject = _subject(batch_id, file_id)
     detail = f": {api_message}" if api_message else "."
     kwargs: dict[str, Any] = {"batch_id": batch_id, "status_code": status, "api_message": api_message}
+    if file_id:
+        kwargs["file_id"] = file_id
+        if status == 404:
+            return OpenAIFileNotFoundError(
+                f"OpenAI Batch API found no {subject} (HTTP 404){detail}", **kwargs
+            )
     not_cancellable = _NOT_CANCELLABLE.search(api_message or "")
     if status == 409 or (status == 400 and not_cancellable):
         batch_status = not_cancellable["status"] if not_cancellable else None
@@ -476,16 +626,19 @@ def _error_message(response: httpx.Response, api_key: str) -> str | None:
     return message.replace(api_key, "***") if isinstance(message, str) else None
 
 
-def _parse(response: httpx.Response, model: type[ModelT], batch_id: str | None) -> ModelT:
+def _parse(
+    response: httpx.Response, model: type[ModelT], batch_id: str | None = None, *, file_id: str | None = None
+) -> ModelT:
     try:
         return model.model_validate_json(response.content)
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "body"
         raise OpenAIBatchResponseError(
-            f"OpenAI Batch API answered HTTP {response.status_code} for {_subject(batch_id)} with a body that is "
-            f"not a valid {model.__name__} ({response.headers.get('content-type', 'no content type')}; "
+            f"OpenAI Batch API answered HTTP {response.status_code} for {_subject(batch_id, file_id)} with a body "
+            f"that is not a valid {model.__name__} ({response.headers.get('content-type', 'no content type')}; "
             f"{error.error_count()} error(s), first at {where}: {first['msg']}).",
             batch_id=batch_id,
+            file_id=file_id,
             status_code=response.status_code,
         ) from None

@@ -1,8 +1,9 @@
-"""Operator that cancels an OpenAI batch and hands its partial results downstream."""
+"""Operators that cancel OpenAI batches and hand their partial results downstream, saved to storage if asked."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
@@ -17,6 +18,7 @@ from airflow.providers.common.compat.sdk import (
 )
 from pydantic import BaseModel
 
+from airflow_provider_openai_batch import storage
 from airflow_provider_openai_batch._time import unix_time
 from airflow_provider_openai_batch.cancellation import (
     FINISHED_FIRST,
@@ -31,7 +33,8 @@ from airflow_provider_openai_batch.exceptions import (
 )
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
 from airflow_provider_openai_batch.ids import resolve_batch_id
-from airflow_provider_openai_batch.models import CANCELLABLE_STATUSES, Batch, BatchStatus
+from airflow_provider_openai_batch.models import CANCELLABLE_STATUSES, TERMINAL_STATUSES, Batch, BatchStatus
+from airflow_provider_openai_batch.results import save_results
 from airflow_provider_openai_batch.triggers.openai_batch import (
     OpenAIBatchCancellationTrigger,
     OpenAIBatchesCancellationTrigger,
@@ -39,7 +42,9 @@ from airflow_provider_openai_batch.triggers.openai_batch import (
 )
 
 if TYPE_CHECKING:
-    from airflow.providers.common.compat.sdk import Context, TaskInstanceKey
+    from airflow.providers.common.compat.sdk import Context, ObjectStoragePath, TaskInstanceKey
+
+    ResultsDestination = str | os.PathLike | ObjectStoragePath
 
 BATCH_URL = "https://platform.openai.com/batches/{batch_id}"
 
@@ -67,6 +72,13 @@ class OpenAICancelBatchOperator(BaseOperator):
     ``output_file_id`` and ``error_file_id``. Cancelling is idempotent: a batch already ``cancelling`` or
     ``cancelled`` (a retried task, two tasks racing) is a success.
 
+    With ``save_results_to``, once the wait is over (the batch ``cancelled``, or finished first with
+    ``if_finished="succeed"``) the worker writes ``<save_results_to>/<batch_id>/output.jsonl``, ``errors.jsonl``
+    and ``remaining.jsonl`` (the input lines of the requests that never ran: resubmit it to run exactly those; see
+    :mod:`airflow_provider_openai_batch.results`) and pushes their manifest as the XCom ``results``:
+    ``{"batch_id", "output", "errors", "remaining"}``, each ``{"path", "bytes", "lines"}`` or ``None`` for a file
+    that does not exist. Deferred, this happens in ``execute_complete``, on a worker: never in the triggerer.
+
     :param batch_id: the batch to cancel (templated): an id, an XComArg such as ``submit.output``, or a dict
         with an ``id`` or ``batch_id`` key.
     :param conn_id: the OpenAI Batch connection (templated).
@@ -78,9 +90,12 @@ class OpenAICancelBatchOperator(BaseOperator):
     :param if_missing: when the upstream produced no batch id: ``"skip"`` the task or ``"fail"`` it.
     :param if_finished: when the batch had already completed, failed or expired (or did so before the cancel
         took effect): ``"succeed"`` and report it, ``"skip"``, or ``"fail"``.
+    :param save_results_to: a local directory (absolute), an ``ObjectStoragePath`` or a URL such as
+        ``s3://bucket/prefix`` (templated) under which to save the batch's results; ``None`` saves nothing.
+        Checked before the cancel is sent. Needs ``wait_for_cancellation``: the files exist once it is over.
     """
 
-    template_fields: Sequence[str] = ("batch_id", "conn_id")
+    template_fields: Sequence[str] = ("batch_id", "conn_id", "save_results_to")
     operator_extra_links = (OpenAIBatchLink(),)
     ui_color = "#e8f4ef"
 
@@ -95,9 +110,11 @@ class OpenAICancelBatchOperator(BaseOperator):
         timeout: timedelta | float = timedelta(minutes=15),
         if_missing: Literal["skip", "fail"] = "skip",
         if_finished: Literal["succeed", "skip", "fail"] = "succeed",
+        save_results_to: ResultsDestination | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        _check_saving(save_results_to, wait_for_cancellation)
         if if_missing not in ("skip", "fail"):
             raise ValueError(f"if_missing must be 'skip' or 'fail', not {if_missing!r}.")
         if if_finished not in ("succeed", "skip", "fail"):
@@ -110,6 +127,7 @@ class OpenAICancelBatchOperator(BaseOperator):
         self.timeout_seconds = _positive_seconds("timeout", timeout)
         self.if_missing = if_missing
         self.if_finished = if_finished
+        self.save_results_to = save_results_to
 
     @property
     def hook(self) -> OpenAIBatchHook:
@@ -122,6 +140,7 @@ class OpenAICancelBatchOperator(BaseOperator):
             if self.if_missing == "skip":
                 raise AirflowSkipException(reason)
             raise AirflowException(reason)
+        self._results_root()  # a bad destination fails the task before anything is cancelled
         context["ti"].xcom_push(key="batch_id", value=batch_id)
 
         with self.hook as hook:
@@ -138,7 +157,10 @@ class OpenAICancelBatchOperator(BaseOperator):
             if self.deferrable:
                 self.defer(
                     trigger=OpenAIBatchCancellationTrigger(
-                        batch_id=batch_id, conn_id=self.conn_id, poll_interval=self.poll_interval, deadline=deadline
+                        batch_id=batch_id,
+                        conn_id=self.conn_id,
+                        poll_interval=self.poll_interval,
+                        deadline=deadline,
                     ),
                     method_name="execute_complete",
                 )
@@ -147,7 +169,9 @@ class OpenAICancelBatchOperator(BaseOperator):
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
         """Resume after the trigger fired: validate its event and report the outcome."""
         if event is None:
-            raise AirflowException("The cancellation trigger fired no event payload; cannot tell the batch's fate.")
+            raise AirflowException(
+                "The cancellation trigger fired no event payload; cannot tell the batch's fate."
+            )
         return self._finish(context, CancellationEvent.model_validate(event))
 
     def _wait(self, hook: OpenAIBatchHook, batch_id: str, deadline: float) -> CancellationEvent:
@@ -176,13 +200,19 @@ class OpenAICancelBatchOperator(BaseOperator):
             raise AirflowException(f"The cancellation event for batch '{event.batch_id}' carries no batch.")
         return self._report(context, event.batch)
 
-    @staticmethod
-    def _report(context: Context, batch: dict[str, Any]) -> dict[str, Any]:
-        """Push the batch's status and file ids as XComs and return the batch as the task's result."""
+    def _report(self, context: Context, batch: dict[str, Any]) -> dict[str, Any]:
+        """Push the batch's status and file ids as XComs, save its results if asked, and return the batch."""
         ti = context["ti"]
         for key in ("status", "output_file_id", "error_file_id"):
             ti.xcom_push(key=key, value=batch.get(key))
+        if (root := self._results_root()) is not None:
+            with self.hook as hook:
+                manifest = save_results(hook, Batch.model_validate(batch), root)
+            ti.xcom_push(key="results", value=manifest.to_xcom())
         return batch
+
+    def _results_root(self) -> storage.Target | None:
+        return _results_root(self.save_results_to)
 
 
 class OpenAICancelStaleBatchesOperator(BaseOperator):
@@ -206,6 +236,11 @@ class OpenAICancelStaleBatchesOperator(BaseOperator):
     batch failed the task fails too, after pushing the summary as the XCom ``summary``, so alerts fire. Before
     deferring, the summary so far is kept in that same XCom, for the resumed task to complete.
 
+    With ``save_results_to``, every batch it cancelled that reached a final status gets a folder of its own,
+    ``<save_results_to>/<batch_id>/``, written as :class:`OpenAICancelBatchOperator` does, and its manifest goes
+    in the summary's ``results`` list. A batch whose results cannot be saved is added to ``failed``; the others
+    are still saved.
+
     :param conn_id: the OpenAI Batch connection (templated).
     :param older_than: minimum age, measured from the batch's ``created_at``.
     :param statuses: statuses a batch must be in to be selected (default: the cancellable ones).
@@ -220,9 +255,10 @@ class OpenAICancelStaleBatchesOperator(BaseOperator):
     :param deferrable: wait in the triggerer instead of the worker.
     :param poll_interval: seconds between polling rounds while waiting.
     :param timeout: how long to wait after the cancels before reporting the still-cancelling batches as failed.
+    :param save_results_to: as for :class:`OpenAICancelBatchOperator` (templated), one folder per batch.
     """
 
-    template_fields: Sequence[str] = ("conn_id", "metadata", "dry_run", "created_after")
+    template_fields: Sequence[str] = ("conn_id", "metadata", "dry_run", "created_after", "save_results_to")
     ui_color = "#e8f4ef"
 
     def __init__(
@@ -240,14 +276,18 @@ class OpenAICancelStaleBatchesOperator(BaseOperator):
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         poll_interval: float = 30,
         timeout: timedelta | float = timedelta(minutes=15),
+        save_results_to: ResultsDestination | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        _check_saving(save_results_to, wait_for_cancellation)
         if not isinstance(older_than, timedelta) or older_than < timedelta(0):
             raise ValueError(f"older_than must be a non-negative timedelta, got {older_than!r}.")
         unknown = set(statuses) - set(BatchStatus)
         if unknown or not statuses:
-            raise ValueError(f"statuses must be batch statuses ({', '.join(BatchStatus)}), got {sorted(statuses)}.")
+            raise ValueError(
+                f"statuses must be batch statuses ({', '.join(BatchStatus)}), got {sorted(statuses)}."
+            )
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency!r}.")
         if created_after is not None and not isinstance(created_after, str):  # a string may be a template
@@ -265,6 +305,7 @@ class OpenAICancelStaleBatchesOperator(BaseOperator):
         self.deferrable = deferrable
         self.poll_interval = _positive_seconds("poll_interval", poll_interval)
         self.timeout_seconds = _positive_seconds("timeout", timeout)
+        self.save_results_to = save_results_to
 
     def execute(self, context: Context) -> dict[str, Any]:
         if not isinstance(self.dry_run, bool):  # a value problem (what the template rendered), not a type one
@@ -272,6 +313,7 @@ class OpenAICancelStaleBatchesOperator(BaseOperator):
                 f"dry_run rendered to {self.dry_run!r}, not a boolean: template it in a DAG with "
                 "render_template_as_native_obj=True."
             )
+        _results_root(self.save_results_to)  # a bad destination fails the task before anything is cancelled
         hook = OpenAIBatchHook(self.conn_id)
         with hook:
             listed = hook.list_batches(created_after=self.created_after)  # checks it before the first request
@@ -282,32 +324,40 @@ class OpenAICancelStaleBatchesOperator(BaseOperator):
             return self._report(context, summary)
 
         asyncio.run(self._cancel_all(hook, summary))
-        waiting = [entry["batch_id"] for entry in summary.cancelled if entry["status"] != BatchStatus.CANCELLED]
+        waiting = [
+            entry["batch_id"] for entry in summary.cancelled if entry["status"] != BatchStatus.CANCELLED
+        ]
         if not (self.wait_for_cancellation and waiting):
-            return self._report(context, summary)
+            return self._report(context, self._with_results(summary))
         deadline = time.time() + self.timeout_seconds
         if self.deferrable:
             # Kept in XCom rather than in the deferral's kwargs, which dag.test() drops on resume.
             context["ti"].xcom_push(key="summary", value=summary.model_dump())
             self.defer(
                 trigger=OpenAIBatchesCancellationTrigger(
-                    batch_ids=waiting, conn_id=self.conn_id, poll_interval=self.poll_interval, deadline=deadline
+                    batch_ids=waiting,
+                    conn_id=self.conn_id,
+                    poll_interval=self.poll_interval,
+                    deadline=deadline,
                 ),
                 method_name="execute_complete",
             )
         events = asyncio.run(wait_for_cancellations(self.conn_id, waiting, self.poll_interval, deadline))
-        return self._report(context, summary.with_outcomes(events))
+        return self._report(context, self._with_results(summary.with_outcomes(events)))
 
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
         """Resume after the trigger fired: merge each batch's outcome into the summary saved before deferring."""
         if event is None:
-            raise AirflowException("The cancellation trigger fired no event payload; cannot tell the batches' fate.")
+            raise AirflowException(
+                "The cancellation trigger fired no event payload; cannot tell the batches' fate."
+            )
         ti = context["ti"]
         saved = ti.xcom_pull(task_ids=ti.task_id, key="summary", map_indexes=ti.map_index)
         if saved is None:
             raise AirflowException("The cleanup summary saved before deferring is missing from XCom.")
         events = [CancellationEvent.model_validate(payload) for payload in event["events"]]
-        return self._report(context, CleanupSummary.model_validate(saved).with_outcomes(events))
+        summary = CleanupSummary.model_validate(saved).with_outcomes(events)
+        return self._report(context, self._with_results(summary))
 
     def _is_stale(self, batch: Batch) -> bool:
         cutoff = time.time() - self.older_than.total_seconds()
@@ -335,6 +385,27 @@ class OpenAICancelStaleBatchesOperator(BaseOperator):
         async with hook:
             await asyncio.gather(*(cancel(batch_id) for batch_id in summary.selected))
 
+    def _with_results(self, summary: CleanupSummary) -> CleanupSummary:
+        """Save the results of every cancelled batch that reached a final status, if asked; one failing to save
+        is added to ``failed`` and does not stop the others."""
+        root = _results_root(self.save_results_to)
+        if root is None:
+            return summary
+        summary = summary.model_copy(deep=True)
+        with OpenAIBatchHook(self.conn_id) as hook:
+            for entry in summary.cancelled:
+                if entry["status"] not in TERMINAL_STATUSES:
+                    continue
+                try:
+                    manifest = save_results(hook, hook.get_batch(entry["batch_id"]), root)
+                except Exception as error:  # noqa: BLE001 - any storage's error, reported with the batch
+                    self.log.warning("Could not save the results of batch '%s': %s", entry["batch_id"], error)
+                    message = f"Cancelled, but its results could not be saved: {error}"
+                    summary.failed.append({"batch_id": entry["batch_id"], "error": message})
+                else:
+                    summary.results.append(manifest.to_xcom())
+        return summary
+
     def _report(self, context: Context, summary: CleanupSummary) -> dict[str, Any]:
         result = summary.model_dump()
         self.log.info(
@@ -348,7 +419,8 @@ class OpenAICancelStaleBatchesOperator(BaseOperator):
         )
         if summary.failed:
             context["ti"].xcom_push(key="summary", value=result)
-            raise AirflowException(f"Could not cancel {len(summary.failed)} batch(es): {summary.failed}")
+            what = "cancel" if self.save_results_to is None else "cancel or save the results of"
+            raise AirflowException(f"Could not {what} {len(summary.failed)} batch(es): {summary.failed}")
         return result
 
 
@@ -361,9 +433,12 @@ class CleanupSummary(BaseModel):
     already_finished: list[dict[str, Any]] = []
     not_found: list[str] = []
     failed: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []  #: the manifest of each batch whose results were saved
 
     def record_cancel(self, batch: Batch) -> None:
-        self.cancelled.append(_cancelled_entry(batch.id, batch.status, batch.output_file_id, batch.error_file_id))
+        self.cancelled.append(
+            _cancelled_entry(batch.id, batch.status, batch.output_file_id, batch.error_file_id)
+        )
 
     def with_outcomes(self, events: list[CancellationEvent]) -> CleanupSummary:
         """Update the cancelled batches with how their wait ended; timeouts and errors move to ``failed``."""
@@ -383,8 +458,28 @@ class CleanupSummary(BaseModel):
         return summary
 
 
-def _cancelled_entry(batch_id: str, status: str, output_file_id: str | None, error_file_id: str | None) -> dict:
-    return {"batch_id": batch_id, "status": str(status), "output_file_id": output_file_id, "error_file_id": error_file_id}
+def _cancelled_entry(
+    batch_id: str, status: str, output_file_id: str | None, error_file_id: str | None
+) -> dict:
+    return {
+        "batch_id": batch_id,
+        "status": str(status),
+        "output_file_id": output_file_id,
+        "error_file_id": error_file_id,
+    }
+
+
+def _check_saving(save_results_to: object, wait_for_cancellation: bool) -> None:
+    if save_results_to is not None and not wait_for_cancellation:
+        raise ValueError(
+            "save_results_to needs wait_for_cancellation=True: a batch's result files exist only once it is "
+            "cancelled."
+        )
+
+
+def _results_root(save_results_to: object) -> storage.Target | None:
+    """The directory results are saved under (checked), or None when none was asked for."""
+    return None if save_results_to is None else storage.directory(save_results_to, "save_results_to")
 
 
 def _positive_seconds(name: str, value: timedelta | float) -> float:

@@ -25,6 +25,8 @@ class Response(NamedTuple):
     body: bytes
     content_type: str = "application/json"
     headers: Mapping[str, str] = MappingProxyType({})
+    #: Send only this many bytes of ``body`` (its full length announced), then close: a download cut short.
+    drop_after: int | None = None
 
 
 #: ``respond(method, target, headers, body)``: headers lower-cased; returning None drops the connection.
@@ -124,7 +126,15 @@ class _Handler(BaseHTTPRequestHandler):
         for name, value in response.headers.items():
             self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(response.body)
+        if response.drop_after is None:
+            self.wfile.write(response.body)
+            return
+        self.close_connection = True
+        try:
+            self.wfile.write(response.body[: response.drop_after])
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # the client left first: the connection is lost either way
 
     def _drop(self) -> None:
         """Promise a longer body than is sent, then shut the socket down: a connection lost mid-response."""

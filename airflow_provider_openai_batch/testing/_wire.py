@@ -144,19 +144,23 @@ def new_batch(
     return batch
 
 
-def _settle(batch: dict[str, Any], status: str) -> None:
-    """Fill in what a batch reaching ``status`` carries: result files, final counts or errors."""
+def _settle(batch: dict[str, Any], status: str, results: tuple[int, int] | None) -> None:
+    """Fill in what a batch reaching ``status`` carries: final counts and result files, or errors.
+
+    ``results`` are the (completed, failed) counts it ends with; by default 95 % and 5 % when it completes, and
+    about a third and one failure when it is cancelled or expires. A result file exists only if it has lines.
+    """
     suffix = batch["id"].removeprefix("batch_")
     counts = batch["request_counts"]
     total = counts["total"]
     if status in ("completed", "cancelled", "expired"):
-        batch["output_file_id"] = f"file-out-{suffix}"
-    if status in ("completed", "cancelled"):
-        batch["error_file_id"] = f"file-err-{suffix}"
-    if status == "completed":
-        counts.update(completed=total - total // 20, failed=total // 20)
-    elif status in ("cancelled", "expired"):  # partial results: about a third done, one failure
-        counts.update(completed=total // 3, failed=min(total, 1))
+        if results is None:
+            done = status == "completed"
+            results = (total - total // 20, total // 20) if done else (total // 3, min(total, 1))
+        completed, failed = results
+        counts.update(completed=completed, failed=failed)
+        batch["output_file_id"] = f"file-out-{suffix}" if completed else None
+        batch["error_file_id"] = f"file-err-{suffix}" if failed else None
     elif status == "failed":
         error = {"code": "emulated_failure", "message": "The batch failed.", "param": None, "line": None}
         batch["errors"] = {"object": "list", "data": [error]}
@@ -171,6 +175,10 @@ class Entry:
     cancel_after_polls: int
     cancel_after_seconds: float | None
     finish_as: str
+    #: (completed, failed) requests when it ends with results; None for the defaults of :func:`_settle`.
+    results: tuple[int, int] | None = None
+    #: Approximate size of each line of its generated input file; None for short lines.
+    request_bytes: int | None = None
     polls: int = 0  #: GETs of this batch by id, ever
     polls_at_cancel: int = 0
     cancel_started: float = 0.0  #: ``time.monotonic()``, finer than the integer ``cancelling_at``
@@ -192,7 +200,7 @@ class Entry:
         self.batch["status"] = status
         if status == "cancelling":
             self.polls_at_cancel, self.cancel_started = self.polls, time.monotonic()
-        _settle(self.batch, status)
+        _settle(self.batch, status, self.results)
 
     def poll(self) -> None:
         """Count a GET; a cancelling batch turns final on the Nth GET since the cancel, or after the delay."""

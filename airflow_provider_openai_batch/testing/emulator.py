@@ -1,4 +1,5 @@
-"""A local HTTP emulator of the OpenAI Batch API (create, list, retrieve, cancel), on the standard library.
+"""A local HTTP emulator of the OpenAI Batch API (create, list, retrieve and cancel batches; retrieve and
+download their files), built on the standard library.
 
 It speaks real HTTP/1.1 with keep-alive over loopback, so the provider's actual HTTP clients, retry logic and
 timeouts are exercised exactly as against api.openai.com, in-process (unit tests) or out of process (Airflow
@@ -24,6 +25,15 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import httpx
 
+from airflow_provider_openai_batch.testing._files import (
+    INPUT_PURPOSE,
+    OUTPUT_PURPOSE,
+    StoredFile,
+    custom_ids,
+    input_content,
+    result_contents,
+    stored_file,
+)
 from airflow_provider_openai_batch.testing._http import THREAD_NAME, Response, Server
 from airflow_provider_openai_batch.testing._wire import (
     TERMINAL,
@@ -66,8 +76,8 @@ class Fault:
     ``status`` answers ``status`` with ``body`` (default: OpenAI's error envelope); ``body`` answers
     ``status`` with the raw ``body`` (broken JSON, a proxy's HTML page...); ``delay`` waits ``delay`` seconds,
     then answers normally; ``drop`` sends headers announcing more body than it sends, then closes the
-    connection. ``headers`` are added to the answer, e.g. ``{"Retry-After": "1"}``. A ``str`` body is sent
-    UTF-8 encoded.
+    connection (a download, ``GET /files/{id}/content``, is cut halfway through the file's real content).
+    ``headers`` are added to the answer, e.g. ``{"Retry-After": "1"}``. A ``str`` body is sent UTF-8 encoded.
     """
 
     kind: Literal["status", "delay", "drop", "body"]
@@ -156,6 +166,12 @@ class BatchAPIEmulator:
     timestamps and results :meth:`set_status` gives that status. A cancellation ends it too, as the same
     ``finish_as``, if it takes effect first. Only GETs of the batch itself count, and only the K-th: a batch
     already final by then stays as it is, and so does one that :meth:`set_status` puts back to running later.
+
+    Files: every batch has an input file (``input_file_id``) with ``request_counts.total`` request lines, and a
+    batch that ends with results has an output file of ``completed`` lines and an error file of ``failed`` ones
+    (an id is null when its file would be empty), made when first asked for (see ``_files``). ``GET
+    /v1/files/{id}`` and ``GET /v1/files/{id}/content`` serve them, faults included. :meth:`add_file` seeds a
+    file of your own, also under the id of a batch's file to replace it; :meth:`remove_file` makes one a 404.
     """
 
     def __init__(
@@ -180,6 +196,9 @@ class BatchAPIEmulator:
         self._cancels: dict[str, int] = {}
         self._finish_on_poll: dict[str, int] = {}  # batch id -> the GET that ends it (``finish_after_polls``)
         self._rate_limit: _RateWindow | None = None
+        self._files: dict[str, StoredFile] = {}  # seeded with add_file; they win over a batch's own
+        self._removed_files: set[str] = set()
+        self._made_files: dict[str, tuple[Any, StoredFile]] = {}  # file id -> (what it was made from, file)
         self._stopping = threading.Event()  # cuts "delay" faults short when the server stops
         self._server: Server | None = None
         self._thread: threading.Thread | None = None
@@ -236,6 +255,9 @@ class BatchAPIEmulator:
         finish_after_polls: int | None = None,
         finish_as: str | None = None,
         total_requests: int = 100,
+        completed_requests: int | None = None,
+        failed_requests: int | None = None,
+        request_bytes: int | None = None,
         **fields: Any,
     ) -> dict[str, Any]:
         """Seed a batch, its timestamps consistent with ``status``; ``fields`` then override any field.
@@ -246,7 +268,13 @@ class BatchAPIEmulator:
         default ``cancelled`` without ``finish_after_polls``, ``completed`` with it;
         ``completed``/``failed``/``expired`` after a cancel emulate a batch that finished before the cancel
         took effect.
+
+        ``completed_requests`` and ``failed_requests`` (both or neither) are the request counts, hence the result
+        files' line counts, it ends with when it completes, is cancelled or expires (defaults: 95 % and 5 % when
+        it completes, a third and one failure otherwise). ``request_bytes`` pads each line of its input file to
+        about that many bytes (``total_requests`` of 50,000 and 4,000 make a 200 MB input file).
         """
+        results = _results(total_requests, completed_requests, failed_requests)
         if finish_after_polls is not None:
             if finish_after_polls < 1:
                 raise ValueError(
@@ -272,6 +300,8 @@ class BatchAPIEmulator:
                 default_polls if cancel_after_polls is None else cancel_after_polls,
                 default_seconds if cancel_after_seconds is None else cancel_after_seconds,
                 finish_as,
+                results,
+                request_bytes,
             )
             entry.move_to(status, created)
             batch.update(fields)
@@ -298,6 +328,46 @@ class BatchAPIEmulator:
             entry.batch.update(fields)
             self._order = None
             return copy.deepcopy(entry.batch)
+
+    def add_file(
+        self,
+        content: bytes | str,
+        file_id: str | None = None,
+        *,
+        filename: str = "input.jsonl",
+        purpose: str = INPUT_PURPOSE,
+        **fields: Any,
+    ) -> dict[str, Any]:
+        """Seed a file (a ``str`` is UTF-8 encoded) and return its ``File`` object; ``fields`` override it.
+
+        Under the id of a batch's input, output or error file it replaces that file, and a batch whose input is
+        replaced draws its results from the seeded requests. ``bytes=...`` makes the announced size lie.
+        """
+        data = content.encode() if isinstance(content, str) else bytes(content)
+        with self._lock:
+            file_id = file_id or f"file-{secrets.token_hex(12)}"
+            stored = stored_file(
+                file_id, data, filename=filename, purpose=purpose, created_at=int(time.time()), **fields
+            )
+            self._files[file_id] = stored
+            self._removed_files.discard(file_id)
+            return copy.deepcopy(stored.object)
+
+    def remove_file(self, file_id: str) -> None:
+        """Make a file (seeded, or a batch's) a 404, as if it had been deleted or had expired."""
+        with self._lock:
+            self._files.pop(file_id, None)
+            self._removed_files.add(file_id)
+
+    def file(self, file_id: str) -> dict[str, Any]:
+        """A copy of a file's ``File`` object (``KeyError`` if there is none)."""
+        with self._lock:
+            return copy.deepcopy(self._stored_file_or_raise(file_id).object)
+
+    def file_content(self, file_id: str) -> bytes:
+        """A file's content, as a download would get it (``KeyError`` if there is none)."""
+        with self._lock:
+            return self._stored_file_or_raise(file_id).content
 
     def inject(self, fault: Fault) -> None:
         """Queue a copy of ``fault``; each request gets the first queued fault that matches it, if any."""
@@ -343,7 +413,7 @@ class BatchAPIEmulator:
         query = dict(parse_qsl(url.query, keep_blank_values=True))
         request = RecordedRequest(method, url.path, query, headers, body, 0, time.monotonic())
         response, batch_status = self._answer(request, segments)
-        status = response.status if response else 0
+        status = response.status if response and response.drop_after is None else 0
         with self._lock:
             self._requests.append(dataclasses.replace(request, status=status, batch_status=batch_status))
         return response
@@ -366,6 +436,9 @@ class BatchAPIEmulator:
         fault = self._admit(request.method, request.path, segments)
         if fault is None:
             return self._api(request, segments)
+        if fault.kind == "drop" and segments[-1:] == ["content"]:
+            response, _ = self._api(request, segments)
+            return response._replace(drop_after=len(response.body) // 2), None
         if fault.kind == "drop" or (fault.kind == "delay" and self._stopping.wait(fault.delay)):
             return None, None
         if fault.kind == "delay":
@@ -404,6 +477,11 @@ class BatchAPIEmulator:
                     return self._retrieve(batch_id)
                 case ("POST", ["batches", batch_id, "cancel"]) if batch_id:
                     return self._cancel(batch_id)
+                case ("GET", ["files", file_id]) if file_id:
+                    return json_response(200, self._file_or_404(file_id).object), None
+                case ("GET", ["files", file_id, "content"]) if file_id:
+                    content = self._file_or_404(file_id).content
+                    return Response(200, content, "application/octet-stream"), None
         except Reply as reply:
             return reply.response, None
         return invalid_url(request.method, request.path), None
@@ -472,6 +550,57 @@ class BatchAPIEmulator:
                 entry.move_to("cancelling", int(time.time()))
             return json_response(200, entry.batch), entry.batch["status"]
 
+    def _file_or_404(self, file_id: str) -> StoredFile:
+        with self._lock:
+            try:
+                return self._stored_file_or_raise(file_id)
+            except KeyError:
+                raise Reply(error(404, f"No such File object: {file_id}", param="id")) from None
+
+    def _stored_file_or_raise(self, file_id: str) -> StoredFile:
+        """The file with that id, made from its batch if it is one's; callers hold the lock."""
+        if file_id in self._removed_files:
+            raise KeyError(file_id)
+        if (seeded := self._files.get(file_id)) is not None:
+            return seeded
+        for entry in self._entries.values():
+            batch = entry.batch
+            if file_id == batch["input_file_id"]:
+                return self._made(file_id, (batch["request_counts"]["total"], entry.request_bytes), entry)
+            if file_id in (batch["output_file_id"], batch["error_file_id"]):
+                return self._made(file_id, (batch["status"], dict(batch["request_counts"])), entry)
+        raise KeyError(file_id)
+
+    def _made(self, file_id: str, recipe: Any, entry: Entry) -> StoredFile:
+        """A batch's own file, made again only when what it is made from (``recipe``) has changed."""
+        made = self._made_files.get(file_id)
+        if made is not None and made[0] == recipe:
+            return made[1]
+        batch = entry.batch
+        if file_id == batch["input_file_id"]:
+            content = input_content(batch, entry.request_bytes)
+            stored = stored_file(
+                file_id,
+                content,
+                filename="batch_input.jsonl",
+                purpose=INPUT_PURPOSE,
+                created_at=batch["created_at"],
+            )
+        else:
+            requests = custom_ids(self._stored_file_or_raise(batch["input_file_id"]).content)
+            output, errors = result_contents(batch, requests)
+            kind, content = ("output", output) if file_id == batch["output_file_id"] else ("error", errors)
+            ended = batch[f"{batch['status']}_at"] or batch["created_at"]
+            stored = stored_file(
+                file_id,
+                content,
+                filename=f"{batch['id']}_{kind}.jsonl",
+                purpose=OUTPUT_PURPOSE,
+                created_at=ended,
+            )
+        self._made_files[file_id] = (recipe, stored)
+        return stored
+
     def _control(self, method: str, segments: list[str], body: bytes) -> Response:
         """Serve ``/_emulator/...``: the Python API for tests whose client runs in another process."""
         try:
@@ -485,6 +614,11 @@ class BatchAPIEmulator:
                     return Response(204, b"")
                 case ("GET", ["requests"]):
                     return json_response(200, [_describe(request) for request in self.requests])
+                case ("POST", ["files"]):
+                    return json_response(200, self.add_file(**_json_object(body)))
+                case ("DELETE", ["files", file_id]):
+                    self.remove_file(file_id)
+                    return Response(204, b"")
         except Reply as reply:
             return reply.response
         except (TypeError, ValueError) as exc:
@@ -496,6 +630,18 @@ class BatchAPIEmulator:
             entry = self._entry_or_404(batch_id)
             counters = {"cancel_requests": self._cancels.get(batch_id, 0), "polls": entry.polls}
             return copy.deepcopy(entry.batch) | counters
+
+
+def _results(total: int, completed: int | None, failed: int | None) -> tuple[int, int] | None:
+    """Validated (completed, failed) end counts, or None for the defaults."""
+    if completed is None and failed is None:
+        return None
+    if completed is None or failed is None or min(completed, failed) < 0 or completed + failed > total:
+        raise ValueError(
+            f"completed_requests and failed_requests must be given together, non-negative and at most "
+            f"total_requests ({total}) in all, not {completed!r} and {failed!r}."
+        )
+    return completed, failed
 
 
 def _json_object(body: bytes) -> dict[str, Any]:
@@ -539,6 +685,13 @@ class EmulatorControl:
     def requests(self) -> list[dict[str, Any]]:
         """Recorded requests as JSON: body as latin-1 text, credential headers masked as ``***``."""
         return self._call("GET", "/requests")
+
+    def add_file(self, content: str, file_id: str | None = None, **kwargs: Any) -> dict[str, Any]:
+        """Same arguments as :meth:`BatchAPIEmulator.add_file`, with text content."""
+        return self._call("POST", "/files", {"content": content, "file_id": file_id, **kwargs})
+
+    def remove_file(self, file_id: str) -> None:
+        self._call("DELETE", f"/files/{quote(file_id, safe='')}")
 
     def _call(self, method: str, path: str, payload: dict[str, Any] | None = None) -> Any:
         # Plain http on loopback: verify=False spares loading the CA bundle on every call.
