@@ -200,7 +200,19 @@ def test_templated_fields() -> None:
     assert set(OpenAICancelBatchOperator.template_fields) == {"batch_id", "conn_id", "save_results_to"}
 
 
-def test_extra_link_reads_the_pushed_batch_id(mocker) -> None:
+@pytest.mark.parametrize(
+    ("api_type", "expected"), [("openai", "https://platform.openai.com/batches/batch_42"), ("azure", "")]
+)
+def test_extra_link_is_for_openai_connections_only(
+    set_connection, mocker, api_type: str, expected: str
+) -> None:
+    set_connection(password="sk-link-test", extra={"api_type": api_type, "api_version": "2024-10-21"})
+    mocker.patch("airflow.sdk.execution_time.xcom.XCom.get_value", return_value="batch_42")
+    assert OpenAIBatchLink().get_link(operator("x"), ti_key=mock.sentinel.ti_key) == expected
+
+
+def test_extra_link_reads_the_pushed_batch_id(set_connection, mocker) -> None:
+    set_connection(password="sk-link-test")
     get_value = mocker.patch("airflow.sdk.execution_time.xcom.XCom.get_value", return_value="batch_42")
     link = OpenAIBatchLink().get_link(operator("x"), ti_key=mock.sentinel.ti_key)
     assert link == "https://platform.openai.com/batches/batch_42"

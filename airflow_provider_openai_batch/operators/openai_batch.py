@@ -50,7 +50,12 @@ BATCH_URL = "https://platform.openai.com/batches/{batch_id}"
 
 
 class OpenAIBatchLink(BaseOperatorLink):
-    """Link to the batch's page on the OpenAI platform."""
+    """Link to the batch's page on the OpenAI platform, for OpenAI connections only.
+
+    An Azure OpenAI batch lives in the Azure portal, under a subscription and resource that the connection does
+    not name, so no link is better than one to a platform that does not have the batch. Airflow computes the
+    link in the worker once the task ran, where looking the connection up is allowed.
+    """
 
     name = "OpenAI Batch"
 
@@ -58,7 +63,15 @@ class OpenAIBatchLink(BaseOperatorLink):
         from airflow.providers.common.compat.sdk import XCom
 
         batch_id = XCom.get_value(ti_key=ti_key, key="batch_id")
-        return BATCH_URL.format(batch_id=batch_id) if batch_id else ""
+        if not batch_id:
+            return ""
+        try:
+            api_type = OpenAIBatchHook(
+                getattr(operator, "conn_id", OpenAIBatchHook.default_conn_name)
+            ).settings.api_type
+        except Exception:  # the link is a convenience: a connection problem shows in the task, not here
+            return ""
+        return BATCH_URL.format(batch_id=batch_id) if api_type == "openai" else ""
 
 
 class OpenAICancelBatchOperator(BaseOperator):
