@@ -48,6 +48,18 @@ if TYPE_CHECKING:
 
 BATCH_URL = "https://platform.openai.com/batches/{batch_id}"
 
+#: XCom keys the operators push, besides the return value.
+XCOM_BATCH_ID_KEY = "batch_id"
+XCOM_STATUS_KEY = "status"
+XCOM_OUTPUT_FILE_ID_KEY = "output_file_id"
+XCOM_ERROR_FILE_ID_KEY = "error_file_id"
+#: The saved results' manifest (``save_results_to``).
+XCOM_RESULTS_KEY = "results"
+#: The cleanup's summary: pushed when it fails, and kept there while it is deferred.
+XCOM_SUMMARY_KEY = "summary"
+#: The batch's fields pushed under their own names.
+_BATCH_FIELD_KEYS = (XCOM_STATUS_KEY, XCOM_OUTPUT_FILE_ID_KEY, XCOM_ERROR_FILE_ID_KEY)
+
 
 class OpenAIBatchLink(BaseOperatorLink):
     """Link to the batch's page on the OpenAI platform, for OpenAI connections only.
@@ -62,7 +74,7 @@ class OpenAIBatchLink(BaseOperatorLink):
     def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
         from airflow.providers.common.compat.sdk import XCom
 
-        batch_id = XCom.get_value(ti_key=ti_key, key="batch_id")
+        batch_id = XCom.get_value(ti_key=ti_key, key=XCOM_BATCH_ID_KEY)
         if not batch_id:
             return ""
         try:
@@ -154,7 +166,7 @@ class OpenAICancelBatchOperator(BaseOperator):
                 raise AirflowSkipException(reason)
             raise AirflowException(reason)
         self._results_root()  # a bad destination fails the task before anything is cancelled
-        context["ti"].xcom_push(key="batch_id", value=batch_id)
+        context["ti"].xcom_push(key=XCOM_BATCH_ID_KEY, value=batch_id)
 
         with self.hook as hook:
             try:
@@ -216,12 +228,12 @@ class OpenAICancelBatchOperator(BaseOperator):
     def _report(self, context: Context, batch: dict[str, Any]) -> dict[str, Any]:
         """Push the batch's status and file ids as XComs, save its results if asked, and return the batch."""
         ti = context["ti"]
-        for key in ("status", "output_file_id", "error_file_id"):
+        for key in _BATCH_FIELD_KEYS:
             ti.xcom_push(key=key, value=batch.get(key))
         if (root := self._results_root()) is not None:
             with self.hook as hook:
                 manifest = save_results(hook, Batch.model_validate(batch), root)
-            ti.xcom_push(key="results", value=manifest.to_xcom())
+            ti.xcom_push(key=XCOM_RESULTS_KEY, value=manifest.to_xcom())
         return batch
 
     def _results_root(self) -> storage.Target | None:
@@ -345,7 +357,7 @@ class OpenAICancelStaleBatchesOperator(BaseOperator):
         deadline = time.time() + self.timeout_seconds
         if self.deferrable:
             # Kept in XCom rather than in the deferral's kwargs, which dag.test() drops on resume.
-            context["ti"].xcom_push(key="summary", value=summary.model_dump())
+            context["ti"].xcom_push(key=XCOM_SUMMARY_KEY, value=summary.model_dump())
             self.defer(
                 trigger=OpenAIBatchesCancellationTrigger(
                     batch_ids=waiting,
@@ -365,7 +377,7 @@ class OpenAICancelStaleBatchesOperator(BaseOperator):
                 "The cancellation trigger fired no event payload; cannot tell the batches' fate."
             )
         ti = context["ti"]
-        saved = ti.xcom_pull(task_ids=ti.task_id, key="summary", map_indexes=ti.map_index)
+        saved = ti.xcom_pull(task_ids=ti.task_id, key=XCOM_SUMMARY_KEY, map_indexes=ti.map_index)
         if saved is None:
             raise AirflowException("The cleanup summary saved before deferring is missing from XCom.")
         events = [CancellationEvent.model_validate(payload) for payload in event["events"]]
@@ -431,7 +443,7 @@ class OpenAICancelStaleBatchesOperator(BaseOperator):
             " (dry run: nothing was cancelled)" if summary.dry_run else "",
         )
         if summary.failed:
-            context["ti"].xcom_push(key="summary", value=result)
+            context["ti"].xcom_push(key=XCOM_SUMMARY_KEY, value=result)
             what = "cancel" if self.save_results_to is None else "cancel or save the results of"
             raise AirflowException(f"Could not {what} {len(summary.failed)} batch(es): {summary.failed}")
         return result
