@@ -28,7 +28,7 @@ from airflow_provider_openai_batch.operators.openai_batch import (
 from airflow_provider_openai_batch.testing import BatchAPIEmulator, Fault
 from airflow_provider_openai_batch.triggers.openai_batch import (
     OpenAIBatchCancellationTrigger,
-    OpenAIBatchesCancellationTrigger,
+    OpenAIMultiBatchCancellationTrigger,
 )
 from tests._guards import (  # noqa: F401 - fixtures: guard, and fast_backoff are autouse
     FAKE_API_KEY,
@@ -208,7 +208,7 @@ def test_multi_trigger_with_one_bad_id_still_waits_for_the_others(
         api.set_status(batch_id, "cancelling")
     ids = [good[0], "../files", good[1]]
     payload = run_trigger(
-        OpenAIBatchesCancellationTrigger(ids, "openai_default", 0.01, time.time() + 5), guard
+        OpenAIMultiBatchCancellationTrigger(ids, "openai_default", 0.01, time.time() + 5), guard
     )
     events = {event["batch_id"]: event for event in payload["events"]}
     assert events["../files"]["status"] == "error"
@@ -534,7 +534,7 @@ def use(surface: str, batch_id: str, guard: Guard) -> tuple[BaseException | None
             assert event["status"] == "error"
             return None, event["message"]
         elif surface == "multi_trigger":
-            trigger = OpenAIBatchesCancellationTrigger([batch_id], "openai_default", 0.01, time.time() + 5)
+            trigger = OpenAIMultiBatchCancellationTrigger([batch_id], "openai_default", 0.01, time.time() + 5)
             [event] = run_trigger(trigger, guard)["events"]
             assert event["status"] == "error"
             return None, event["message"]
@@ -622,7 +622,7 @@ def use_ok(surface: str, batch_id: str, guard: Guard, emulator: BatchAPIEmulator
             OpenAIBatchCancellationTrigger(batch_id, "openai_default", 0.01, time.time() + 5), guard
         )["status"]
     if surface == "multi_trigger":
-        trigger = OpenAIBatchesCancellationTrigger([batch_id], "openai_default", 0.01, time.time() + 5)
+        trigger = OpenAIMultiBatchCancellationTrigger([batch_id], "openai_default", 0.01, time.time() + 5)
         return run_trigger(trigger, guard)["events"][0]["status"]
     if surface == "callback":
         cancel_batch_on_failure(batch_id)(TaskContext())

@@ -15,7 +15,7 @@ from airflow.providers.common.compat.sdk import AirflowException, TaskDeferred
 from airflow_provider_openai_batch.hooks import _async_clients
 from airflow_provider_openai_batch.operators.openai_batch import OpenAICancelStaleBatchesOperator
 from airflow_provider_openai_batch.testing import BatchAPIEmulator, Fault
-from airflow_provider_openai_batch.triggers.openai_batch import OpenAIBatchesCancellationTrigger
+from airflow_provider_openai_batch.triggers.openai_batch import OpenAIMultiBatchCancellationTrigger
 
 DAY = 86_400
 NOW = int(time.time())
@@ -146,7 +146,7 @@ def test_deferrable_defers_once_for_all_batches(emulator_connection: BatchAPIEmu
     with pytest.raises(TaskDeferred) as deferred:
         cleanup(deferrable=True, timeout=300).execute(context)
     trigger = deferred.value.trigger
-    assert isinstance(trigger, OpenAIBatchesCancellationTrigger)
+    assert isinstance(trigger, OpenAIMultiBatchCancellationTrigger)
     assert sorted(trigger.batch_ids) == sorted(ids)
     assert before + 300 <= trigger.deadline <= time.time() + 300
 
@@ -209,14 +209,14 @@ def test_created_after_rendered_to_no_date_fails_before_any_request(
 # -- the multi-batch trigger --------------------------------------------------------------------------------------
 
 
-async def first_event(trigger: OpenAIBatchesCancellationTrigger) -> dict[str, Any]:
+async def first_event(trigger: OpenAIMultiBatchCancellationTrigger) -> dict[str, Any]:
     events = [event async for event in trigger.run()]
     assert len(events) == 1
     return events[0].payload
 
 
 def test_multi_trigger_serialize_round_trip() -> None:
-    trigger = OpenAIBatchesCancellationTrigger(batch_ids=["b_1", "b_2"], conn_id="c", poll_interval=5, deadline=1.8e9)
+    trigger = OpenAIMultiBatchCancellationTrigger(batch_ids=["b_1", "b_2"], conn_id="c", poll_interval=5, deadline=1.8e9)
     classpath, kwargs = trigger.serialize()
     assert kwargs == {"batch_ids": ["b_1", "b_2"], "conn_id": "c", "poll_interval": 5, "deadline": 1.8e9}
     assert import_string(classpath)(**kwargs).serialize() == (classpath, kwargs)
@@ -230,7 +230,7 @@ async def test_multi_trigger_reports_each_outcome_in_order(emulator_connection: 
     ]
     for batch_id in ids:
         emulator_connection.set_status(batch_id, "cancelling")
-    trigger = OpenAIBatchesCancellationTrigger(ids, "openai_default", poll_interval=0.05, deadline=time.time() + 1)
+    trigger = OpenAIMultiBatchCancellationTrigger(ids, "openai_default", poll_interval=0.05, deadline=time.time() + 1)
     event = await first_event(trigger)
     assert [e["batch_id"] for e in event["events"]] == ids
     assert [e["status"] for e in event["events"]] == ["cancelled", "completed", "timeout"]
@@ -243,7 +243,7 @@ async def test_multi_trigger_restart_keeps_the_deadline(emulator_connection: Bat
     ids = [emulator_connection.add_batch(cancel_after_polls=10**9, cancel_after_seconds=0.5)["id"] for _ in range(3)]
     for batch_id in ids:
         emulator_connection.set_status(batch_id, "cancelling")
-    first = OpenAIBatchesCancellationTrigger(ids, "openai_default", poll_interval=0.05, deadline=time.time() + 30)
+    first = OpenAIMultiBatchCancellationTrigger(ids, "openai_default", poll_interval=0.05, deadline=time.time() + 30)
     task = asyncio.create_task(first_event(first))
     await asyncio.sleep(0.2)
     task.cancel()

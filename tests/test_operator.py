@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 from typing import Any
 from unittest import mock
 
@@ -44,6 +45,8 @@ def test_deferrable_cancels_then_defers_with_an_absolute_deadline(
     assert (trigger.batch_id, trigger.conn_id, trigger.poll_interval) == (batch_id, "openai_default", 0.05)
     assert before + 600 <= trigger.deadline <= time.time() + 600
     assert deferred.value.method_name == "execute_complete"
+    # A backstop for a trigger lost with its triggerer: the deadline plus a margin.
+    assert timedelta(minutes=10) < deferred.value.timeout <= timedelta(seconds=600, minutes=10)
     assert emulator_connection.batch(batch_id)["status"] == "cancelling"
     assert pushed(context) == {"batch_id": batch_id}, "the link's batch id is pushed before deferring"
 

@@ -45,7 +45,7 @@ from airflow_provider_openai_batch.operators.openai_batch import OpenAICancelBat
 from airflow_provider_openai_batch.testing import BatchAPIEmulator, Fault
 from airflow_provider_openai_batch.triggers.openai_batch import (
     OpenAIBatchCancellationTrigger,
-    OpenAIBatchesCancellationTrigger,
+    OpenAIMultiBatchCancellationTrigger,
 )
 from tests._guards import (  # noqa: F401 - fixtures: guard and fast_backoff are autouse, emulator overrides conftest's
     FAKE_API_KEY,
@@ -163,7 +163,7 @@ class Api:
             return Outcome(status=payload["status"], event=payload)
         other = self.emulator.add_batch(cancel_after_polls=1)["id"]
         self.emulator.set_status(other, "cancelling")
-        trigger = OpenAIBatchesCancellationTrigger(
+        trigger = OpenAIMultiBatchCancellationTrigger(
             [batch_id, other], "openai_default", poll_interval, deadline
         )
         payload = run_trigger(trigger, self.guard)
@@ -659,7 +659,7 @@ def test_batch_stuck_in_cancelling_times_out_at_the_deadline(api: Api, case: Cas
 def make_trigger(kind: str, batch_ids: list[str], deadline: float, poll_interval: float) -> Any:
     if kind == "single":
         return OpenAIBatchCancellationTrigger(batch_ids[0], "openai_default", poll_interval, deadline)
-    return OpenAIBatchesCancellationTrigger(batch_ids, "openai_default", poll_interval, deadline)
+    return OpenAIMultiBatchCancellationTrigger(batch_ids, "openai_default", poll_interval, deadline)
 
 
 def statuses_of(kind: str, payload: dict[str, Any]) -> list[str]:

@@ -38,7 +38,7 @@ from airflow_provider_openai_batch.operators.openai_batch import (
 from airflow_provider_openai_batch.testing import BatchAPIEmulator, Fault
 from airflow_provider_openai_batch.triggers.openai_batch import (
     OpenAIBatchCancellationTrigger,
-    OpenAIBatchesCancellationTrigger,
+    OpenAIMultiBatchCancellationTrigger,
 )
 from tests._guards import (  # noqa: F401 - fixtures: guard, and fast_backoff are autouse
     FAKE_API_KEY,
@@ -218,7 +218,7 @@ def test_serialized_triggers_hold_no_key(connected: BatchAPIEmulator, guard: Gua
     run_operator(cleanup, TaskContext(task_id="cleanup"), guard, deferred=deferrals)
     assert [type(d.trigger) for d in deferrals] == [
         OpenAIBatchCancellationTrigger,
-        OpenAIBatchesCancellationTrigger,
+        OpenAIMultiBatchCancellationTrigger,
     ]
     for deferral in deferrals:
         classpath, kwargs = deferral.trigger.serialize()
@@ -273,7 +273,7 @@ def test_xcoms_results_and_events_hold_no_key(connected: BatchAPIEmulator, guard
     events = []
     for trigger in (
         OpenAIBatchCancellationTrigger("batch_missing", "openai_default", 0.01, time.time() + 5),
-        OpenAIBatchesCancellationTrigger(
+        OpenAIMultiBatchCancellationTrigger(
             ["batch_missing", "batch_gone"], "openai_default", 0.01, time.time() + 5
         ),
     ):

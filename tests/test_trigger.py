@@ -203,3 +203,14 @@ async def test_a_cdn_error_page_is_transient_not_an_authentication_error(
     event = await run_to_end(make_trigger(batch_id))
     assert event["status"] == "cancelled"
     assert [r.status for r in emulator_connection.requests][:2] == [403, 403]
+
+
+def test_the_multi_batch_trigger_s_old_name_still_loads_with_a_warning() -> None:
+    """Triggers deferred under the old classpath, before an upgrade, must still load in the triggerer."""
+    with pytest.warns(DeprecationWarning, match="OpenAIMultiBatchCancellationTrigger"):
+        old = import_string(
+            "airflow_provider_openai_batch.triggers.openai_batch.OpenAIBatchesCancellationTrigger"
+        )
+    trigger = old(["batch_1"], "openai_default", 5.0, 1.0)
+    assert type(trigger).__name__ == "OpenAIMultiBatchCancellationTrigger"
+    assert trigger.serialize()[0].endswith(".OpenAIMultiBatchCancellationTrigger")

@@ -353,7 +353,7 @@ class OpenAIBatchHook(BaseHook):
         shared = await self._ashared()
         send: Callable[[httpx.Request], Awaitable[httpx.Response]]
         if streaming_client is None:
-            request, send = self._abuilt_request(shared.client, method, path, params), shared.send
+            request, send = self._reusable_request(shared.client, method, path, params), shared.send
         else:
             request = streaming_client.build_request(method, path, params=params)
             send = partial(_astreamed, streaming_client)
@@ -385,7 +385,7 @@ class OpenAIBatchHook(BaseHook):
             finally:
                 await response.aclose()
 
-    def _abuilt_request(
+    def _reusable_request(
         self, client: httpx.AsyncClient, method: str, path: str, params: dict | None
     ) -> httpx.Request:
         """The request for ``method path``, built once per hook when it has no query of its own.

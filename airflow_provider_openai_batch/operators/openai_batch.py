@@ -7,6 +7,7 @@ import os
 import time
 from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal
 
 from airflow.providers.common.compat.sdk import (
@@ -37,7 +38,7 @@ from airflow_provider_openai_batch.models import CANCELLABLE_STATUSES, TERMINAL_
 from airflow_provider_openai_batch.results import save_results
 from airflow_provider_openai_batch.triggers.openai_batch import (
     OpenAIBatchCancellationTrigger,
-    OpenAIBatchesCancellationTrigger,
+    OpenAIMultiBatchCancellationTrigger,
     wait_for_cancellations,
 )
 
@@ -47,6 +48,9 @@ if TYPE_CHECKING:
     ResultsDestination = str | os.PathLike | ObjectStoragePath
 
 BATCH_URL = "https://platform.openai.com/batches/{batch_id}"
+
+#: How long past the wait's deadline a deferred task is given before Airflow fails it (TaskDeferralTimeout).
+DEFER_TIMEOUT_MARGIN = timedelta(minutes=10)
 
 #: XCom keys the operators push, besides the return value.
 XCOM_BATCH_ID_KEY = "batch_id"
@@ -154,7 +158,7 @@ class OpenAICancelBatchOperator(BaseOperator):
         self.if_finished = if_finished
         self.save_results_to = save_results_to
 
-    @property
+    @cached_property
     def hook(self) -> OpenAIBatchHook:
         return OpenAIBatchHook(self.conn_id)
 
@@ -188,6 +192,7 @@ class OpenAICancelBatchOperator(BaseOperator):
                         deadline=deadline,
                     ),
                     method_name="execute_complete",
+                    timeout=_defer_timeout(deadline),
                 )
             return self._finish(context, self._wait(hook, batch_id, deadline))
 
@@ -359,13 +364,14 @@ class OpenAICancelStaleBatchesOperator(BaseOperator):
             # Kept in XCom rather than in the deferral's kwargs, which dag.test() drops on resume.
             context["ti"].xcom_push(key=XCOM_SUMMARY_KEY, value=summary.model_dump())
             self.defer(
-                trigger=OpenAIBatchesCancellationTrigger(
+                trigger=OpenAIMultiBatchCancellationTrigger(
                     batch_ids=waiting,
                     conn_id=self.conn_id,
                     poll_interval=self.poll_interval,
                     deadline=deadline,
                 ),
                 method_name="execute_complete",
+                timeout=_defer_timeout(deadline),
             )
         events = asyncio.run(wait_for_cancellations(self.conn_id, waiting, self.poll_interval, deadline))
         return self._report(context, self._with_results(summary.with_outcomes(events)))
@@ -505,6 +511,12 @@ def _check_saving(save_results_to: object, wait_for_cancellation: bool) -> None:
 def _results_root(save_results_to: object) -> storage.Target | None:
     """The directory results are saved under (checked), or None when none was asked for."""
     return None if save_results_to is None else storage.directory(save_results_to, "save_results_to")
+
+
+def _defer_timeout(deadline: float) -> timedelta:
+    """The deferral's own timeout: the wait's deadline plus a margin. The trigger ends the wait at its deadline
+    itself; this is the backstop for a trigger lost with its triggerer, so no task stays deferred for ever."""
+    return timedelta(seconds=max(0.0, deadline - time.time())) + DEFER_TIMEOUT_MARGIN
 
 
 def _positive_seconds(name: str, value: timedelta | float) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import warnings
 from collections.abc import AsyncIterator, Sequence
 from itertools import repeat
 from typing import Any, ClassVar
@@ -60,11 +61,13 @@ class OpenAIBatchCancellationTrigger(_PlainKwargsTrigger):
         self.deadline = deadline
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        [event] = await wait_for_cancellations(self.conn_id, [self.batch_id], self.poll_interval, self.deadline)
+        [event] = await wait_for_cancellations(
+            self.conn_id, [self.batch_id], self.poll_interval, self.deadline
+        )
         yield TriggerEvent(event.to_payload())
 
 
-class OpenAIBatchesCancellationTrigger(_PlainKwargsTrigger):
+class OpenAIMultiBatchCancellationTrigger(_PlainKwargsTrigger):
     """One trigger waiting for many batches to leave ``cancelling``, with the guarantees of the single one.
 
     A cleanup that cancels fifty batches defers once, holds one triggerer slot and one connection lookup, and
@@ -152,3 +155,16 @@ async def _poll(hook: OpenAIBatchHook, watch: CancellationWatch) -> Cancellation
         return watch.on_error(error)
     except ValueError as error:  # a malformed id: only this batch's wait ends, the others go on
         return CancellationEvent.without_batch(watch.batch_id, CancellationStatus.ERROR, str(error))
+
+
+def __getattr__(name: str) -> Any:
+    """``OpenAIBatchesCancellationTrigger``, the multi-batch trigger's first name, two letters from the single
+    one's: kept so that triggers serialised under it (deferred before an upgrade) still load."""
+    if name == "OpenAIBatchesCancellationTrigger":
+        warnings.warn(
+            "OpenAIBatchesCancellationTrigger is deprecated: use OpenAIMultiBatchCancellationTrigger.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return OpenAIMultiBatchCancellationTrigger
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
