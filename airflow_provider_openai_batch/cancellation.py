@@ -11,9 +11,9 @@ import logging
 import random
 import time
 from enum import StrEnum
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from airflow_provider_openai_batch.exceptions import OpenAIBatchError, OpenAIBatchRateLimitError
 from airflow_provider_openai_batch.models import Batch, BatchRequestCounts, BatchStatus
@@ -39,7 +39,9 @@ class CancellationStatus(StrEnum):
 
 
 #: Final batch statuses reached because the batch finished before the cancel took effect.
-FINISHED_FIRST = frozenset({CancellationStatus.COMPLETED, CancellationStatus.FAILED, CancellationStatus.EXPIRED})
+FINISHED_FIRST = frozenset(
+    {CancellationStatus.COMPLETED, CancellationStatus.FAILED, CancellationStatus.EXPIRED}
+)
 
 
 class CancellationEvent(BaseModel):
@@ -57,7 +59,9 @@ class CancellationEvent(BaseModel):
     message: str
 
     @classmethod
-    def from_batch(cls, batch: Batch, *, status: CancellationStatus | None = None, message: str | None = None) -> Self:
+    def from_batch(
+        cls, batch: Batch, *, status: CancellationStatus | None = None, message: str | None = None
+    ) -> Self:
         final = status or CancellationStatus(batch.status)
         return cls(
             status=final,
@@ -113,7 +117,9 @@ class CancellationWatch:
         if batch.is_terminal:
             return CancellationEvent.from_batch(batch)
         if not isinstance(batch.status, BatchStatus):
-            log.warning("Batch '%s' reports unknown status %r; still waiting for 'cancelled'.", batch.id, batch.status)
+            log.warning(
+                "Batch '%s' reports unknown status %r; still waiting for 'cancelled'.", batch.id, batch.status
+            )
         return self._timeout_if_due()
 
     def on_error(self, error: OpenAIBatchError) -> CancellationEvent | None:
@@ -131,7 +137,12 @@ class CancellationWatch:
                 f"Stopped waiting for batch '{self.batch_id}' after {self.consecutive_failures} failed polls "
                 f"in a row; last error: {error}"
             )
-        log.warning("Poll %d of batch '%s' failed, will poll again: %s", self.consecutive_failures, self.batch_id, error)
+        log.warning(
+            "Poll %d of batch '%s' failed, will poll again: %s",
+            self.consecutive_failures,
+            self.batch_id,
+            error,
+        )
         return self._timeout_if_due()
 
     def seconds_to_next_poll(self, poll_interval: float) -> float:
@@ -157,3 +168,25 @@ class CancellationWatch:
         if self.last_batch is None:
             return CancellationEvent.without_batch(self.batch_id, status, message)
         return CancellationEvent.from_batch(self.last_batch, status=status, message=message)
+
+
+class MultiCancellationEvent(BaseModel):
+    """Payload of the multi-batch trigger's single event: each batch's outcome, in the order asked."""
+
+    events: list[CancellationEvent]
+
+
+EventT = TypeVar("EventT", CancellationEvent, MultiCancellationEvent)
+
+
+def validated_event(model: type[EventT], payload: dict[str, Any]) -> EventT:
+    """Validate a trigger event in ``execute_complete``. One that does not fit most likely comes from a trigger
+    of another provider version (upgraded while the task was deferred): say so, rather than only what is off."""
+    try:
+        return model.model_validate(payload)
+    except ValidationError as error:
+        raise ValueError(
+            f"The trigger's event is not a valid {model.__name__} for this provider version: was the provider "
+            f"upgraded or downgraded while the task was deferred? {error.error_count()} error(s), first: "
+            f"{error.errors()[0]['msg']} at {'.'.join(map(str, error.errors()[0]['loc'])) or 'the top'}."
+        ) from None

@@ -37,16 +37,26 @@ def seed(emulator: BatchAPIEmulator, age_days: float, **kwargs: Any) -> str:
     return emulator.add_batch(**kwargs)["id"]
 
 
-def test_selects_by_age_status_metadata_and_endpoint(emulator_connection: BatchAPIEmulator, context: dict) -> None:
+def test_selects_by_age_status_metadata_and_endpoint(
+    emulator_connection: BatchAPIEmulator, context: dict
+) -> None:
     stale = seed(emulator_connection, 3, metadata={"team": "search", "job": "eval"})
     seed(emulator_connection, 0.5, metadata={"team": "search"})  # too young
     seed(emulator_connection, 3, metadata={"team": "ads"})  # other team
     seed(emulator_connection, 3)  # no metadata
     seed(emulator_connection, 3, status="completed", metadata={"team": "search"})  # not cancellable
     seed(emulator_connection, 3, metadata={"team": "search"}, endpoint="/v1/embeddings")  # other endpoint
-    validating = seed(emulator_connection, 2, status="validating", metadata={"team": "search"}, endpoint="/v1/chat/completions")
+    validating = seed(
+        emulator_connection,
+        2,
+        status="validating",
+        metadata={"team": "search"},
+        endpoint="/v1/chat/completions",
+    )
 
-    summary = cleanup(metadata={"team": "search"}, endpoint="/v1/chat/completions", dry_run=True).execute(context)
+    summary = cleanup(metadata={"team": "search"}, endpoint="/v1/chat/completions", dry_run=True).execute(
+        context
+    )
     assert summary["dry_run"] is True
     assert sorted(summary["selected"]) == sorted([stale, validating])
     assert summary["cancelled"] == [] and summary["failed"] == []
@@ -108,11 +118,19 @@ def test_without_waiting_reports_cancelling(emulator_connection: BatchAPIEmulato
     ]
 
 
-def test_one_batch_failing_does_not_stop_the_others(emulator_connection: BatchAPIEmulator, context: dict) -> None:
+def test_one_batch_failing_does_not_stop_the_others(
+    emulator_connection: BatchAPIEmulator, context: dict
+) -> None:
     ids = [seed(emulator_connection, 2 + i / 10) for i in range(4)]
     finished, vanished, broken, fine = ids
-    emulator_connection.inject(Fault(kind="body", status=409, path=f"{finished}/cancel$",
-                                     body='{"error": {"message": "Cannot cancel a batch with status \'completed\'."}}'))
+    emulator_connection.inject(
+        Fault(
+            kind="body",
+            status=409,
+            path=f"{finished}/cancel$",
+            body='{"error": {"message": "Cannot cancel a batch with status \'completed\'."}}',
+        )
+    )
     emulator_connection.inject(Fault(kind="status", status=404, path=f"{vanished}/cancel$"))
     emulator_connection.inject(Fault(kind="status", status=400, path=f"{broken}/cancel$"))
     with pytest.raises(AirflowException, match=f"Could not cancel 1 batch.*{broken}"):
@@ -164,7 +182,9 @@ def test_deferrable_defers_once_for_all_batches(emulator_connection: BatchAPIEmu
     }
 
 
-def test_timeout_while_waiting_fails_after_reporting(emulator_connection: BatchAPIEmulator, context: dict) -> None:
+def test_timeout_while_waiting_fails_after_reporting(
+    emulator_connection: BatchAPIEmulator, context: dict
+) -> None:
     slow = seed(emulator_connection, 2, cancel_after_polls=10**9)
     fast = seed(emulator_connection, 2)
     with pytest.raises(AirflowException, match=f"Could not cancel 1 batch.*{slow}.*deadline"):
@@ -216,7 +236,9 @@ async def first_event(trigger: OpenAIMultiBatchCancellationTrigger) -> dict[str,
 
 
 def test_multi_trigger_serialize_round_trip() -> None:
-    trigger = OpenAIMultiBatchCancellationTrigger(batch_ids=["b_1", "b_2"], conn_id="c", poll_interval=5, deadline=1.8e9)
+    trigger = OpenAIMultiBatchCancellationTrigger(
+        batch_ids=["b_1", "b_2"], conn_id="c", poll_interval=5, deadline=1.8e9
+    )
     classpath, kwargs = trigger.serialize()
     assert kwargs == {"batch_ids": ["b_1", "b_2"], "conn_id": "c", "poll_interval": 5, "deadline": 1.8e9}
     assert import_string(classpath)(**kwargs).serialize() == (classpath, kwargs)
@@ -230,7 +252,9 @@ async def test_multi_trigger_reports_each_outcome_in_order(emulator_connection: 
     ]
     for batch_id in ids:
         emulator_connection.set_status(batch_id, "cancelling")
-    trigger = OpenAIMultiBatchCancellationTrigger(ids, "openai_default", poll_interval=0.05, deadline=time.time() + 1)
+    trigger = OpenAIMultiBatchCancellationTrigger(
+        ids, "openai_default", poll_interval=0.05, deadline=time.time() + 1
+    )
     event = await first_event(trigger)
     assert [e["batch_id"] for e in event["events"]] == ids
     assert [e["status"] for e in event["events"]] == ["cancelled", "completed", "timeout"]
@@ -240,10 +264,15 @@ async def test_multi_trigger_reports_each_outcome_in_order(emulator_connection: 
 
 
 async def test_multi_trigger_restart_keeps_the_deadline(emulator_connection: BatchAPIEmulator) -> None:
-    ids = [emulator_connection.add_batch(cancel_after_polls=10**9, cancel_after_seconds=0.5)["id"] for _ in range(3)]
+    ids = [
+        emulator_connection.add_batch(cancel_after_polls=10**9, cancel_after_seconds=0.5)["id"]
+        for _ in range(3)
+    ]
     for batch_id in ids:
         emulator_connection.set_status(batch_id, "cancelling")
-    first = OpenAIMultiBatchCancellationTrigger(ids, "openai_default", poll_interval=0.05, deadline=time.time() + 30)
+    first = OpenAIMultiBatchCancellationTrigger(
+        ids, "openai_default", poll_interval=0.05, deadline=time.time() + 30
+    )
     task = asyncio.create_task(first_event(first))
     await asyncio.sleep(0.2)
     task.cancel()
@@ -254,3 +283,16 @@ async def test_multi_trigger_restart_keeps_the_deadline(emulator_connection: Bat
     assert second.deadline == first.deadline
     event = await first_event(second)
     assert [e["status"] for e in event["events"]] == ["cancelled"] * 3
+
+
+@pytest.mark.parametrize(
+    "event",
+    [{"events": [{"status": "cancelled"}]}, {"outcomes": []}, {"events": "cancelled"}],
+    ids=["old-event-shape", "no-events", "not-a-list"],
+)
+def test_an_event_from_another_provider_version_fails_naming_the_skew(event: dict) -> None:
+    operator = OpenAICancelStaleBatchesOperator(task_id="cleanup", older_than=timedelta(days=1))
+    ti = mock.MagicMock(name="ti")
+    ti.xcom_pull.return_value = {"selected": [], "dry_run": False}
+    with pytest.raises(AirflowException, match="upgraded or downgraded while the task was deferred"):
+        operator.execute_complete({"ti": ti}, event)
