@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+import httpx
 import pytest
 
 from airflow_provider_openai_batch.testing.emulator import Fault
@@ -36,6 +38,8 @@ STEADY_WINDOW = 15
 
 TRIGGER_CLASSPATH = "airflow_provider_openai_batch.triggers.openai_batch.OpenAIBatchCancellationTrigger"
 UPSTREAM_FAILURE_DAG = "system_openai_batch_cancel_on_upstream_failure"
+DEADLINE_DAG = "system_openai_batch_cancel_on_deadline"
+CALLBACK_PATH = "airflow_provider_openai_batch.callbacks.cancel_run_batches"
 CANCEL_ONE_DAG = "system_openai_batch_cancel_one"
 CANCEL_MANY_DAG = "system_openai_batch_cancel_many"
 #: A batch the test holds in ``cancelling`` until it calls ``set_status``.
@@ -336,3 +340,97 @@ def test_200_deferred_cancellations_in_one_triggerer(
     assert list(map(str, blocked_overall)) == []
     # Each trigger kept its pace (a poll every 2 s + 0.3 s answer): a saturated loop would starve some.
     assert laggards == [], f"{len(laggards)} triggers polled less than twice in {window:.0f}s"
+
+
+def without_type_tags(value: Any) -> Any:
+    """A ``callback.data`` value without the ``{"__var": ..., "__type": ...}`` wrappers Airflow stores it in."""
+    if isinstance(value, dict):
+        if value.keys() == {"__var", "__type"}:
+            return without_type_tags(value["__var"])
+        return {key: without_type_tags(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_type_tags(item) for item in value]
+    return value
+
+
+def listed_batches(deployment: Deployment, emulator: BatchAPIEmulator) -> list[dict[str, Any]]:
+    """Every batch the emulator holds, read over its API (as a client would)."""
+    headers = {"Authorization": f"Bearer {deployment.api_key}"}
+    with httpx.Client(base_url=emulator.base_url, headers=headers, timeout=30) as http:
+        return http.get("/batches", params={"limit": 100}).json()["data"]
+
+
+def test_deadline_alert_cancels_the_runs_batch_from_the_triggerer(
+    deployment: Deployment, emulator: BatchAPIEmulator
+) -> None:
+    """Scenario 5: the run's deadline passes while its task still waits for the batch it created, tagged with
+    the run. The deadline's AsyncCallback, cancel_run_batches, runs in the triggerer and cancels that batch,
+    and no other batch: not another run's, not another DAG's with the same run id, not a finished one."""
+    run_id = f"system_deadline__{int(time.time())}"
+    tags = {"airflow_dag_id": DEADLINE_DAG, "airflow_run_id": run_id}
+    left_alone = {
+        "another run": emulator.add_batch(metadata={**tags, "airflow_run_id": f"{run_id}_other"})["id"],
+        "another DAG": emulator.add_batch(metadata={**tags, "airflow_dag_id": CANCEL_ONE_DAG})["id"],
+        "finished": emulator.add_batch(metadata=dict(tags), status="completed")["id"],
+    }
+    deployment.trigger_dag(DEADLINE_DAG, run_id=run_id)
+
+    def created_by_the_task() -> list[dict[str, Any]]:
+        return [
+            batch
+            for batch in listed_batches(deployment, emulator)
+            if batch["metadata"]
+            and batch["metadata"].get("airflow_run_id") == run_id
+            and batch["metadata"].get("airflow_task_id") == "submit_and_wait"
+        ]
+
+    [ours] = wait_for(
+        created_by_the_task, timeout=180, interval=1, what="the task to create its tagged batch"
+    )
+    [deadline] = deployment.query(
+        "SELECT d.deadline_time FROM deadline AS d JOIN dag_run AS r ON r.id = d.dagrun_id "
+        "WHERE r.dag_id = ? AND r.run_id = ?",
+        (DEADLINE_DAG, run_id),
+    )
+    deadline_at = datetime.fromisoformat(deadline["deadline_time"]).replace(tzinfo=UTC).timestamp()
+    assert ours["created_at"] < deadline_at, "the task started too late: raise DEADLINE in the DAG file"
+
+    wait_for(
+        lambda: emulator.batch(ours["id"])["status"] in ("cancelling", "cancelled"),
+        timeout=180,
+        what="the deadline callback to cancel the run's batch",
+    )
+    assert deployment.wait_for_dag_run(DEADLINE_DAG, run_id, timeout=300) == "success"
+    # The task saw its batch cancelled while it was still running: the deadline passed mid-run.
+    assert deployment.xcom(DEADLINE_DAG, run_id, "submit_and_wait") == "cancelling"
+    assert emulator.cancel_count(ours["id"]) == 1
+    assert {name: emulator.batch(batch_id)["status"] for name, batch_id in left_alone.items()} == {
+        "another run": "in_progress",
+        "another DAG": "in_progress",
+        "finished": "completed",
+    }
+    assert {emulator.cancel_count(batch_id) for batch_id in left_alone.values()} == {0}
+
+    # The triggerer ran it: a TriggererCallback, run to success, whose output is the callback's summary.
+    [callback] = deployment.query(
+        "SELECT c.type, c.state, c.data, c.output FROM callback AS c JOIN deadline AS d ON d.callback_id = c.id "
+        "JOIN dag_run AS r ON r.id = d.dagrun_id WHERE r.dag_id = ? AND r.run_id = ?",
+        (DEADLINE_DAG, run_id),
+    )
+    assert (callback["type"], callback["state"]) == ("triggerer", "success")
+    data = without_type_tags(json.loads(callback["data"]))
+    assert (data["path"], data["kwargs"]["conn_id"]) == (CALLBACK_PATH, "openai_default")
+    assert data["kwargs"]["context"]["dag_run"]["dag_run_id"] == run_id
+    summary = json.loads(callback["output"])
+    assert (summary["dag_id"], summary["run_id"]) == (DEADLINE_DAG, run_id)
+    assert summary["cancelled"] == [{"batch_id": ours["id"], "status": "cancelling"}]
+    assert summary["failed"] == [] and summary["error"] is None
+    line = f"Batches of run '{run_id}' of DAG '{DEADLINE_DAG}': 1 cancelled ['{ours['id']}']"
+    logged_in = [path.name for path in deployment.log_files() if line in path.read_text(errors="replace")]
+    assert any(name.startswith("triggerer") for name in logged_in), logged_in
+
+    # Neither the deadline's stored callback (kwargs, context, output) nor any log holds the key.
+    assert deployment.api_key.encode() not in deployment.db_bytes()
+    assert [
+        str(path) for path in deployment.log_files() if deployment.api_key.encode() in path.read_bytes()
+    ] == []
