@@ -9,6 +9,7 @@ really resumes ``execute_complete``. Batches live in the emulator, in this proce
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -353,11 +354,44 @@ def without_type_tags(value: Any) -> Any:
     return value
 
 
-def listed_batches(deployment: Deployment, emulator: BatchAPIEmulator) -> list[dict[str, Any]]:
-    """Every batch the emulator holds, read over its API (as a client would)."""
+def batch_of_run(deployment: Deployment, emulator: BatchAPIEmulator, run_id: str) -> dict[str, Any]:
+    """The batch the deadline DAG's task created in run ``run_id``, found by its tags, once it exists."""
     headers = {"Authorization": f"Bearer {deployment.api_key}"}
-    with httpx.Client(base_url=emulator.base_url, headers=headers, timeout=30) as http:
-        return http.get("/batches", params={"limit": 100}).json()["data"]
+
+    def created_by_the_task() -> list[dict[str, Any]]:
+        with httpx.Client(base_url=emulator.base_url, headers=headers, timeout=30) as http:
+            newest = http.get("/batches", params={"limit": 100}).json()["data"]
+        return [
+            batch
+            for batch in newest
+            if (batch["metadata"] or {}).get("airflow_run_id") == run_id
+            and batch["metadata"].get("airflow_task_id") == "submit_and_wait"
+        ]
+
+    [batch] = wait_for(
+        created_by_the_task, timeout=180, interval=1, what="the task to create its tagged batch"
+    )
+    return batch
+
+
+def deadline_callback(deployment: Deployment, run_id: str) -> tuple[float, sqlite3.Row | None]:
+    """The run's deadline (UNIX time) and, once it has been missed, the callback Airflow made of it."""
+    [row] = deployment.query(
+        "SELECT d.deadline_time, c.type, c.state, c.data, c.output FROM deadline AS d "
+        "JOIN dag_run AS r ON r.id = d.dagrun_id LEFT JOIN callback AS c ON c.id = d.callback_id "
+        "WHERE r.dag_id = ? AND r.run_id = ?",
+        (DEADLINE_DAG, run_id),
+    )
+    deadline_at = datetime.fromisoformat(row["deadline_time"]).replace(tzinfo=UTC).timestamp()
+    return deadline_at, row if row["state"] in ("success", "failed") else None
+
+
+def logs_with(deployment: Deployment, text: str) -> list[str]:
+    return [path.name for path in deployment.log_files() if text in path.read_text(errors="replace")]
+
+
+def summary_line(run_id: str, cancelled: list[str]) -> str:
+    return f"Batches of run '{run_id}' of DAG '{DEADLINE_DAG}': {len(cancelled)} cancelled {cancelled}"
 
 
 def test_deadline_alert_cancels_the_runs_batch_from_the_triggerer(
@@ -375,26 +409,9 @@ def test_deadline_alert_cancels_the_runs_batch_from_the_triggerer(
     }
     deployment.trigger_dag(DEADLINE_DAG, run_id=run_id)
 
-    def created_by_the_task() -> list[dict[str, Any]]:
-        return [
-            batch
-            for batch in listed_batches(deployment, emulator)
-            if batch["metadata"]
-            and batch["metadata"].get("airflow_run_id") == run_id
-            and batch["metadata"].get("airflow_task_id") == "submit_and_wait"
-        ]
-
-    [ours] = wait_for(
-        created_by_the_task, timeout=180, interval=1, what="the task to create its tagged batch"
-    )
-    [deadline] = deployment.query(
-        "SELECT d.deadline_time FROM deadline AS d JOIN dag_run AS r ON r.id = d.dagrun_id "
-        "WHERE r.dag_id = ? AND r.run_id = ?",
-        (DEADLINE_DAG, run_id),
-    )
-    deadline_at = datetime.fromisoformat(deadline["deadline_time"]).replace(tzinfo=UTC).timestamp()
+    ours = batch_of_run(deployment, emulator, run_id)
+    deadline_at, _ = deadline_callback(deployment, run_id)
     assert ours["created_at"] < deadline_at, "the task started too late: raise DEADLINE in the DAG file"
-
     wait_for(
         lambda: emulator.batch(ours["id"])["status"] in ("cancelling", "cancelled"),
         timeout=180,
@@ -412,10 +429,10 @@ def test_deadline_alert_cancels_the_runs_batch_from_the_triggerer(
     assert {emulator.cancel_count(batch_id) for batch_id in left_alone.values()} == {0}
 
     # The triggerer ran it: a TriggererCallback, run to success, whose output is the callback's summary.
-    [callback] = deployment.query(
-        "SELECT c.type, c.state, c.data, c.output FROM callback AS c JOIN deadline AS d ON d.callback_id = c.id "
-        "JOIN dag_run AS r ON r.id = d.dagrun_id WHERE r.dag_id = ? AND r.run_id = ?",
-        (DEADLINE_DAG, run_id),
+    _, callback = wait_for(
+        lambda: (found := deadline_callback(deployment, run_id))[1] and found,
+        timeout=60,
+        what="the deadline callback to end",
     )
     assert (callback["type"], callback["state"]) == ("triggerer", "success")
     data = without_type_tags(json.loads(callback["data"]))
@@ -425,12 +442,43 @@ def test_deadline_alert_cancels_the_runs_batch_from_the_triggerer(
     assert (summary["dag_id"], summary["run_id"]) == (DEADLINE_DAG, run_id)
     assert summary["cancelled"] == [{"batch_id": ours["id"], "status": "cancelling"}]
     assert summary["failed"] == [] and summary["error"] is None
-    line = f"Batches of run '{run_id}' of DAG '{DEADLINE_DAG}': 1 cancelled ['{ours['id']}']"
-    logged_in = [path.name for path in deployment.log_files() if line in path.read_text(errors="replace")]
-    assert any(name.startswith("triggerer") for name in logged_in), logged_in
+    logged_in = logs_with(deployment, summary_line(run_id, [ours["id"]]))
+    assert logged_in and all(name.startswith("triggerer") for name in logged_in), logged_in
 
     # Neither the deadline's stored callback (kwargs, context, output) nor any log holds the key.
     assert deployment.api_key.encode() not in deployment.db_bytes()
-    assert [
-        str(path) for path in deployment.log_files() if deployment.api_key.encode() in path.read_bytes()
-    ] == []
+    leaks = [str(path) for path in deployment.log_files() if deployment.api_key.encode() in path.read_bytes()]
+    assert leaks == []
+
+
+def test_failure_callback_cancels_the_runs_batch_from_the_dag_processor(
+    deployment: Deployment, emulator: BatchAPIEmulator
+) -> None:
+    """Scenario 6: the task fails right after creating its batch, its id unsaved. The DAG processor runs the
+    same callable as the DAG's failure callback, which cancels the batch before the deadline; when the
+    deadline fires anyway (Airflow keeps a failed run's deadlines), it finds nothing left to cancel."""
+    run_id = f"system_failure__{int(time.time())}"
+    deployment.trigger_dag(DEADLINE_DAG, {"fail_after_submit": True}, run_id=run_id)
+    ours = batch_of_run(deployment, emulator, run_id)
+    assert deployment.wait_for_dag_run(DEADLINE_DAG, run_id, timeout=300) == "failed"
+    wait_for(
+        lambda: emulator.batch(ours["id"])["status"] in ("cancelling", "cancelled"),
+        timeout=120,
+        what="the failure callback to cancel the run's batch",
+    )
+    deadline_at, _ = deadline_callback(deployment, run_id)
+    cancels = [r for r in emulator.requests if r.path == f"/v1/batches/{ours['id']}/cancel"]
+    assert len(cancels) == 1
+    logged_in = wait_for(
+        lambda: logs_with(deployment, summary_line(run_id, [ours["id"]])), timeout=60, what="the summary line"
+    )
+    assert not any(name.startswith("triggerer") for name in logged_in), logged_in  # the DAG processor's
+
+    _, callback = wait_for(
+        lambda: (found := deadline_callback(deployment, run_id))[1] and found,
+        timeout=deadline_at - time.time() + 120,
+        what="the deadline to fire for the failed run",
+    )
+    assert (callback["type"], callback["state"]) == ("triggerer", "success")
+    assert json.loads(callback["output"])["cancelled"] == []
+    assert emulator.cancel_count(ours["id"]) == 1
