@@ -10,6 +10,7 @@ results were due.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -141,11 +142,12 @@ class cancel_run_batches:  # named as the function it is used as; a class, for t
     callback no start time; the whole list is read then.) The matches are cancelled concurrently through the
     hook's shared client, with its bound on requests in flight and its retries on 429 and 5xx.
 
-    It logs one summary line and returns the summary as JSON (``dag_id``, ``run_id``, ``listed``,
-    ``cancelled``, ``already_finished``, ``failed``, ``error``); the deadline machinery stores it as the
-    callback's result. It never raises, so the failure that triggered it stays the run's visible failure; a
-    batch that finished between the listing and its cancel is reported under ``already_finished``. Neither
-    what it returns nor the kwargs Airflow stores for it hold the API key: only the connection id.
+    It logs one summary line and returns the summary as a JSON string (``dag_id``, ``run_id``, ``listed``,
+    ``cancelled``, ``already_finished``, ``failed``, ``error``), which Airflow keeps as a deadline callback's
+    output, a text column. It never raises, so the failure that triggered it stays the run's visible
+    failure; a batch that finished between the listing and its cancel is reported under
+    ``already_finished``. Neither what it returns nor the kwargs Airflow stores for it hold the API key: the
+    kwargs are the connection id only.
 
     :param conn_id: the OpenAI Batch connection.
     :param context: the run's context, which the triggerer passes to a deadline callback; not for DAG files.
@@ -163,7 +165,7 @@ class cancel_run_batches:  # named as the function it is used as; a class, for t
         """This callback as a ``DeadlineAlert``'s ``AsyncCallback``: Airflow >= 3.1, else ``ImportError``."""
         return deadline_async_callback()(type(self), kwargs={"conn_id": self.conn_id})
 
-    def __call__(self, context: Context) -> dict[str, Any] | None:
+    def __call__(self, context: Context) -> str | None:
         """Cancel the run's batches now: the ``on_failure_callback`` form."""
         try:
             run = _Run.of(context)
@@ -176,11 +178,11 @@ class cancel_run_batches:  # named as the function it is used as; a class, for t
             log.exception("Could not cancel the DAG run's batches; the original failure stands.")
             return None
 
-    def __await__(self) -> Generator[Any, None, dict[str, Any] | None]:
+    def __await__(self) -> Generator[Any, None, str | None]:
         """Cancel the run's batches on the running event loop: the deadline-alert form."""
         return self._acancel().__await__()
 
-    async def _acancel(self) -> dict[str, Any] | None:
+    async def _acancel(self) -> str | None:
         try:
             return await _cancel_run_batches(OpenAIBatchHook(self.conn_id), _Run.of(self.context))
         except Exception:
@@ -241,7 +243,7 @@ def _field(dag_run: Any, name: str) -> Any:
 
 @dataclass
 class _RunCancellation:
-    """What one call did, batch by batch: the summary line, and the callback's JSON result."""
+    """What one call did, batch by batch: the summary line, and the callback's result as JSON text."""
 
     dag_id: str
     run_id: str
@@ -252,7 +254,7 @@ class _RunCancellation:
     #: What stopped the work before its end (the connection lookup, the listing), if anything did.
     error: str | None = None
 
-    def report(self) -> dict[str, Any]:
+    def report(self) -> str:
         trouble = bool(self.failed or self.error)
         log.log(
             logging.WARNING if trouble else logging.INFO,
@@ -269,10 +271,10 @@ class _RunCancellation:
             self.listed,
             f", then stopped by {self.error}" if self.error else "",
         )
-        return asdict(self)
+        return json.dumps(asdict(self))
 
 
-async def _cancel_run_batches(hook: OpenAIBatchHook, run: _Run) -> dict[str, Any]:
+async def _cancel_run_batches(hook: OpenAIBatchHook, run: _Run) -> str:
     """List the run's batches down to its start, cancel them concurrently, and report; raises nothing the API
     or the connection can cause."""
     outcome = _RunCancellation(run.dag_id, run.run_id)

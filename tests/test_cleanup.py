@@ -91,6 +91,36 @@ def test_created_after_stops_the_listing_early(emulator_connection: BatchAPIEmul
     assert len(list_calls) == 1, "the first batch older than created_after ends the listing"
 
 
+def test_task_level_form_of_cancel_run_batches(emulator_connection: BatchAPIEmulator) -> None:
+    """The README's operator, its templates rendered with a task context: this run's batches, and only them."""
+    from airflow.sdk.execution_time import macros
+
+    started = NOW - 600
+    tags = {"airflow_dag_id": "nightly_eval", "airflow_run_id": "scheduled__1"}
+    for i in range(150):
+        seed(emulator_connection, 1, created_at=started - 301 - i, metadata=dict(tags) if i == 0 else None)
+    ours = seed(emulator_connection, 0, created_at=started - 120, metadata=dict(tags))  # within the margin
+    other_run = seed(emulator_connection, 0, created_at=started + 5, metadata={**tags, "airflow_run_id": "x"})
+    operator = cleanup(
+        older_than=timedelta(0),
+        created_after="{{ dag_run.start_date - macros.timedelta(minutes=5) }}",
+        metadata={"airflow_dag_id": "{{ dag.dag_id }}", "airflow_run_id": "{{ run_id }}"},
+        wait_for_cancellation=False,
+    )
+    context = {
+        "dag": mock.Mock(dag_id="nightly_eval"),
+        "run_id": "scheduled__1",
+        "dag_run": mock.Mock(start_date=datetime.fromtimestamp(started, UTC)),
+        "macros": macros,
+        "ti": mock.MagicMock(name="ti"),
+    }
+    operator.render_template_fields(context)
+    summary = operator.execute(context)
+    assert summary["selected"] == [ours]
+    assert emulator_connection.batch(other_run)["status"] == "in_progress"
+    assert sum(1 for r in emulator_connection.requests if r.path == "/v1/batches") == 1
+
+
 def test_created_after_is_templated(emulator_connection: BatchAPIEmulator) -> None:
     operator = cleanup(created_after="{{ dag_run.start_date }}")
     assert "created_after" in operator.template_fields

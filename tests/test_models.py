@@ -53,6 +53,12 @@ def test_status_enum_matches_the_spec() -> None:
     assert {status.value for status in BatchStatus} == set(spec_statuses)
 
 
+def test_emulator_creates_batches_for_the_specs_endpoints() -> None:
+    from airflow_provider_openai_batch.testing._wire import ENDPOINTS
+
+    assert set(SPEC["components"]["schemas"]["CreateBatchRequest"]["properties"]["endpoint"]["enum"]) == ENDPOINTS
+
+
 def test_metadata_limits_are_the_specs() -> None:
     [as_object, _] = SPEC["components"]["schemas"]["Metadata"]["anyOf"]
     described = " ".join(as_object["description"].split())

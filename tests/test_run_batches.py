@@ -10,6 +10,7 @@ body, and no socket or emulator thread may outlive the test.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import time
@@ -107,14 +108,30 @@ def cancelled_ids(emulator: BatchAPIEmulator) -> set[str]:
     return {r.path.split("/")[3] for r in emulator.requests if r.method == "POST"}
 
 
-def run_async_form(context: dict[str, Any] | None, conn_id: str = "openai_default") -> Any:
+def parsed(result: str | None) -> dict[str, Any] | None:
+    """The callback's result: JSON text (Airflow keeps a deadline callback's in a text column), or None."""
+    assert result is None or isinstance(result, str), result
+    return None if result is None else json.loads(result)
+
+
+def on_failure(context: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What Airflow does with ``on_failure_callback=cancel_run_batches()``: call it with the context."""
+    return parsed(cancel_run_batches()(context))  # type: ignore[arg-type]
+
+
+def at_deadline(context: dict[str, Any] | None, conn_id: str = "openai_default") -> dict[str, Any] | None:
     """What the triggerer does with ``AsyncCallback(cancel_run_batches, kwargs=...)``: build it with the
     kwargs and the context, then await it; on a fresh loop, to be left with no task and no client open."""
 
-    async def deadline_fires() -> Any:
+    async def deadline_fires() -> str | None:
         return await cancel_run_batches(conn_id=conn_id, context=context)
 
-    return run_async(deadline_fires())
+    return parsed(run_async(deadline_fires()))
+
+
+def run_form(form: str) -> dict[str, Any] | None:
+    """One of the two forms, with the context Airflow gives it for the run under test."""
+    return on_failure(failure_context()) if form == "failure" else at_deadline(deadline_context())
 
 
 # -- run tags ------------------------------------------------------------------------------------------------
@@ -172,7 +189,7 @@ def test_tags_at_the_limits_are_accepted_by_the_api_and_found_again(api: BatchAP
             "/batches", json={**body, "metadata": run_batch_metadata(task_context(), **extra)}
         )
     assert created.status_code == 200, created.text
-    summary = cancel_run_batches()(failure_context(started=time.time() - 60))
+    summary = on_failure(failure_context(started=time.time() - 60))
     assert summary["cancelled"] == [{"batch_id": created.json()["id"], "status": "cancelling"}]
 
 
@@ -197,10 +214,7 @@ def test_reads_the_list_only_down_to_the_run_start(
     for i in range(recent_others):  # other DAGs' batches created while the run was going
         api.add_batch(created_at=STARTED + 10 + i, metadata=tags(dag_id="other_dag"))
 
-    if form == "failure":
-        summary = cancel_run_batches()(failure_context())
-    else:
-        summary = run_async_form(deadline_context())
+    summary = run_form(form)
     assert list_pages(api) == pages, "pages past the run's start are never requested"
     assert summary["listed"] == 3 + recent_others  # the first batch past the margin ends the listing
     assert cancelled_ids(api) == set(ours)
@@ -210,7 +224,7 @@ def test_reads_the_list_only_down_to_the_run_start(
 def test_a_batch_within_the_clock_skew_margin_is_cancelled(api: BatchAPIEmulator) -> None:
     seed_history(api, 120)
     early = seed_run_batch(api, after_start=-CLOCK_SKEW_MARGIN.total_seconds() + 30)
-    summary = cancel_run_batches()(failure_context())
+    summary = on_failure(failure_context())
     assert [entry["batch_id"] for entry in summary["cancelled"]] == [early]
     assert list_pages(api) == 1
 
@@ -219,7 +233,7 @@ def test_without_a_start_time_the_whole_list_is_read(api: BatchAPIEmulator) -> N
     """A DAG run failed before any task ran: its failure callback gets only ``dag`` and ``run_id``."""
     seed_history(api, 250)
     ours = seed_run_batch(api)
-    summary = cancel_run_batches()({"dag": SimpleNamespace(dag_id=DAG_ID), "run_id": RUN_ID, "reason": "x"})
+    summary = on_failure({"dag": SimpleNamespace(dag_id=DAG_ID), "run_id": RUN_ID, "reason": "x"})
     assert list_pages(api) == 3
     assert [entry["batch_id"] for entry in summary["cancelled"]] == [ours]
 
@@ -227,7 +241,7 @@ def test_without_a_start_time_the_whole_list_is_read(api: BatchAPIEmulator) -> N
 def test_a_deadline_before_the_run_started_reads_from_its_queued_time(api: BatchAPIEmulator) -> None:
     seed_history(api, 150)
     ours = seed_run_batch(api, after_start=-60)  # created after it was queued; the run never started
-    summary = run_async_form(deadline_context(start_date=None, queued_at=STARTED - 90))
+    summary = at_deadline(deadline_context(start_date=None, queued_at=STARTED - 90))
     assert [entry["batch_id"] for entry in summary["cancelled"]] == [ours]
     assert list_pages(api) == 1
 
@@ -253,9 +267,7 @@ def test_only_the_runs_cancellable_batches_are_cancelled(api: BatchAPIEmulator, 
     }
     before = {name: api.batch(batch_id)["status"] for name, batch_id in left_alone.items()}
 
-    summary = (
-        cancel_run_batches()(failure_context()) if form == "failure" else run_async_form(deadline_context())
-    )
+    summary = run_form(form)
 
     assert cancelled_ids(api) == set(ours.values())
     assert {name: api.batch(batch_id)["status"] for name, batch_id in left_alone.items()} == before
@@ -284,11 +296,7 @@ def test_a_batch_that_finished_meanwhile_is_reported_not_failed(
     other = seed_run_batch(api)
     api.inject(Fault(kind="body", status=409, path=f"{racing}/cancel$", body=refusal))
     with caplog.at_level(logging.INFO, logger="airflow_provider_openai_batch.callbacks"):
-        summary = (
-            cancel_run_batches()(failure_context())
-            if form == "failure"
-            else run_async_form(deadline_context())
-        )
+        summary = run_form(form)
     assert summary["already_finished"] == [{"batch_id": racing, "status": "completed"}]
     assert summary["cancelled"] == [{"batch_id": other, "status": "cancelling"}]
     assert summary["failed"] == [] and summary["error"] is None
@@ -332,11 +340,7 @@ def test_never_raises_when_the_api_or_the_connection_fails(
     batch_id = seed_run_batch(api)
     expected = break_api(api, monkeypatch, problem)
     with caplog.at_level(logging.INFO, logger="airflow_provider_openai_batch.callbacks"):
-        summary = (
-            cancel_run_batches()(failure_context())
-            if form == "failure"
-            else run_async_form(deadline_context())
-        )
+        summary = run_form(form)
     assert api.batch(batch_id)["status"] == "in_progress"
     assert [r.method for r in api.requests if r.method != "GET"] == []
     [line] = [r for r in caplog.records if r.name == "airflow_provider_openai_batch.callbacks"]
@@ -359,11 +363,7 @@ def test_one_batch_failing_to_cancel_does_not_stop_the_others(
         Fault(kind="status", status=500, times=100, path=f"{broken}/cancel$", headers={"retry-after-ms": "1"})
     )
     with caplog.at_level(logging.INFO, logger="airflow_provider_openai_batch.callbacks"):
-        summary = (
-            cancel_run_batches()(failure_context())
-            if form == "failure"
-            else run_async_form(deadline_context())
-        )
+        summary = run_form(form)
     assert {entry["batch_id"] for entry in summary["cancelled"]} == set(ids) - {broken}
     assert [entry["batch_id"] for entry in summary["failed"]] == [broken]
     assert "HTTP 500" in summary["failed"][0]["error"]
@@ -387,10 +387,7 @@ def test_a_context_without_a_run_is_logged_not_raised(
 ) -> None:
     seed_run_batch(api)
     with caplog.at_level(logging.ERROR, logger="airflow_provider_openai_batch.callbacks"):
-        if form == "failure":
-            result = cancel_run_batches()(context)  # type: ignore[arg-type]
-        else:
-            result = run_async_form(context)
+        result = on_failure(context) if form == "failure" else at_deadline(context)
     assert result is None
     assert api.requests == []
     assert "Could not cancel the DAG run's batches; the original failure stands." in caplog.text
@@ -415,7 +412,7 @@ async def test_async_form_never_blocks_the_loop(
     ours = [seed_run_batch(api, after_start=i) for i in range(3)]
     sync_send = mocker.patch("httpx.Client.send", side_effect=AssertionError("sync HTTP on the event loop"))
     before = asyncio.all_tasks()
-    summary = await cancel_run_batches(context=deadline_context())
+    summary = parsed(await cancel_run_batches(context=deadline_context()))
     assert {entry["batch_id"] for entry in summary["cancelled"]} == set(ours)
     assert connection_lookups == ["openai_default"] and sync_send.call_count == 0
     assert asyncio.all_tasks() == before
@@ -428,7 +425,7 @@ def test_sync_form_looks_the_connection_up_before_its_loop(
     """Where failure callbacks run (DAG processor, worker), the synchronous lookup is the reliable one: it is
     made before the event loop starts (made on the loop, the guard would fail it), never the async one."""
     ours = seed_run_batch(api)
-    summary = cancel_run_batches()(failure_context())
+    summary = on_failure(failure_context())
     assert [entry["batch_id"] for entry in summary["cancelled"]] == [ours]
     assert connection_lookups == []
 
@@ -467,7 +464,7 @@ def test_as_a_deadline_alert_callback_through_airflows_own_trigger(
 
     events = run_async(run_trigger())
     assert [event["state"] for event in events] == ["running", "success"]
-    summary = guard.check(events[-1]["body"], "the callback's result")
+    summary = parsed(guard.check(events[-1]["body"], "the callback's result"))
     assert summary["cancelled"] == [{"batch_id": ours, "status": "cancelling"}]
     assert api.batch(ours)["status"] == "cancelling"
 

@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 
+import airflow_provider_openai_batch
+
 if TYPE_CHECKING:
     from airflow_provider_openai_batch.testing.emulator import BatchAPIEmulator
 
@@ -38,6 +40,9 @@ HERE = Path(__file__).resolve().parent
 DAGS_FOLDER = HERE / "dags"
 #: On every Airflow process's PYTHONPATH: test-only triggers the triggerer must be able to import.
 SUPPORT_FOLDER = HERE / "support"
+#: Also on it, before the venv's packages: where the provider these tests import lives, so that every Airflow
+#: process runs the code under test, be it this clone's editable install or a checkout put on PYTHONPATH.
+PROVIDER_ROOT = Path(airflow_provider_openai_batch.__file__).resolve().parents[1]
 #: The deployment's ``airflow_local_settings``: the recipe the docs recommend for triggerers, as published.
 LOCAL_SETTINGS = HERE.parents[1] / "docs" / "recipes" / "airflow_local_settings.py"
 
@@ -48,6 +53,7 @@ EXPECTED_DAGS = (
     "system_openai_batch_cancel_on_upstream_failure",
     "system_openai_batch_cancel_one",
     "system_openai_batch_cancel_many",
+    "system_openai_batch_cancel_on_deadline",
 )
 
 #: What Airflow 3.3's triggerer logs when its event loop was blocked for longer than
@@ -276,7 +282,7 @@ class Deployment:
             {
                 "PYTHONUNBUFFERED": "1",
                 "PYTHONDONTWRITEBYTECODE": "1",  # leave no __pycache__ in the source tree's DAG folder
-                "PYTHONPATH": str(SUPPORT_FOLDER),
+                "PYTHONPATH": os.pathsep.join([str(SUPPORT_FOLDER), str(PROVIDER_ROOT)]),
                 "NO_COLOR": "1",
                 "AIRFLOW_HOME": str(self.home),
                 "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
@@ -435,10 +441,11 @@ class Deployment:
 
     # ------------------------------------------------------------------------------------- REST API
 
-    def trigger_dag(self, dag_id: str, conf: dict[str, Any] | None = None) -> str:
-        response = self.http.post(
-            f"/api/v2/dags/{dag_id}/dagRuns", json={"logical_date": None, "conf": conf or {}}
-        )
+    def trigger_dag(self, dag_id: str, conf: dict[str, Any] | None = None, run_id: str | None = None) -> str:
+        body: dict[str, Any] = {"logical_date": None, "conf": conf or {}}
+        if run_id is not None:
+            body["dag_run_id"] = run_id
+        response = self.http.post(f"/api/v2/dags/{dag_id}/dagRuns", json=body)
         assert response.status_code == 200, response.text
         return str(response.json()["dag_run_id"])
 

@@ -9,9 +9,12 @@ really resumes ``execute_complete``. Batches live in the emulator, in this proce
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+import httpx
 import pytest
 
 from airflow_provider_openai_batch.testing.emulator import Fault
@@ -36,6 +39,8 @@ STEADY_WINDOW = 15
 
 TRIGGER_CLASSPATH = "airflow_provider_openai_batch.triggers.openai_batch.OpenAIBatchCancellationTrigger"
 UPSTREAM_FAILURE_DAG = "system_openai_batch_cancel_on_upstream_failure"
+DEADLINE_DAG = "system_openai_batch_cancel_on_deadline"
+CALLBACK_PATH = "airflow_provider_openai_batch.callbacks.cancel_run_batches"
 CANCEL_ONE_DAG = "system_openai_batch_cancel_one"
 CANCEL_MANY_DAG = "system_openai_batch_cancel_many"
 #: A batch the test holds in ``cancelling`` until it calls ``set_status``.
@@ -336,3 +341,144 @@ def test_200_deferred_cancellations_in_one_triggerer(
     assert list(map(str, blocked_overall)) == []
     # Each trigger kept its pace (a poll every 2 s + 0.3 s answer): a saturated loop would starve some.
     assert laggards == [], f"{len(laggards)} triggers polled less than twice in {window:.0f}s"
+
+
+def without_type_tags(value: Any) -> Any:
+    """A ``callback.data`` value without the ``{"__var": ..., "__type": ...}`` wrappers Airflow stores it in."""
+    if isinstance(value, dict):
+        if value.keys() == {"__var", "__type"}:
+            return without_type_tags(value["__var"])
+        return {key: without_type_tags(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_type_tags(item) for item in value]
+    return value
+
+
+def batch_of_run(deployment: Deployment, emulator: BatchAPIEmulator, run_id: str) -> dict[str, Any]:
+    """The batch the deadline DAG's task created in run ``run_id``, found by its tags, once it exists."""
+    headers = {"Authorization": f"Bearer {deployment.api_key}"}
+
+    def created_by_the_task() -> list[dict[str, Any]]:
+        with httpx.Client(base_url=emulator.base_url, headers=headers, timeout=30) as http:
+            newest = http.get("/batches", params={"limit": 100}).json()["data"]
+        return [
+            batch
+            for batch in newest
+            if (batch["metadata"] or {}).get("airflow_run_id") == run_id
+            and batch["metadata"].get("airflow_task_id") == "submit_and_wait"
+        ]
+
+    [batch] = wait_for(
+        created_by_the_task, timeout=180, interval=1, what="the task to create its tagged batch"
+    )
+    return batch
+
+
+def deadline_callback(deployment: Deployment, run_id: str) -> tuple[float, sqlite3.Row | None]:
+    """The run's deadline (UNIX time) and, once it has been missed, the callback Airflow made of it."""
+    [row] = deployment.query(
+        "SELECT d.deadline_time, c.type, c.state, c.data, c.output FROM deadline AS d "
+        "JOIN dag_run AS r ON r.id = d.dagrun_id LEFT JOIN callback AS c ON c.id = d.callback_id "
+        "WHERE r.dag_id = ? AND r.run_id = ?",
+        (DEADLINE_DAG, run_id),
+    )
+    deadline_at = datetime.fromisoformat(row["deadline_time"]).replace(tzinfo=UTC).timestamp()
+    return deadline_at, row if row["state"] in ("success", "failed") else None
+
+
+def logs_with(deployment: Deployment, text: str) -> list[str]:
+    return [path.name for path in deployment.log_files() if text in path.read_text(errors="replace")]
+
+
+def summary_line(run_id: str, cancelled: list[str]) -> str:
+    return f"Batches of run '{run_id}' of DAG '{DEADLINE_DAG}': {len(cancelled)} cancelled {cancelled}"
+
+
+def test_deadline_alert_cancels_the_runs_batch_from_the_triggerer(
+    deployment: Deployment, emulator: BatchAPIEmulator
+) -> None:
+    """Scenario 5: the run's deadline passes while its task still waits for the batch it created, tagged with
+    the run. The deadline's AsyncCallback, cancel_run_batches, runs in the triggerer and cancels that batch,
+    and no other batch: not another run's, not another DAG's with the same run id, not a finished one."""
+    run_id = f"system_deadline__{int(time.time())}"
+    tags = {"airflow_dag_id": DEADLINE_DAG, "airflow_run_id": run_id}
+    left_alone = {
+        "another run": emulator.add_batch(metadata={**tags, "airflow_run_id": f"{run_id}_other"})["id"],
+        "another DAG": emulator.add_batch(metadata={**tags, "airflow_dag_id": CANCEL_ONE_DAG})["id"],
+        "finished": emulator.add_batch(metadata=dict(tags), status="completed")["id"],
+    }
+    deployment.trigger_dag(DEADLINE_DAG, run_id=run_id)
+
+    ours = batch_of_run(deployment, emulator, run_id)
+    deadline_at, _ = deadline_callback(deployment, run_id)
+    assert ours["created_at"] < deadline_at, "the task started too late: raise DEADLINE in the DAG file"
+    wait_for(
+        lambda: emulator.batch(ours["id"])["status"] in ("cancelling", "cancelled"),
+        timeout=180,
+        what="the deadline callback to cancel the run's batch",
+    )
+    assert deployment.wait_for_dag_run(DEADLINE_DAG, run_id, timeout=300) == "success"
+    # The task saw its batch cancelled while it was still running: the deadline passed mid-run.
+    assert deployment.xcom(DEADLINE_DAG, run_id, "submit_and_wait") == "cancelling"
+    assert emulator.cancel_count(ours["id"]) == 1
+    assert {name: emulator.batch(batch_id)["status"] for name, batch_id in left_alone.items()} == {
+        "another run": "in_progress",
+        "another DAG": "in_progress",
+        "finished": "completed",
+    }
+    assert {emulator.cancel_count(batch_id) for batch_id in left_alone.values()} == {0}
+
+    # The triggerer ran it: a TriggererCallback, run to success, whose output is the callback's summary.
+    _, callback = wait_for(
+        lambda: (found := deadline_callback(deployment, run_id))[1] and found,
+        timeout=60,
+        what="the deadline callback to end",
+    )
+    assert (callback["type"], callback["state"]) == ("triggerer", "success")
+    data = without_type_tags(json.loads(callback["data"]))
+    assert (data["path"], data["kwargs"]["conn_id"]) == (CALLBACK_PATH, "openai_default")
+    assert data["kwargs"]["context"]["dag_run"]["dag_run_id"] == run_id
+    summary = json.loads(callback["output"])
+    assert (summary["dag_id"], summary["run_id"]) == (DEADLINE_DAG, run_id)
+    assert summary["cancelled"] == [{"batch_id": ours["id"], "status": "cancelling"}]
+    assert summary["failed"] == [] and summary["error"] is None
+    logged_in = logs_with(deployment, summary_line(run_id, [ours["id"]]))
+    assert logged_in and all(name.startswith("triggerer") for name in logged_in), logged_in
+
+    # Neither the deadline's stored callback (kwargs, context, output) nor any log holds the key.
+    assert deployment.api_key.encode() not in deployment.db_bytes()
+    leaks = [str(path) for path in deployment.log_files() if deployment.api_key.encode() in path.read_bytes()]
+    assert leaks == []
+
+
+def test_failure_callback_cancels_the_runs_batch_from_the_dag_processor(
+    deployment: Deployment, emulator: BatchAPIEmulator
+) -> None:
+    """Scenario 6: the task fails right after creating its batch, its id unsaved. The DAG processor runs the
+    same callable as the DAG's failure callback, which cancels the batch before the deadline; when the
+    deadline fires anyway (Airflow keeps a failed run's deadlines), it finds nothing left to cancel."""
+    run_id = f"system_failure__{int(time.time())}"
+    deployment.trigger_dag(DEADLINE_DAG, {"fail_after_submit": True}, run_id=run_id)
+    ours = batch_of_run(deployment, emulator, run_id)
+    assert deployment.wait_for_dag_run(DEADLINE_DAG, run_id, timeout=300) == "failed"
+    wait_for(
+        lambda: emulator.batch(ours["id"])["status"] in ("cancelling", "cancelled"),
+        timeout=120,
+        what="the failure callback to cancel the run's batch",
+    )
+    deadline_at, _ = deadline_callback(deployment, run_id)
+    cancels = [r for r in emulator.requests if r.path == f"/v1/batches/{ours['id']}/cancel"]
+    assert len(cancels) == 1
+    logged_in = wait_for(
+        lambda: logs_with(deployment, summary_line(run_id, [ours["id"]])), timeout=60, what="the summary line"
+    )
+    assert not any(name.startswith("triggerer") for name in logged_in), logged_in  # the DAG processor's
+
+    _, callback = wait_for(
+        lambda: (found := deadline_callback(deployment, run_id))[1] and found,
+        timeout=deadline_at - time.time() + 120,
+        what="the deadline to fire for the failed run",
+    )
+    assert (callback["type"], callback["state"]) == ("triggerer", "success")
+    assert json.loads(callback["output"])["cancelled"] == []
+    assert emulator.cancel_count(ours["id"]) == 1
