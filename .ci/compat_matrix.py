@@ -32,8 +32,9 @@ AIRFLOW_RELEASES = {
     "3.2.2": "2026-05-30",
     "3.3.2": "2026-09-18",
 }
-#: What the suites need besides the installed wheel: its test extra. Nothing from the source tree is importable.
-COPIED = ("tests", "example_dags", "docs/recipes")
+#: What the suites read besides the installed wheel and its test extra (the README: its snippets are tested).
+#: Nothing from the source tree is importable.
+COPIED = ("tests", "example_dags", "docs/recipes", "README.md")
 
 
 def run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess:
@@ -81,7 +82,11 @@ def copy_tests(version: str) -> Path:
     workdir = WORK / f"run-{version}"
     shutil.rmtree(workdir, ignore_errors=True)
     for name in COPIED:
-        shutil.copytree(ROOT / name, workdir / name, ignore=shutil.ignore_patterns("__pycache__", "system"))
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, workdir / name, ignore=shutil.ignore_patterns("__pycache__", "system"))
+        else:
+            (workdir / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, workdir / name)
     return workdir
 
 
