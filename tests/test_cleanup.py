@@ -92,7 +92,7 @@ def test_created_after_stops_the_listing_early(emulator_connection: BatchAPIEmul
 
 
 def test_task_level_form_of_cancel_run_batches(emulator_connection: BatchAPIEmulator) -> None:
-    """The README's operator, its templates rendered with a task context: this run's batches, and only them."""
+    """The README's operator, templates rendered with a task context: this run's batches, and only them."""
     from airflow.sdk.execution_time import macros
 
     started = NOW - 600

@@ -162,9 +162,9 @@ class OpenAIBatchHook(BaseHook):
     ) -> Iterator[Batch]:
         """Iterate over the organization's batches, newest first, fetching pages lazily as they are consumed.
 
-        :param created_after: a datetime with a time zone, or UNIX seconds. The listing ends at the first batch
-            created before it, without reading further pages: the list is newest first, so all the rest is
-            older. Finding one run's batches then costs a page or two instead of the organization's history.
+        :param created_after: a datetime with a time zone, or UNIX seconds. The listing ends at the first
+            batch created before it, without reading further pages: the list is newest first, so all the rest
+            is older. Finding one run's batches then costs a page or two, not the organization's history.
         """
         params = _list_params(after, limit)
         cutoff = _cutoff(created_after)
@@ -518,7 +518,7 @@ def _cutoff(created_after: datetime | float | None) -> float | None:
 
 def _page_batches(page: BatchList, cutoff: float | None) -> tuple[list[Batch], str | None]:
     """The page's batches created at or after ``cutoff`` (UNIX seconds), and the cursor of the next page to
-    read: ``None`` at the last page, or once a batch older than ``cutoff`` shows that the rest is older too."""
+    read: ``None`` at the last page, or once a batch older than ``cutoff`` shows the rest is older too."""
     if cutoff is not None:
         for index, batch in enumerate(page.data):
             if batch.created_at < cutoff:

@@ -510,7 +510,7 @@ class BatchAPIEmulator:
             return json_response(200, body)
 
     def _create(self, body: bytes) -> tuple[Response, str]:
-        """Answer ``POST /v1/batches`` as the API does: refuse a bad request, or make a ``validating`` batch."""
+        """Answer ``POST /v1/batches`` as the API does: refuse a bad request, or add a validating batch."""
         batch = self.add_batch(status="validating", **create_request(body))
         return json_response(200, batch), batch["status"]
 

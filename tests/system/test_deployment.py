@@ -344,7 +344,7 @@ def test_200_deferred_cancellations_in_one_triggerer(
 
 
 def without_type_tags(value: Any) -> Any:
-    """A ``callback.data`` value without the ``{"__var": ..., "__type": ...}`` wrappers Airflow stores it in."""
+    """A ``callback.data`` value without the ``{"__var": ..., "__type": ...}`` wrappers it is stored in."""
     if isinstance(value, dict):
         if value.keys() == {"__var", "__type"}:
             return without_type_tags(value["__var"])
