@@ -32,7 +32,7 @@ def deadline_async_callback() -> type:
     ``ImportError`` that says which Airflow is needed.
     """
     try:  # Airflow >= 3.2
-        from airflow.sdk import AsyncCallback
+        from airflow.sdk import AsyncCallback  # type: ignore[attr-defined]
     except ImportError:
         try:  # Airflow 3.1, where this is its documented home. Remove the fallback when 3.2 is the minimum.
             from airflow.sdk.definitions.deadline import AsyncCallback

@@ -16,7 +16,7 @@ from typing import Any, Self, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from airflow_provider_openai_batch.exceptions import OpenAIBatchError, OpenAIBatchRateLimitError
-from airflow_provider_openai_batch.models import Batch, BatchRequestCounts, BatchStatus
+from airflow_provider_openai_batch.models import FINISHED_STATUSES, Batch, BatchRequestCounts, BatchStatus
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,9 @@ POLL_JITTER = (0.9, 1.1)
 
 
 class CancellationStatus(StrEnum):
-    """How a wait ended: the batch's final status, or why the wait stopped without one."""
+    """How a wait ended: the batch's final status (one member per ``TERMINAL_STATUSES``, with its name and value:
+    ``tests/test_models.py`` keeps them in step, spelt out here for type checkers), or why the wait stopped
+    without one."""
 
     CANCELLED = "cancelled"
     COMPLETED = "completed"
@@ -39,9 +41,7 @@ class CancellationStatus(StrEnum):
 
 
 #: Final batch statuses reached because the batch finished before the cancel took effect.
-FINISHED_FIRST = frozenset(
-    {CancellationStatus.COMPLETED, CancellationStatus.FAILED, CancellationStatus.EXPIRED}
-)
+FINISHED_FIRST = frozenset(CancellationStatus(status.value) for status in FINISHED_STATUSES)
 
 
 class CancellationEvent(BaseModel):
@@ -113,6 +113,8 @@ class CancellationWatch:
         """Record a successful poll; return the final event if the batch reached a final status."""
         self.consecutive_failures = 0
         self.rate_limited = False
+        if self.last_batch is None or batch.status != self.last_batch.status:
+            log.info("Batch '%s' is %s.", batch.id, batch.status)  # each change, not each poll
         self.last_batch = batch
         if batch.is_terminal:
             return CancellationEvent.from_batch(batch)

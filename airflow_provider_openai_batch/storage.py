@@ -59,7 +59,7 @@ def write_via_temporary(target: Target, write: Callable[[IO[bytes]], T]) -> T:
     try:
         with temporary.open("wb") as out:
             result = write(out)
-        temporary.rename(target)
+        temporary.rename(target)  # type: ignore[arg-type]  # both sides are the same kind of path
     except BaseException:
         with suppress(OSError):
             temporary.unlink(missing_ok=True)

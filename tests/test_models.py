@@ -209,3 +209,12 @@ def test_file_without_a_size_is_rejected() -> None:
     del data["bytes"]
     with pytest.raises(ValidationError, match="bytes"):
         File.model_validate(data)
+
+
+def test_a_wait_ends_with_each_final_batch_status_and_no_other() -> None:
+    from airflow_provider_openai_batch.cancellation import FINISHED_FIRST, CancellationStatus
+    from airflow_provider_openai_batch.models import FINISHED_STATUSES, TERMINAL_STATUSES
+
+    outcomes = {status.value for status in CancellationStatus} - {"timeout", "error"}
+    assert outcomes == {status.value for status in TERMINAL_STATUSES}
+    assert {status.value for status in FINISHED_FIRST} == {status.value for status in FINISHED_STATUSES}

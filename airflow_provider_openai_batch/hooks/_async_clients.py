@@ -60,9 +60,6 @@ class SharedAsyncClient:
 _clients: weakref.WeakKeyDictionary[
     asyncio.AbstractEventLoop, dict[ConnectionSettings, SharedAsyncClient]
 ] = weakref.WeakKeyDictionary()
-_tls_builds: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Future[object]] = (
-    weakref.WeakKeyDictionary()
-)
 _tls_builds: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str | None, asyncio.Future[object]]] = (
     weakref.WeakKeyDictionary()
 )

@@ -70,8 +70,8 @@ def wtforms_widgets() -> dict[str, Any]:
     Imported when called, not before: those versions' API server patches the WTForms classes with stand-ins
     while it calls this, and skips the form (logging why) where WTForms is not installed.
     """
-    from wtforms import IntegerField, StringField
-    from wtforms.validators import Optional, any_of
+    from wtforms import IntegerField, StringField  # type: ignore[import-untyped]
+    from wtforms.validators import Optional, any_of  # type: ignore[import-untyped]
 
     widgets: dict[str, Any] = {}
     for name, field in EXTRA_FIELDS.items():

@@ -70,7 +70,7 @@ class _Connection:
         request, where a ``read()`` would cost a coroutine. tests/test_transport.py fails if that changes.
         """
         reader = self.reader
-        return not reader._buffer and not reader.at_eof() and now - self.idle_since < KEEPALIVE_EXPIRY
+        return not reader._buffer and not reader.at_eof() and now - self.idle_since < KEEPALIVE_EXPIRY  # type: ignore[attr-defined]
 
 
 class KeepAliveTransport(httpx.AsyncBaseTransport):
@@ -249,7 +249,7 @@ async def _read_response(connection: _Connection, request: httpx.Request) -> htt
     except BaseException:
         # Only on failure, to keep the success path free of bookkeeping. A reset connection raises before
         # handing over the bytes it had buffered (StreamReader has no public way to see them): those count.
-        connection.unanswered = not received and not connection.reader._buffer
+        connection.unanswered = not received and not connection.reader._buffer  # type: ignore[attr-defined]
         raise
 
 

@@ -7,7 +7,7 @@ import asyncio
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from datetime import datetime
 from functools import cached_property, partial
 from types import TracebackType
@@ -181,7 +181,7 @@ class OpenAIBatchHook(BaseHook):
         path = _file_path(file_id)
         return _parse(self._send("GET", path, file_id=file_id), File, file_id=file_id)
 
-    def iter_file_content(self, file_id: str) -> Iterator[bytes]:
+    def iter_file_content(self, file_id: str) -> Generator[bytes]:
         """Stream a file's content in the chunks it arrives in, never holding it whole.
 
         Retried like every request until the answer starts. A connection lost after that raises
@@ -258,7 +258,7 @@ class OpenAIBatchHook(BaseHook):
                 return _successful(outcome, self.settings.api_key, batch_id=batch_id, file_id=file_id)
             time.sleep(delay)
 
-    def _content(self, path: str, file_id: str) -> Iterator[bytes]:
+    def _content(self, path: str, file_id: str) -> Generator[bytes]:
         response = self._send("GET", path, file_id=file_id, stream=True)
         received = 0
         try:

@@ -209,7 +209,7 @@ class BatchAPIEmulator:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
-    def start(self) -> BatchAPIEmulator:
+    def start(self) -> Self:
         """Bind the port and serve in a daemon thread; returns ``self``."""
         if self._server is not None:
             raise RuntimeError("The emulator is already running.")
