@@ -113,8 +113,6 @@ class CancellationWatch:
         """Record a successful poll; return the final event if the batch reached a final status."""
         self.consecutive_failures = 0
         self.rate_limited = False
-        if self.last_batch is None or batch.status != self.last_batch.status:
-            log.info("Batch '%s' is %s.", batch.id, batch.status)  # each change, not each poll
         self.last_batch = batch
         if batch.is_terminal:
             return CancellationEvent.from_batch(batch)
