@@ -13,6 +13,7 @@ import time
 from enum import StrEnum
 from typing import Any, Self, TypeVar
 
+from airflow.providers.common.compat.sdk import AirflowException
 from pydantic import BaseModel, ValidationError
 
 from airflow_provider_openai_batch.exceptions import OpenAIBatchError, OpenAIBatchRateLimitError
@@ -185,7 +186,7 @@ def validated_event(model: type[EventT], payload: dict[str, Any]) -> EventT:
     try:
         return model.model_validate(payload)
     except ValidationError as error:
-        raise ValueError(
+        raise AirflowException(
             f"The trigger's event is not a valid {model.__name__} for this provider version: was the provider "
             f"upgraded or downgraded while the task was deferred? {error.error_count()} error(s), first: "
             f"{error.errors()[0]['msg']} at {'.'.join(map(str, error.errors()[0]['loc'])) or 'the top'}."

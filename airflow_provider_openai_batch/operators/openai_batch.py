@@ -26,7 +26,6 @@ from airflow_provider_openai_batch.cancellation import (
     CancellationEvent,
     CancellationStatus,
     CancellationWatch,
-    EventT,
     MultiCancellationEvent,
     validated_event,
 )
@@ -205,7 +204,7 @@ class OpenAICancelBatchOperator(BaseOperator):
             raise AirflowException(
                 "The cancellation trigger fired no event payload; cannot tell the batch's fate."
             )
-        return self._finish(context, _validated(CancellationEvent, event))
+        return self._finish(context, validated_event(CancellationEvent, event))
 
     def _wait(self, hook: OpenAIBatchHook, batch_id: str, deadline: float) -> CancellationEvent:
         """Synchronous twin of the trigger's wait, ending for the same reasons with the same event."""
@@ -389,7 +388,7 @@ class OpenAICancelStaleBatchesOperator(BaseOperator):
         saved = ti.xcom_pull(task_ids=ti.task_id, key=XCOM_SUMMARY_KEY, map_indexes=ti.map_index)
         if saved is None:
             raise AirflowException("The cleanup summary saved before deferring is missing from XCom.")
-        events = _validated(MultiCancellationEvent, event).events
+        events = validated_event(MultiCancellationEvent, event).events
         summary = CleanupSummary.model_validate(saved).with_outcomes(events)
         return self._report(context, self._with_results(summary))
 
@@ -514,13 +513,6 @@ def _check_saving(save_results_to: object, wait_for_cancellation: bool) -> None:
 def _results_root(save_results_to: object) -> storage.Target | None:
     """The directory results are saved under (checked), or None when none was asked for."""
     return None if save_results_to is None else storage.directory(save_results_to, "save_results_to")
-
-
-def _validated(model: type[EventT], event: dict[str, Any]) -> EventT:
-    try:
-        return validated_event(model, event)
-    except ValueError as error:
-        raise AirflowException(str(error)) from None
 
 
 def _defer_timeout(deadline: float) -> timedelta:
