@@ -1,8 +1,9 @@
-"""What waiting for a cancellation means, shared by the trigger, the multi-batch trigger and the sync operator.
+"""What waiting for a cancellation means.
 
 :class:`CancellationWatch` holds no I/O: it is fed each poll's batch or error and answers either "keep
-waiting" (``None``) or the final :class:`CancellationEvent`. The deferrable and the synchronous paths therefore
-end a wait for exactly the same reasons, with the same payload.
+waiting" (``None``) or the final :class:`CancellationEvent`. One loop drives it, ``wait_for_cancellations`` in
+the triggers module: the triggers run it in the triggerer, and the operators, when not deferrable, run the same
+coroutine in the worker. Every wait therefore ends for exactly the same reasons, with the same payload.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Self, TypeVar
 
@@ -45,10 +48,21 @@ class CancellationStatus(StrEnum):
 FINISHED_FIRST = frozenset(CancellationStatus(status.value) for status in FINISHED_STATUSES)
 
 
+class StatusSeen(BaseModel):
+    """A status the wait saw the batch enter, and when (UNIX seconds): one entry of a wait's history."""
+
+    status: str
+    at: float
+
+
 class CancellationEvent(BaseModel):
     """Payload of the trigger's single event, and the result of a synchronous wait.
 
     :param batch: the last Batch seen, as JSON, or ``None`` if no poll ever succeeded.
+    :param status_history: each status the polls saw, once, when first seen. The worker logs it (see
+        :meth:`history_line`); the triggerer does not, because a trigger's first log line makes Airflow open
+        that trigger's log file on the event loop (``TriggerLoggingFactory``), which a thousand waits seeing the
+        same change at once turn into a stalled loop. Empty in events of provider versions before it.
     """
 
     status: CancellationStatus
@@ -57,11 +71,17 @@ class CancellationEvent(BaseModel):
     error_file_id: str | None = None
     request_counts: BatchRequestCounts | None = None
     batch: dict[str, Any] | None = None
+    status_history: list[StatusSeen] = []
     message: str
 
     @classmethod
     def from_batch(
-        cls, batch: Batch, *, status: CancellationStatus | None = None, message: str | None = None
+        cls,
+        batch: Batch,
+        *,
+        status: CancellationStatus | None = None,
+        message: str | None = None,
+        history: Sequence[tuple[str, float]] = (),
     ) -> Self:
         final = status or CancellationStatus(batch.status)
         return cls(
@@ -71,6 +91,7 @@ class CancellationEvent(BaseModel):
             error_file_id=batch.error_file_id,
             request_counts=batch.request_counts,
             batch=batch.to_xcom(),
+            status_history=[StatusSeen(status=seen, at=at) for seen, at in history],
             message=message or _final_message(batch),
         )
 
@@ -80,6 +101,17 @@ class CancellationEvent(BaseModel):
 
     def to_payload(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    def history_line(self) -> str | None:
+        """The wait's status changes as one log line, e.g. ``Batch 'b' was 'cancelling' at 12:00:01 UTC,
+        then 'cancelled' at 12:03:10 UTC.``; ``None`` if no poll succeeded."""
+        if not self.status_history:
+            return None
+        seen = ", then ".join(
+            f"{entry.status!r} at {datetime.fromtimestamp(entry.at, UTC):%Y-%m-%d %H:%M:%S} UTC"
+            for entry in self.status_history
+        )
+        return f"Batch '{self.batch_id}' was {seen}."
 
 
 def _final_message(batch: Batch) -> str:
@@ -109,14 +141,18 @@ class CancellationWatch:
         self.consecutive_failures = 0
         self.rate_limited = False
         self.last_batch: Batch | None = None
+        #: (status, UNIX time first seen) per change: a poll that sees no change costs one comparison.
+        self.history: list[tuple[str, float]] = []
 
     def on_batch(self, batch: Batch) -> CancellationEvent | None:
         """Record a successful poll; return the final event if the batch reached a final status."""
         self.consecutive_failures = 0
         self.rate_limited = False
+        if self.last_batch is None or batch.status != self.last_batch.status:
+            self.history.append((batch.status, time.time()))
         self.last_batch = batch
         if batch.is_terminal:
-            return CancellationEvent.from_batch(batch)
+            return CancellationEvent.from_batch(batch, history=self.history)
         if not isinstance(batch.status, BatchStatus):
             log.warning(
                 "Batch '%s' reports unknown status %r; still waiting for 'cancelled'.", batch.id, batch.status
@@ -168,7 +204,9 @@ class CancellationWatch:
     def _event(self, status: CancellationStatus, message: str) -> CancellationEvent:
         if self.last_batch is None:
             return CancellationEvent.without_batch(self.batch_id, status, message)
-        return CancellationEvent.from_batch(self.last_batch, status=status, message=message)
+        return CancellationEvent.from_batch(
+            self.last_batch, status=status, message=message, history=self.history
+        )
 
 
 class MultiCancellationEvent(BaseModel):

@@ -25,7 +25,6 @@ from airflow_provider_openai_batch.cancellation import (
     FINISHED_FIRST,
     CancellationEvent,
     CancellationStatus,
-    CancellationWatch,
     MultiCancellationEvent,
     validated_event,
 )
@@ -196,7 +195,8 @@ class OpenAICancelBatchOperator(BaseOperator):
                     method_name="execute_complete",
                     timeout=_defer_timeout(deadline),
                 )
-            return self._finish(context, self._wait(hook, batch_id, deadline))
+        [event] = asyncio.run(wait_for_cancellations(self.conn_id, [batch_id], self.poll_interval, deadline))
+        return self._finish(context, event)
 
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
         """Resume after the trigger fired: validate its event and report the outcome."""
@@ -206,20 +206,9 @@ class OpenAICancelBatchOperator(BaseOperator):
             )
         return self._finish(context, validated_event(CancellationEvent, event))
 
-    def _wait(self, hook: OpenAIBatchHook, batch_id: str, deadline: float) -> CancellationEvent:
-        """Synchronous twin of the trigger's wait, ending for the same reasons with the same event."""
-        watch = CancellationWatch(batch_id, deadline)
-        while True:
-            time.sleep(watch.seconds_to_next_poll(self.poll_interval))
-            try:
-                event = watch.on_batch(hook.get_batch(batch_id))
-            except OpenAIBatchError as error:
-                event = watch.on_error(error)
-            if event is not None:
-                return event
-
     def _finish(self, context: Context, event: CancellationEvent) -> dict[str, Any]:
         """Apply the event: fail on timeout/error, apply ``if_finished``, else push XComs and return the batch."""
+        _log_waits(self, [event])
         self.log.info("%s", event.message)
         if event.status in (CancellationStatus.TIMEOUT, CancellationStatus.ERROR):
             raise AirflowException(event.message)
@@ -376,6 +365,7 @@ class OpenAICancelStaleBatchesOperator(BaseOperator):
                 timeout=_defer_timeout(deadline),
             )
         events = asyncio.run(wait_for_cancellations(self.conn_id, waiting, self.poll_interval, deadline))
+        _log_waits(self, events)
         return self._report(context, self._with_results(summary.with_outcomes(events)))
 
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -389,6 +379,7 @@ class OpenAICancelStaleBatchesOperator(BaseOperator):
         if saved is None:
             raise AirflowException("The cleanup summary saved before deferring is missing from XCom.")
         events = validated_event(MultiCancellationEvent, event).events
+        _log_waits(self, events)
         summary = CleanupSummary.model_validate(saved).with_outcomes(events)
         return self._report(context, self._with_results(summary))
 
@@ -500,6 +491,13 @@ def _cancelled_entry(
         "output_file_id": output_file_id,
         "error_file_id": error_file_id,
     }
+
+
+def _log_waits(operator: BaseOperator, events: list[CancellationEvent]) -> None:
+    """Log each batch's status changes during its wait, here in the worker (see ``status_history``)."""
+    for event in events:
+        if (line := event.history_line()) is not None:
+            operator.log.info("%s", line)
 
 
 def _check_saving(save_results_to: object, wait_for_cancellation: bool) -> None:
