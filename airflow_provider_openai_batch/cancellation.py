@@ -14,13 +14,13 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Self, TypeVar
+from typing import Annotated, Any, Self, TypeVar
 
 from airflow.providers.common.compat.sdk import AirflowException
-from pydantic import BaseModel, ValidationError
+from pydantic import AfterValidator, BaseModel, ValidationError
 
 from airflow_provider_openai_batch.exceptions import OpenAIBatchError, OpenAIBatchRateLimitError
-from airflow_provider_openai_batch.models import FINISHED_STATUSES, Batch, BatchRequestCounts, BatchStatus
+from airflow_provider_openai_batch.models import Batch, BatchRequestCounts, BatchStatus
 
 log = logging.getLogger(__name__)
 
@@ -31,21 +31,21 @@ MAX_CONSECUTIVE_FAILURES = 5
 POLL_JITTER = (0.9, 1.1)
 
 
-class CancellationStatus(StrEnum):
-    """How a wait ended: the batch's final status (one member per ``TERMINAL_STATUSES``, with its name and value:
-    ``tests/test_models.py`` keeps them in step, spelt out here for type checkers), or why the wait stopped
-    without one."""
+class WaitStopped(StrEnum):
+    """Why a wait ended without the batch reaching a final status."""
 
-    CANCELLED = "cancelled"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    EXPIRED = "expired"
     TIMEOUT = "timeout"
     ERROR = "error"
 
 
-#: Final batch statuses reached because the batch finished before the cancel took effect.
-FINISHED_FIRST = frozenset(CancellationStatus(status.value) for status in FINISHED_STATUSES)
+def _final_or_stopped(status: BatchStatus | WaitStopped) -> BatchStatus | WaitStopped:
+    if isinstance(status, BatchStatus) and not status.is_terminal:
+        raise ValueError(f"a wait ends at a final batch status, not at {status.value!r}")
+    return status
+
+
+#: How a wait ended: the batch's final status (one of ``TERMINAL_STATUSES``), or why it stopped without one.
+CancellationStatus = Annotated[BatchStatus | WaitStopped, AfterValidator(_final_or_stopped)]
 
 
 class StatusSeen(BaseModel):
@@ -79,13 +79,12 @@ class CancellationEvent(BaseModel):
         cls,
         batch: Batch,
         *,
-        status: CancellationStatus | None = None,
+        status: WaitStopped | None = None,
         message: str | None = None,
         history: Sequence[tuple[str, float]] = (),
     ) -> Self:
-        final = status or CancellationStatus(batch.status)
         return cls(
-            status=final,
+            status=status or BatchStatus(batch.status),
             batch_id=batch.id,
             output_file_id=batch.output_file_id,
             error_file_id=batch.error_file_id,
@@ -96,7 +95,7 @@ class CancellationEvent(BaseModel):
         )
 
     @classmethod
-    def without_batch(cls, batch_id: str, status: CancellationStatus, message: str) -> Self:
+    def without_batch(cls, batch_id: str, status: WaitStopped, message: str) -> Self:
         return cls(status=status, batch_id=batch_id, message=message)
 
     def to_payload(self) -> dict[str, Any]:
@@ -196,12 +195,12 @@ class CancellationWatch:
             f"Batch '{self.batch_id}' is still '{status}' at the deadline; it may yet be cancelled by OpenAI."
             f"{throttled} Raise the operator's timeout to wait longer."
         )
-        return self._event(CancellationStatus.TIMEOUT, message)
+        return self._event(WaitStopped.TIMEOUT, message)
 
     def _error(self, message: str) -> CancellationEvent:
-        return self._event(CancellationStatus.ERROR, message)
+        return self._event(WaitStopped.ERROR, message)
 
-    def _event(self, status: CancellationStatus, message: str) -> CancellationEvent:
+    def _event(self, status: WaitStopped, message: str) -> CancellationEvent:
         if self.last_batch is None:
             return CancellationEvent.without_batch(self.batch_id, status, message)
         return CancellationEvent.from_batch(

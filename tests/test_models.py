@@ -211,10 +211,17 @@ def test_file_without_a_size_is_rejected() -> None:
         File.model_validate(data)
 
 
-def test_a_wait_ends_with_each_final_batch_status_and_no_other() -> None:
-    from airflow_provider_openai_batch.cancellation import FINISHED_FIRST, CancellationStatus
-    from airflow_provider_openai_batch.models import FINISHED_STATUSES, TERMINAL_STATUSES
+@pytest.mark.parametrize("status", ["cancelled", "completed", "failed", "expired", "timeout", "error"])
+def test_a_wait_ends_at_a_final_batch_status_or_a_reason_to_stop(status: str) -> None:
+    from airflow_provider_openai_batch.cancellation import CancellationEvent
 
-    outcomes = {status.value for status in CancellationStatus} - {"timeout", "error"}
-    assert outcomes == {status.value for status in TERMINAL_STATUSES}
-    assert {status.value for status in FINISHED_FIRST} == {status.value for status in FINISHED_STATUSES}
+    event = CancellationEvent.model_validate({"status": status, "batch_id": "batch_1", "message": "..."})
+    assert event.to_payload()["status"] == status
+
+
+@pytest.mark.parametrize("status", ["validating", "in_progress", "finalizing", "cancelling", "paused"])
+def test_a_wait_never_ends_at_a_running_or_unknown_status(status: str) -> None:
+    from airflow_provider_openai_batch.cancellation import CancellationEvent
+
+    with pytest.raises(ValidationError, match="status"):
+        CancellationEvent.model_validate({"status": status, "batch_id": "batch_1", "message": "..."})

@@ -22,10 +22,9 @@ from pydantic import BaseModel
 from airflow_provider_openai_batch import storage
 from airflow_provider_openai_batch._time import unix_time
 from airflow_provider_openai_batch.cancellation import (
-    FINISHED_FIRST,
     CancellationEvent,
-    CancellationStatus,
     MultiCancellationEvent,
+    WaitStopped,
     validated_event,
 )
 from airflow_provider_openai_batch.exceptions import (
@@ -35,7 +34,13 @@ from airflow_provider_openai_batch.exceptions import (
 )
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
 from airflow_provider_openai_batch.ids import resolve_batch_id
-from airflow_provider_openai_batch.models import CANCELLABLE_STATUSES, TERMINAL_STATUSES, Batch, BatchStatus
+from airflow_provider_openai_batch.models import (
+    CANCELLABLE_STATUSES,
+    FINISHED_STATUSES,
+    TERMINAL_STATUSES,
+    Batch,
+    BatchStatus,
+)
 from airflow_provider_openai_batch.results import save_results
 from airflow_provider_openai_batch.triggers.openai_batch import (
     OpenAIBatchCancellationTrigger,
@@ -210,9 +215,9 @@ class OpenAICancelBatchOperator(BaseOperator):
         """Apply the event: fail on timeout/error, apply ``if_finished``, else push XComs and return the batch."""
         _log_waits(self, [event])
         self.log.info("%s", event.message)
-        if event.status in (CancellationStatus.TIMEOUT, CancellationStatus.ERROR):
+        if isinstance(event.status, WaitStopped):
             raise AirflowException(event.message)
-        if event.status in FINISHED_FIRST and self.if_finished != "succeed":
+        if event.status in FINISHED_STATUSES and self.if_finished != "succeed":
             reason = f"Batch '{event.batch_id}' had already {event.status} and could not be cancelled."
             if self.if_finished == "skip":
                 raise AirflowSkipException(reason)
@@ -473,7 +478,7 @@ class CleanupSummary(BaseModel):
             event = outcomes.get(entry["batch_id"])
             if event is None:
                 summary.cancelled.append(entry)
-            elif event.status in (CancellationStatus.TIMEOUT, CancellationStatus.ERROR):
+            elif isinstance(event.status, WaitStopped):
                 summary.failed.append({"batch_id": event.batch_id, "error": event.message})
             else:
                 summary.cancelled.append(

@@ -13,8 +13,8 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from airflow_provider_openai_batch.cancellation import (
     CancellationEvent,
-    CancellationStatus,
     CancellationWatch,
+    WaitStopped,
 )
 from airflow_provider_openai_batch.exceptions import OpenAIBatchError
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
@@ -145,7 +145,7 @@ def _still_pending(
 
 def _setup_failed(batch_id: str, error: Exception) -> CancellationEvent:
     message = f"Cannot poll batch '{batch_id}': {error}"
-    return CancellationEvent.without_batch(batch_id, CancellationStatus.ERROR, message)
+    return CancellationEvent.without_batch(batch_id, WaitStopped.ERROR, message)
 
 
 async def _poll(hook: OpenAIBatchHook, watch: CancellationWatch) -> CancellationEvent | None:
@@ -154,7 +154,7 @@ async def _poll(hook: OpenAIBatchHook, watch: CancellationWatch) -> Cancellation
     except OpenAIBatchError as error:
         return watch.on_error(error)
     except ValueError as error:  # a malformed id: only this batch's wait ends, the others go on
-        return CancellationEvent.without_batch(watch.batch_id, CancellationStatus.ERROR, str(error))
+        return CancellationEvent.without_batch(watch.batch_id, WaitStopped.ERROR, str(error))
 
 
 def __getattr__(name: str) -> Any:
