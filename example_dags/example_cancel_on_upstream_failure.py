@@ -21,7 +21,7 @@ from typing import Any
 import pendulum
 from airflow.sdk import Param, dag, task
 
-from airflow_provider_openai_batch.operators.openai_batch import OpenAICancelBatchOperator
+from airflow_provider_openai_batch.operators.openai_batch import XCOM_RESULTS_KEY, OpenAICancelBatchOperator
 
 #: Seconds between status polls; the demo shortens it for the emulator.
 POLL_INTERVAL = float(os.environ.get("OPENAI_BATCH_POLL_INTERVAL", "30"))
@@ -67,7 +67,7 @@ def example_openai_batch_cancel_on_upstream_failure() -> None:
     @task
     def use_partial_results(**context: Any) -> dict[str, int]:
         """Count what was saved, and read the requests still to run from remaining.jsonl."""
-        results = context["ti"].xcom_pull(task_ids="cancel_batch", key="results")
+        results = context["ti"].xcom_pull(task_ids="cancel_batch", key=XCOM_RESULTS_KEY)
         counts = {name: (results[name] or {}).get("lines", 0) for name in ("output", "errors")}
         to_resubmit = []
         if results["remaining"]:  # None only if the batch's input file is gone
