@@ -399,11 +399,10 @@ class OpenAIBatchHook(BaseHook):
         now = time.monotonic()
         if isinstance(outcome, httpx.Response):
             governor.observe(outcome, ticket, now, self.retry_policy.max_retry_after)
-        retries_done = attempts.retries_done
-        delay = attempts.delay_after(outcome, now)
-        if delay is None:
+        retry = attempts.next_retry(outcome, now)
+        if retry is None:
             return None
-        if attempts.retries_done == retries_done:  # backpressure within the patience: paced, not failing
+        if retry.backpressure:
             self.log.info(
                 "%s %s got %s; the API is rate limiting, retrying when it allows.",
                 request.method,
@@ -418,9 +417,9 @@ class OpenAIBatchHook(BaseHook):
                 _errors.describe(outcome),
                 attempts.retries_done,
                 self.retry_policy.max_retries,
-                delay,
+                retry.delay,
             )
-        return delay
+        return retry.delay
 
 
 def _batch_path(batch_id: str, action: str | None = None) -> str:
