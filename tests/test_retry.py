@@ -6,7 +6,7 @@ from email.utils import format_datetime
 import httpx
 import pytest
 
-from airflow_provider_openai_batch.hooks._retry import RetryPolicy, retry_after_seconds
+from airflow_provider_openai_batch.hooks._retry import Retry, RetryPolicy, retry_after_seconds
 
 
 def response(status: int, **headers: str) -> httpx.Response:
@@ -71,3 +71,22 @@ def test_unparseable_retry_after_falls_back_to_backoff() -> None:
 
 def test_retry_after_on_a_final_status_is_ignored() -> None:
     assert RetryPolicy().delay_before_retry(0, response(400, **{"Retry-After": "1"})) is None
+
+
+def test_rate_limiting_within_the_patience_is_backpressure_and_not_counted() -> None:
+    attempts = RetryPolicy(max_retries=1, rate_limit_patience=10).attempts(patient=True, now=0)
+    limited = response(429, **{"retry-after": "2"})
+    for _ in range(3):
+        assert attempts.next_retry(limited, now=5) == Retry(0.0, backpressure=True)
+    assert attempts.retries_done == 0
+    assert attempts.next_retry(limited, now=10) == Retry(2.0, backpressure=False)
+    assert attempts.retries_done == 1
+    assert attempts.next_retry(limited, now=11) is None
+
+
+def test_an_impatient_request_counts_every_retry() -> None:
+    attempts = RetryPolicy(max_retries=2).attempts(patient=False, now=0)
+    assert attempts.next_retry(response(429, **{"retry-after": "1"}), now=0) == Retry(1.0, backpressure=False)
+    assert attempts.retries_done == 1
+    assert attempts.next_retry(response(400), now=0) is None
+    assert attempts.retries_done == 1

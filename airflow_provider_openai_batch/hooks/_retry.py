@@ -93,6 +93,19 @@ def retry_after_seconds(headers: httpx.Headers) -> float | None:
         return None
 
 
+@dataclass(frozen=True)
+class Retry:
+    """The decision to send a request again, and how it reads in the log.
+
+    :param delay: seconds to wait first.
+    :param backpressure: the API is rate limiting within the request's patience: the request is paced, not
+        failing, and the retry does not count against ``max_retries``.
+    """
+
+    delay: float
+    backpressure: bool
+
+
 @dataclass
 class Attempts:
     """One request's retries so far.
@@ -106,11 +119,12 @@ class Attempts:
     patience_until: float
     retries_done: int = 0
 
-    def delay_after(self, outcome: httpx.Response | httpx.TransportError, now: float) -> float | None:
-        """Seconds to wait before retrying after ``outcome``, or ``None`` if ``outcome`` is final."""
+    def next_retry(self, outcome: httpx.Response | httpx.TransportError, now: float) -> Retry | None:
+        """How to retry after ``outcome``, or ``None`` if ``outcome`` is final."""
         if now < self.patience_until and is_rate_limited(outcome):
-            return 0.0
+            return Retry(delay=0.0, backpressure=True)
         delay = self.policy.delay_before_retry(self.retries_done, outcome)
-        if delay is not None:
-            self.retries_done += 1
-        return delay
+        if delay is None:
+            return None
+        self.retries_done += 1
+        return Retry(delay=delay, backpressure=False)

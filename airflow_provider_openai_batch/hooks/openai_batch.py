@@ -5,49 +5,32 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from datetime import datetime
 from functools import cached_property, partial
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import quote
 
 import httpx
 from airflow.providers.common.compat.connection import get_async_connection, get_async_extra_dejson
 from airflow.providers.common.compat.sdk import BaseHook, mask_secret
-from pydantic import BaseModel, ValidationError
 
 from airflow_provider_openai_batch import storage
 from airflow_provider_openai_batch._compat import amask_secret
 from airflow_provider_openai_batch._time import unix_time
-from airflow_provider_openai_batch.exceptions import (
-    BatchNotCancellableError,
-    BatchNotFoundError,
-    OpenAIBatchAPIError,
-    OpenAIBatchAuthenticationError,
-    OpenAIBatchConnectionError,
-    OpenAIBatchError,
-    OpenAIBatchGatewayError,
-    OpenAIBatchRateLimitError,
-    OpenAIBatchResponseError,
-    OpenAIFileDownloadError,
-    OpenAIFileNotFoundError,
-)
-from airflow_provider_openai_batch.hooks import _async_clients, _connection_form, _download
+from airflow_provider_openai_batch.exceptions import BatchNotCancellableError, OpenAIBatchError
+from airflow_provider_openai_batch.hooks import _async_clients, _connection_form, _download, _errors
 from airflow_provider_openai_batch.hooks._connection import ConnectionSettings
 from airflow_provider_openai_batch.hooks._rate import RateGovernor, governor_for
-from airflow_provider_openai_batch.hooks._retry import Attempts, RetryPolicy, is_rate_limited
+from airflow_provider_openai_batch.hooks._retry import Attempts, RetryPolicy
 from airflow_provider_openai_batch.ids import validate_batch_id, validate_file_id
-from airflow_provider_openai_batch.models import FINISHED_STATUSES, Batch, BatchList, File
+from airflow_provider_openai_batch.models import Batch, BatchList, File
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import ObjectStoragePath
 
-ModelT = TypeVar("ModelT", bound=BaseModel)
-
-_NOT_CANCELLABLE = re.compile(r"Cannot cancel a batch with status '(?P<status>[a-z_]+)'")
 MAX_PAGE_SIZE = 100
 
 
@@ -136,7 +119,7 @@ class OpenAIBatchHook(BaseHook):
     def get_batch(self, batch_id: str) -> Batch:
         """Retrieve a batch."""
         path = _batch_path(batch_id)
-        return _parse(self._send("GET", path, batch_id=batch_id, patient=False), Batch, batch_id)
+        return _errors.parse(self._send("GET", path, batch_id=batch_id, patient=False), Batch, batch_id)
 
     def cancel_batch(self, batch_id: str) -> Batch:
         """Ask the API to cancel a batch and return it, usually in ``cancelling``.
@@ -148,10 +131,10 @@ class OpenAIBatchHook(BaseHook):
         """
         path = _batch_path(batch_id, "cancel")
         try:
-            return _parse(self._send("POST", path, batch_id=batch_id), Batch, batch_id)
+            return _errors.parse(self._send("POST", path, batch_id=batch_id), Batch, batch_id)
         except BatchNotCancellableError as error:
-            conflict = _unsettled(error)
-        return _settled(conflict, self.get_batch(batch_id))
+            conflict = _errors.unsettled(error)
+        return _errors.settled(conflict, self.get_batch(batch_id))
 
     def list_batches(
         self,
@@ -169,7 +152,7 @@ class OpenAIBatchHook(BaseHook):
         params = _list_params(after, limit)
         cutoff = _cutoff(created_after)
         while True:
-            page = _parse(self._send("GET", "/batches", params=params), BatchList, None)
+            page = _errors.parse(self._send("GET", "/batches", params=params), BatchList, None)
             batches, cursor = _page_batches(page, cutoff)
             yield from batches
             if cursor is None:
@@ -179,7 +162,7 @@ class OpenAIBatchHook(BaseHook):
     def get_file(self, file_id: str) -> File:
         """Retrieve a file's metadata; its ``bytes`` is the size a download of it must have."""
         path = _file_path(file_id)
-        return _parse(self._send("GET", path, file_id=file_id), File, file_id=file_id)
+        return _errors.parse(self._send("GET", path, file_id=file_id), File, file_id=file_id)
 
     def iter_file_content(self, file_id: str) -> Generator[bytes]:
         """Stream a file's content in the chunks it arrives in, never holding it whole.
@@ -255,7 +238,7 @@ class OpenAIBatchHook(BaseHook):
             except httpx.TransportError as error:
                 outcome = error
             if (delay := self._retry_delay(request, attempts, outcome, self._governor, ticket)) is None:
-                return _successful(outcome, self.settings.api_key, batch_id=batch_id, file_id=file_id)
+                return _errors.successful(outcome, self.settings.api_key, batch_id=batch_id, file_id=file_id)
             time.sleep(delay)
 
     def _content(self, path: str, file_id: str) -> Generator[bytes]:
@@ -266,7 +249,7 @@ class OpenAIBatchHook(BaseHook):
                 received += len(chunk)
                 yield chunk
         except httpx.TransportError as error:
-            raise _cut_short(error, file_id, received) from error
+            raise _errors.cut_short(error, file_id, received) from error
         finally:
             response.close()
 
@@ -275,16 +258,18 @@ class OpenAIBatchHook(BaseHook):
     async def aget_batch(self, batch_id: str) -> Batch:
         """Retrieve a batch without blocking the event loop."""
         path = _batch_path(batch_id)
-        return _parse(await self._asend("GET", path, batch_id=batch_id, patient=False), Batch, batch_id)
+        return _errors.parse(
+            await self._asend("GET", path, batch_id=batch_id, patient=False), Batch, batch_id
+        )
 
     async def acancel_batch(self, batch_id: str) -> Batch:
         """Async :meth:`cancel_batch`, with the same idempotency."""
         path = _batch_path(batch_id, "cancel")
         try:
-            return _parse(await self._asend("POST", path, batch_id=batch_id), Batch, batch_id)
+            return _errors.parse(await self._asend("POST", path, batch_id=batch_id), Batch, batch_id)
         except BatchNotCancellableError as error:
-            conflict = _unsettled(error)
-        return _settled(conflict, await self.aget_batch(batch_id))
+            conflict = _errors.unsettled(error)
+        return _errors.settled(conflict, await self.aget_batch(batch_id))
 
     async def alist_batches(
         self,
@@ -297,7 +282,7 @@ class OpenAIBatchHook(BaseHook):
         params = _list_params(after, limit)
         cutoff = _cutoff(created_after)
         while True:
-            page = _parse(await self._asend("GET", "/batches", params=params), BatchList, None)
+            page = _errors.parse(await self._asend("GET", "/batches", params=params), BatchList, None)
             batches, cursor = _page_batches(page, cutoff)
             for batch in batches:
                 yield batch
@@ -308,7 +293,7 @@ class OpenAIBatchHook(BaseHook):
     async def aget_file(self, file_id: str) -> File:
         """Async :meth:`get_file`."""
         path = _file_path(file_id)
-        return _parse(await self._asend("GET", path, file_id=file_id), File, file_id=file_id)
+        return _errors.parse(await self._asend("GET", path, file_id=file_id), File, file_id=file_id)
 
     def aiter_file_content(self, file_id: str) -> AsyncIterator[bytes]:
         """Async :meth:`iter_file_content`, through a client of its own (see the class docstring).
@@ -369,7 +354,7 @@ class OpenAIBatchHook(BaseHook):
                     outcome = error
             if (delay := self._retry_delay(request, attempts, outcome, shared.governor, ticket)) is None:
                 api_key = (await self.asettings()).api_key
-                return _successful(outcome, api_key, batch_id=batch_id, file_id=file_id)
+                return _errors.successful(outcome, api_key, batch_id=batch_id, file_id=file_id)
             await asyncio.sleep(delay)
 
     async def _acontent(self, path: str, file_id: str) -> AsyncIterator[bytes]:
@@ -381,7 +366,7 @@ class OpenAIBatchHook(BaseHook):
                     received += len(chunk)
                     yield chunk
             except httpx.TransportError as error:
-                raise _cut_short(error, file_id, received) from error
+                raise _errors.cut_short(error, file_id, received) from error
             finally:
                 await response.aclose()
 
@@ -414,49 +399,27 @@ class OpenAIBatchHook(BaseHook):
         now = time.monotonic()
         if isinstance(outcome, httpx.Response):
             governor.observe(outcome, ticket, now, self.retry_policy.max_retry_after)
-        retries_done = attempts.retries_done
-        delay = attempts.delay_after(outcome, now)
-        if delay is None:
+        retry = attempts.next_retry(outcome, now)
+        if retry is None:
             return None
-        if attempts.retries_done == retries_done:  # backpressure within the patience: paced, not failing
+        if retry.backpressure:
             self.log.info(
                 "%s %s got %s; the API is rate limiting, retrying when it allows.",
                 request.method,
                 request.url.path,
-                _describe(outcome),
+                _errors.describe(outcome),
             )
         else:
             self.log.warning(
                 "%s %s got %s; retry %d of %d in %.2f s.",
                 request.method,
                 request.url.path,
-                _describe(outcome),
+                _errors.describe(outcome),
                 attempts.retries_done,
                 self.retry_policy.max_retries,
-                delay,
+                retry.delay,
             )
-        return delay
-
-
-def _unsettled(conflict: BatchNotCancellableError) -> BatchNotCancellableError:
-    """Re-raise a refused cancel whose message names a finished status; return the others, to look the batch up."""
-    if conflict.batch_status in FINISHED_STATUSES:
-        raise conflict
-    return conflict
-
-
-def _settled(conflict: BatchNotCancellableError, batch: Batch) -> Batch:
-    """Decide a refused cancel on the batch's real status: finished raises, anything else (``cancelling``,
-    ``cancelled``, or a status the refusal did not explain) is returned for the caller to wait on or report."""
-    if batch.status in FINISHED_STATUSES:
-        raise BatchNotCancellableError(
-            f"Cannot cancel batch '{batch.id}': it is {batch.status} (HTTP {conflict.status_code}).",
-            batch_id=batch.id,
-            status_code=conflict.status_code,
-            api_message=conflict.api_message,
-            batch_status=batch.status,
-        ) from conflict
-    return batch
+        return retry.delay
 
 
 def _batch_path(batch_id: str, action: str | None = None) -> str:
@@ -495,14 +458,6 @@ async def _astreamed(client: httpx.AsyncClient, request: httpx.Request) -> httpx
     return response
 
 
-def _cut_short(error: httpx.TransportError, file_id: str, received: int) -> OpenAIFileDownloadError:
-    return OpenAIFileDownloadError(
-        f"Download of file '{file_id}' was cut short after {received} bytes: {_describe(error)}.",
-        file_id=file_id,
-        received_bytes=received,
-    )
-
-
 def _list_params(after: str | None, limit: int) -> dict[str, Any]:
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE_SIZE:
         raise ValueError(f"limit must be an integer from 1 to {MAX_PAGE_SIZE}, got {limit!r}.")
@@ -530,115 +485,3 @@ def _next_cursor(page: BatchList) -> str | None:
     if not page.has_more or not page.data:
         return None
     return page.last_id or page.data[-1].id
-
-
-def _describe(outcome: httpx.Response | httpx.TransportError) -> str:
-    if isinstance(outcome, httpx.Response):
-        return f"HTTP {outcome.status_code}"
-    return f"{type(outcome).__name__} ({outcome})" if str(outcome) else type(outcome).__name__
-
-
-def _subject(batch_id: str | None, file_id: str | None = None) -> str:
-    if file_id:
-        return f"file '{file_id}'"
-    return f"batch '{batch_id}'" if batch_id else "the batch list"
-
-
-def _successful(
-    outcome: httpx.Response | httpx.TransportError,
-    api_key: str,
-    *,
-    batch_id: str | None = None,
-    file_id: str | None = None,
-) -> httpx.Response:
-    """Return a 2xx response, or raise the provider error matching ``outcome``."""
-    if isinstance(outcome, httpx.TransportError):
-        raise OpenAIBatchConnectionError(
-            f"No response from the OpenAI Batch API for {_subject(batch_id, file_id)}: {_describe(outcome)}.",
-            batch_id=batch_id,
-            file_id=file_id,
-        ) from outcome
-    if outcome.is_success:
-        return outcome
-    raise _api_error(outcome, api_key, batch_id, file_id)
-
-
-def _api_error(
-    response: httpx.Response, api_key: str, batch_id: str | None, file_id: str | None
-) -> OpenAIBatchAPIError:
-    """Map an error response to the provider's exception for it, keeping the API's own message."""
-    status = response.status_code
-    api_message = _error_message(response, api_key)
-    subject = _subject(batch_id, file_id)
-    detail = f": {api_message}" if api_message else "."
-    kwargs: dict[str, Any] = {"batch_id": batch_id, "status_code": status, "api_message": api_message}
-    if file_id:
-        kwargs["file_id"] = file_id
-        if status == 404:
-            return OpenAIFileNotFoundError(
-                f"OpenAI Batch API found no {subject} (HTTP 404){detail}", **kwargs
-            )
-    not_cancellable = _NOT_CANCELLABLE.search(api_message or "")
-    if status == 409 or (status == 400 and not_cancellable):
-        batch_status = not_cancellable["status"] if not_cancellable else None
-        return BatchNotCancellableError(
-            f"Cannot cancel {subject} (HTTP {status}): it is {batch_status or 'no longer cancellable'}{detail}",
-            batch_status=batch_status,
-            **kwargs,
-        )
-    if status == 404:
-        return BatchNotFoundError(f"OpenAI Batch API found no {subject} (HTTP 404){detail}", **kwargs)
-    if status in (401, 403) and api_message is None and not _is_json(response):
-        return OpenAIBatchGatewayError(
-            f"A proxy or CDN answered for {subject} instead of the OpenAI Batch API (HTTP {status}, "
-            f"{response.headers.get('content-type', 'no content type')}); treated as transient.",
-            **kwargs,
-        )
-    if status in (401, 403):
-        return OpenAIBatchAuthenticationError(
-            f"OpenAI Batch API refused the credentials for {subject} (HTTP {status}){detail}", **kwargs
-        )
-    if is_rate_limited(response):
-        return OpenAIBatchRateLimitError(
-            f"OpenAI Batch API is still rate limiting requests for {subject} after all retries (HTTP {status}){detail}",
-            **kwargs,
-        )
-    return OpenAIBatchAPIError(
-        f"OpenAI Batch API request for {subject} failed with HTTP {status}{detail}", **kwargs
-    )
-
-
-def _is_json(response: httpx.Response) -> bool:
-    return "json" in response.headers.get("content-type", "")
-
-
-def _error_message(response: httpx.Response, api_key: str) -> str | None:
-    """The ``error.message`` of an OpenAI error envelope, if the body is one, with the key blanked out.
-
-    A proxy or gateway may quote the request's headers back; the message ends up in exceptions, trigger events
-    and XComs, which the log masker does not cover.
-    """
-    try:
-        error = response.json().get("error")
-    except (ValueError, AttributeError):
-        return None
-    message = error.get("message") if isinstance(error, dict) else None
-    return message.replace(api_key, "***") if isinstance(message, str) else None
-
-
-def _parse(
-    response: httpx.Response, model: type[ModelT], batch_id: str | None = None, *, file_id: str | None = None
-) -> ModelT:
-    try:
-        return model.model_validate_json(response.content)
-    except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "body"
-        raise OpenAIBatchResponseError(
-            f"OpenAI Batch API answered HTTP {response.status_code} for {_subject(batch_id, file_id)} with a body "
-            f"that is not a valid {model.__name__} ({response.headers.get('content-type', 'no content type')}; "
-            f"{error.error_count()} error(s), first at {where}: {first['msg']}).",
-            batch_id=batch_id,
-            file_id=file_id,
-            status_code=response.status_code,
-        ) from None

@@ -17,7 +17,6 @@ from airflow.providers.common.compat.sdk import (
     BaseOperatorLink,
     conf,
 )
-from pydantic import BaseModel
 
 from airflow_provider_openai_batch import storage
 from airflow_provider_openai_batch._time import unix_time
@@ -27,11 +26,8 @@ from airflow_provider_openai_batch.cancellation import (
     WaitStopped,
     validated_event,
 )
-from airflow_provider_openai_batch.exceptions import (
-    BatchNotCancellableError,
-    BatchNotFoundError,
-    OpenAIBatchError,
-)
+from airflow_provider_openai_batch.cleanup import CleanupSummary, cancel_all, is_stale
+from airflow_provider_openai_batch.exceptions import BatchNotCancellableError
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
 from airflow_provider_openai_batch.ids import resolve_batch_id
 from airflow_provider_openai_batch.models import (
@@ -343,13 +339,23 @@ class OpenAICancelStaleBatchesOperator(BaseOperator):
         hook = OpenAIBatchHook(self.conn_id)
         with hook:
             listed = hook.list_batches(created_after=self.created_after)  # checks it before the first request
-            selected = [batch for batch in listed if self._is_stale(batch)]
+            selected = [
+                batch
+                for batch in listed
+                if is_stale(
+                    batch,
+                    older_than=self.older_than,
+                    statuses=self.statuses,
+                    endpoint=self.endpoint,
+                    metadata=self.metadata,
+                )
+            ]
         summary = CleanupSummary(dry_run=self.dry_run, selected=[batch.id for batch in selected])
         self.log.info("Selected %d stale batch(es): %s", len(selected), summary.selected)
         if self.dry_run or not selected:
             return self._report(context, summary)
 
-        asyncio.run(self._cancel_all(hook, summary))
+        asyncio.run(cancel_all(hook, summary, self.max_concurrency))
         waiting = [
             entry["batch_id"] for entry in summary.cancelled if entry["status"] != BatchStatus.CANCELLED
         ]
@@ -388,32 +394,6 @@ class OpenAICancelStaleBatchesOperator(BaseOperator):
         summary = CleanupSummary.model_validate(saved).with_outcomes(events)
         return self._report(context, self._with_results(summary))
 
-    def _is_stale(self, batch: Batch) -> bool:
-        cutoff = time.time() - self.older_than.total_seconds()
-        return (
-            batch.status in self.statuses
-            and batch.created_at <= cutoff
-            and (self.endpoint is None or batch.endpoint == self.endpoint)
-            and all((batch.metadata or {}).get(key) == value for key, value in self.metadata.items())
-        )
-
-    async def _cancel_all(self, hook: OpenAIBatchHook, summary: CleanupSummary) -> None:
-        gate = asyncio.Semaphore(self.max_concurrency)
-
-        async def cancel(batch_id: str) -> None:
-            async with gate:
-                try:
-                    summary.record_cancel(await hook.acancel_batch(batch_id))
-                except BatchNotCancellableError as error:
-                    summary.already_finished.append({"batch_id": batch_id, "status": error.batch_status})
-                except BatchNotFoundError:
-                    summary.not_found.append(batch_id)
-                except (OpenAIBatchError, ValueError) as error:  # ValueError: a malformed id in the listing
-                    summary.failed.append({"batch_id": batch_id, "error": str(error)})
-
-        async with hook:
-            await asyncio.gather(*(cancel(batch_id) for batch_id in summary.selected))
-
     def _with_results(self, summary: CleanupSummary) -> CleanupSummary:
         """Save the results of every cancelled batch that reached a final status, if asked; one failing to save
         is added to ``failed`` and does not stop the others."""
@@ -451,51 +431,6 @@ class OpenAICancelStaleBatchesOperator(BaseOperator):
             what = "cancel" if self.save_results_to is None else "cancel or save the results of"
             raise AirflowException(f"Could not {what} {len(summary.failed)} batch(es): {summary.failed}")
         return result
-
-
-class CleanupSummary(BaseModel):
-    """What a cleanup run did, batch by batch; JSON-serialisable for XCom and the deferral's kwargs."""
-
-    dry_run: bool
-    selected: list[str]
-    cancelled: list[dict[str, Any]] = []
-    already_finished: list[dict[str, Any]] = []
-    not_found: list[str] = []
-    failed: list[dict[str, Any]] = []
-    results: list[dict[str, Any]] = []  #: the manifest of each batch whose results were saved
-
-    def record_cancel(self, batch: Batch) -> None:
-        self.cancelled.append(
-            _cancelled_entry(batch.id, batch.status, batch.output_file_id, batch.error_file_id)
-        )
-
-    def with_outcomes(self, events: list[CancellationEvent]) -> CleanupSummary:
-        """Update the cancelled batches with how their wait ended; timeouts and errors move to ``failed``."""
-        outcomes = {event.batch_id: event for event in events}
-        summary = self.model_copy(deep=True)
-        summary.cancelled = []
-        for entry in self.cancelled:
-            event = outcomes.get(entry["batch_id"])
-            if event is None:
-                summary.cancelled.append(entry)
-            elif isinstance(event.status, WaitStopped):
-                summary.failed.append({"batch_id": event.batch_id, "error": event.message})
-            else:
-                summary.cancelled.append(
-                    _cancelled_entry(event.batch_id, event.status, event.output_file_id, event.error_file_id)
-                )
-        return summary
-
-
-def _cancelled_entry(
-    batch_id: str, status: str, output_file_id: str | None, error_file_id: str | None
-) -> dict:
-    return {
-        "batch_id": batch_id,
-        "status": str(status),
-        "output_file_id": output_file_id,
-        "error_file_id": error_file_id,
-    }
 
 
 def _log_waits(operator: BaseOperator, events: list[CancellationEvent]) -> None:

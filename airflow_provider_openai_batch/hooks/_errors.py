@@ -1,0 +1,195 @@
+"""What an answer of the Batch API means: a parsed model, or the provider's exception for it.
+
+Sans-I/O: these functions take what came back (an ``httpx.Response`` or the transport error raised instead) and
+return a model or raise from :mod:`airflow_provider_openai_batch.exceptions`. The hook's sync and async paths
+both end in them, so an answer means the same thing whichever path received it, and every message is worded
+once, here.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import BaseModel, ValidationError
+
+from airflow_provider_openai_batch.exceptions import (
+    BatchNotCancellableError,
+    BatchNotFoundError,
+    OpenAIBatchAPIError,
+    OpenAIBatchAuthenticationError,
+    OpenAIBatchConnectionError,
+    OpenAIBatchGatewayError,
+    OpenAIBatchRateLimitError,
+    OpenAIBatchResponseError,
+    OpenAIFileDownloadError,
+    OpenAIFileNotFoundError,
+)
+from airflow_provider_openai_batch.hooks._retry import is_rate_limited
+from airflow_provider_openai_batch.models import FINISHED_STATUSES, Batch
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+#: OpenAI's wording of a refused cancel, the one that names the batch's status.
+NOT_CANCELLABLE = re.compile(r"Cannot cancel a batch with status '(?P<status>[a-z_]+)'")
+
+
+def successful(
+    outcome: httpx.Response | httpx.TransportError,
+    api_key: str,
+    *,
+    batch_id: str | None = None,
+    file_id: str | None = None,
+) -> httpx.Response:
+    """Return a 2xx response, or raise the provider error matching ``outcome``.
+
+    Called once the retries are over, so what it raises is final: a transport error means no answer came at all.
+    """
+    if isinstance(outcome, httpx.TransportError):
+        raise OpenAIBatchConnectionError(
+            f"No response from the OpenAI Batch API for {subject(batch_id, file_id)}: {describe(outcome)}.",
+            batch_id=batch_id,
+            file_id=file_id,
+        ) from outcome
+    if outcome.is_success:
+        return outcome
+    raise api_error(outcome, api_key, batch_id, file_id)
+
+
+def api_error(
+    response: httpx.Response, api_key: str, batch_id: str | None, file_id: str | None
+) -> OpenAIBatchAPIError:
+    """Map an error response to the provider's exception for it, keeping the API's own message.
+
+    One class per decision a caller makes differently. A refused cancel is a 409, or a 400 on some deployments
+    whose message still names the status; the status is read from OpenAI's wording only, because Azure and
+    gateways word the conflict their own way: then ``batch_status`` is ``None`` and the hook looks the batch up
+    (:func:`unsettled`, :func:`settled`). A 401 or 403 without OpenAI's JSON error envelope was written by a
+    proxy or CDN in front of the API (a bot challenge page, say), not by the API judging the key: it maps to the
+    transient :class:`OpenAIBatchGatewayError`, so a wait polls on instead of failing as if the key were wrong.
+    """
+    status = response.status_code
+    api_message = error_message(response, api_key)
+    what = subject(batch_id, file_id)
+    detail = f": {api_message}" if api_message else "."
+    kwargs: dict[str, Any] = {"batch_id": batch_id, "status_code": status, "api_message": api_message}
+    if file_id:
+        kwargs["file_id"] = file_id
+        if status == 404:
+            return OpenAIFileNotFoundError(f"OpenAI Batch API found no {what} (HTTP 404){detail}", **kwargs)
+    not_cancellable = NOT_CANCELLABLE.search(api_message or "")
+    if status == 409 or (status == 400 and not_cancellable):
+        batch_status = not_cancellable["status"] if not_cancellable else None
+        return BatchNotCancellableError(
+            f"Cannot cancel {what} (HTTP {status}): it is {batch_status or 'no longer cancellable'}{detail}",
+            batch_status=batch_status,
+            **kwargs,
+        )
+    if status == 404:
+        return BatchNotFoundError(f"OpenAI Batch API found no {what} (HTTP 404){detail}", **kwargs)
+    if status in (401, 403) and api_message is None and not is_json(response):
+        return OpenAIBatchGatewayError(
+            f"A proxy or CDN answered for {what} instead of the OpenAI Batch API (HTTP {status}, "
+            f"{response.headers.get('content-type', 'no content type')}); treated as transient.",
+            **kwargs,
+        )
+    if status in (401, 403):
+        return OpenAIBatchAuthenticationError(
+            f"OpenAI Batch API refused the credentials for {what} (HTTP {status}){detail}", **kwargs
+        )
+    if is_rate_limited(response):
+        return OpenAIBatchRateLimitError(
+            f"OpenAI Batch API is still rate limiting requests for {what} after all retries (HTTP {status}){detail}",
+            **kwargs,
+        )
+    return OpenAIBatchAPIError(
+        f"OpenAI Batch API request for {what} failed with HTTP {status}{detail}", **kwargs
+    )
+
+
+def error_message(response: httpx.Response, api_key: str) -> str | None:
+    """The ``error.message`` of an OpenAI error envelope, if the body is one, with the key blanked out.
+
+    A proxy or gateway may quote the request's headers back; the message ends up in exceptions, trigger events
+    and XComs, which the log masker does not cover.
+    """
+    try:
+        error = response.json().get("error")
+    except (ValueError, AttributeError):
+        return None
+    message = error.get("message") if isinstance(error, dict) else None
+    return message.replace(api_key, "***") if isinstance(message, str) else None
+
+
+def is_json(response: httpx.Response) -> bool:
+    """Whether the body claims to be JSON: an error page a proxy wrote is HTML or text, the API's is JSON."""
+    return "json" in response.headers.get("content-type", "")
+
+
+def parse(
+    response: httpx.Response, model: type[ModelT], batch_id: str | None = None, *, file_id: str | None = None
+) -> ModelT:
+    """The 2xx ``response``'s body as ``model``.
+
+    A body that does not fit (an HTML page from a load balancer, a truncated document) raises the transient
+    :class:`OpenAIBatchResponseError` with the first validation error only, never the body: it may be large, and
+    it is not the API's to quote.
+    """
+    try:
+        return model.model_validate_json(response.content)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        raise OpenAIBatchResponseError(
+            f"OpenAI Batch API answered HTTP {response.status_code} for {subject(batch_id, file_id)} with a body "
+            f"that is not a valid {model.__name__} ({response.headers.get('content-type', 'no content type')}; "
+            f"{error.error_count()} error(s), first at {where}: {first['msg']}).",
+            batch_id=batch_id,
+            file_id=file_id,
+            status_code=response.status_code,
+        ) from None
+
+
+def unsettled(conflict: BatchNotCancellableError) -> BatchNotCancellableError:
+    """Re-raise a refused cancel whose message names a finished status; return the others, to look the batch up."""
+    if conflict.batch_status in FINISHED_STATUSES:
+        raise conflict
+    return conflict
+
+
+def settled(conflict: BatchNotCancellableError, batch: Batch) -> Batch:
+    """Decide a refused cancel on the batch's real status: finished raises, anything else (``cancelling``,
+    ``cancelled``, or a status the refusal did not explain) is returned for the caller to wait on or report."""
+    if batch.status in FINISHED_STATUSES:
+        raise BatchNotCancellableError(
+            f"Cannot cancel batch '{batch.id}': it is {batch.status} (HTTP {conflict.status_code}).",
+            batch_id=batch.id,
+            status_code=conflict.status_code,
+            api_message=conflict.api_message,
+            batch_status=batch.status,
+        ) from conflict
+    return batch
+
+
+def cut_short(error: httpx.TransportError, file_id: str, received: int) -> OpenAIFileDownloadError:
+    """The error for a file's content lost mid-stream: the chunks already handed out cannot be taken back."""
+    return OpenAIFileDownloadError(
+        f"Download of file '{file_id}' was cut short after {received} bytes: {describe(error)}.",
+        file_id=file_id,
+        received_bytes=received,
+    )
+
+
+def describe(outcome: httpx.Response | httpx.TransportError) -> str:
+    """``outcome`` in a few words for a message or a log line: its HTTP status, or the transport error."""
+    if isinstance(outcome, httpx.Response):
+        return f"HTTP {outcome.status_code}"
+    return f"{type(outcome).__name__} ({outcome})" if str(outcome) else type(outcome).__name__
+
+
+def subject(batch_id: str | None, file_id: str | None = None) -> str:
+    """What a request was about, as messages name it."""
+    if file_id:
+        return f"file '{file_id}'"
+    return f"batch '{batch_id}'" if batch_id else "the batch list"
