@@ -1,8 +1,9 @@
 """The "OpenAI Batch" connection form as a person sees it: Airflow's own UI, in headless Chromium.
 
-The API server of the session's deployment serves the UI; SimpleAuthManager with all users admins logs the browser
-in by itself. What the form shows comes from ``hooks/_connection_form.py`` through the API server's hook metadata;
-what it stores is checked through the REST API and the provider's own reading of the connection.
+The API server of the session's deployment serves the UI; SimpleAuthManager with all users admins logs the
+browser in by itself. What the form shows comes from ``hooks/_connection_form.py`` through the API server's
+hook metadata; what it stores is checked through the REST API and the provider's own reading of the
+connection.
 
 Airflow 3.3.2's UI writes every extra field of the form into the stored extra, ``null`` where left empty (see
 docs/connections.md, "Connections made in the UI"); the provider reads ``null`` as unset, which is what
@@ -102,7 +103,8 @@ def open_section(dialog: Any, name: str) -> None:
 
 def extra_input(dialog: Any, name: str) -> Any:
     """The input of one extra field, by the name the UI gives it. Not by its label: for text fields and the
-    dropdown the label's ``for`` misses the input (the UI overrides the input's id with ``element_<name>``)."""
+    dropdown the label's ``for`` misses the input (the UI overrides the input's id with
+    ``element_<name>``)."""
     return dialog.locator(f"input[name=element_{name}]")
 
 
@@ -223,15 +225,16 @@ def test_the_test_button(page: Any, deployment: Deployment) -> None:
     toasts = page.locator("[data-scope=toast][data-part=root]")
 
     # Airflow 3.3.2: the button posts port 0 for a connection stored without one, and the API server refuses
-    # "a different endpoint" before the provider is called. When this starts passing, update docs/connections.md.
+    # "a different endpoint" before the provider is called. When this starts failing, update
+    # docs/connections.md: Airflow has fixed it.
     click_row_action(page, conn_id, "Test Connection")
     playwright.expect(toasts.filter(has_text="Test Connection Failed")).to_contain_text("Bad Request")
 
     # The workaround the docs give: store port 0 (the provider ignores the port).
-    patched = deployment.http.patch(
-        f"/api/v2/connections/{conn_id}", params={"update_mask": ["port"]}, json={**body, "port": 0}
-    )
-    patched.raise_for_status()
+    port_only = {"connection_id": conn_id, "conn_type": "openai_batch", "port": 0}  # as docs/connections.md
+    deployment.http.patch(
+        f"/api/v2/connections/{conn_id}", params={"update_mask": "port"}, json=port_only
+    ).raise_for_status()
     page.reload()
     before = len(deployment.emulator.requests)
     click_row_action(page, conn_id, "Test Connection")
