@@ -295,6 +295,7 @@ class Deployment:
                 "AIRFLOW__CORE__PARALLELISM": "16",
                 "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": "256",
                 "AIRFLOW__CORE__DEFAULT_TASK_RETRIES": "0",
+                "AIRFLOW__CORE__TEST_CONNECTION": "Enabled",  # the UI's Test button (test_connection_form.py)
                 "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.api_url}/execution/",
                 "AIRFLOW__CORE__AUTH_MANAGER": (
                     "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
