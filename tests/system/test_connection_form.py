@@ -18,13 +18,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import playwright.sync_api as playwright  # the `test` extra installs it; only its driver, not its browsers
 import pytest
 
 from airflow_provider_openai_batch.hooks._connection import ConnectionSettings
 from airflow_provider_openai_batch.hooks._connection_form import EXTRA_FIELDS
 from tests.system.deployment import Deployment
-
-playwright = pytest.importorskip("playwright.sync_api", reason="the `test` extra installs playwright")
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(300)]
 
@@ -39,7 +38,9 @@ HOOK_NAME = "OpenAI Batch"
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium package (.ci/run does)")
+        pytest.fail(
+            f"{CHROMIUM} is missing: install Debian's chromium package (`apt-get install chromium`, as .ci/run does)"
+        )
     with playwright.sync_playwright() as driver:
         chromium = driver.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
         try:
