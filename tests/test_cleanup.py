@@ -123,7 +123,6 @@ def test_task_level_form_of_cancel_run_batches(emulator_connection: BatchAPIEmul
 
 def test_created_after_is_templated(emulator_connection: BatchAPIEmulator) -> None:
     operator = cleanup(created_after="{{ dag_run.start_date }}")
-    assert "created_after" in operator.template_fields
     operator.render_template_fields({"dag_run": mock.Mock(start_date=datetime(2025, 6, 1, tzinfo=UTC))})
     assert operator.created_after == "2025-06-01 00:00:00+00:00"
 
