@@ -45,7 +45,7 @@ def providers_manager() -> Any:
 
 
 def discovered_hooks() -> dict[str, Any]:
-    """The hooks by connection type, from the task SDK's providers manager where there is one, else Airflow's."""
+    """The hooks by connection type, from the task SDK's providers manager if it has one, else Airflow's."""
     try:
         from airflow.sdk.providers_manager_runtime import ProvidersManagerTaskRuntime as Manager
     except ImportError:  # before Airflow 3.3
