@@ -117,7 +117,7 @@ def test_paced_requests_start_in_the_order_they_asked() -> None:
 
 async def test_waiting_for_a_turn_sleeps_and_blocks_no_one(monkeypatch: pytest.MonkeyPatch) -> None:
     """100 requests wait out a 0.3 s pause: each sleeps once, never spinning, and the loop runs other work
-    meanwhile. Counted, not timed: CPU per poll under a rate limit is measured by bench/rate_limit_storm.py."""
+    meanwhile. Counted, not timed: bench/rate_limit_storm.py measures CPU per poll under a rate limit."""
     governor = RateGovernor()
     loop = asyncio.get_running_loop()
     governor.observe(answer(429, retry_after_ms="300"), 0, loop.time(), CAP)
