@@ -358,12 +358,24 @@ class TaskContext(dict):
         super().__init__(ti=ti)
 
 
+def stored_by_airflow(trigger: Any) -> Any:
+    """The ``Trigger`` row Airflow stores for a deferred trigger: its ``serialize()`` output, the kwargs
+    serialized (and encrypted where a Fernet key is set) as the metadata DB holds them."""
+    from airflow.models.trigger import Trigger
+
+    return Trigger.from_object(trigger)
+
+
+def built_by_the_triggerer(row: Any) -> Any:
+    """The trigger a triggerer runs for a stored row, at start-up or after a restart."""
+    return import_string(row.classpath)(**row.kwargs)
+
+
 def rebuild(trigger: Any, guard: Guard) -> Any:
-    """What the triggerer does with a deferred trigger: serialize it, store it, build a new one from that."""
-    classpath, kwargs = trigger.serialize()
-    guard.check([classpath, kwargs], "the trigger's serialize() output")
-    json.dumps(kwargs)  # it is stored as JSON in the metadata DB
-    return import_string(classpath)(**kwargs)
+    """Store ``trigger`` as Airflow does and build the triggerer's instance from that; what is stored is checked
+    for the key."""
+    guard.check(list(trigger.serialize()), "the trigger's serialize() output")
+    return built_by_the_triggerer(stored_by_airflow(trigger))
 
 
 async def first_event(trigger: Any) -> dict[str, Any]:

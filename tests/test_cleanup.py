@@ -9,13 +9,14 @@ from typing import Any
 from unittest import mock
 
 import pytest
-from airflow.providers.common.compat.module_loading import import_string
 from airflow.providers.common.compat.sdk import AirflowException, TaskDeferred
 
 from airflow_provider_openai_batch.hooks import _async_clients
 from airflow_provider_openai_batch.operators.openai_batch import OpenAICancelStaleBatchesOperator
 from airflow_provider_openai_batch.testing import BatchAPIEmulator, Fault
 from airflow_provider_openai_batch.triggers.openai_batch import OpenAIMultiBatchCancellationTrigger
+from tests._guards import built_by_the_triggerer, stored_by_airflow
+from tests.conftest import FAKE_API_KEY
 
 DAY = 86_400
 NOW = int(time.time())
@@ -123,7 +124,6 @@ def test_task_level_form_of_cancel_run_batches(emulator_connection: BatchAPIEmul
 
 def test_created_after_is_templated(emulator_connection: BatchAPIEmulator) -> None:
     operator = cleanup(created_after="{{ dag_run.start_date }}")
-    assert "created_after" in operator.template_fields
     operator.render_template_fields({"dag_run": mock.Mock(start_date=datetime(2025, 6, 1, tzinfo=UTC))})
     assert operator.created_after == "2025-06-01 00:00:00+00:00"
 
@@ -265,13 +265,25 @@ async def first_event(trigger: OpenAIMultiBatchCancellationTrigger) -> dict[str,
     return events[0].payload
 
 
-def test_multi_trigger_serialize_round_trip() -> None:
-    trigger = OpenAIMultiBatchCancellationTrigger(
-        batch_ids=["b_1", "b_2"], conn_id="c", poll_interval=5, deadline=1.8e9
-    )
-    classpath, kwargs = trigger.serialize()
-    assert kwargs == {"batch_ids": ["b_1", "b_2"], "conn_id": "c", "poll_interval": 5, "deadline": 1.8e9}
-    assert import_string(classpath)(**kwargs).serialize() == (classpath, kwargs)
+@pytest.mark.timeout(30)  # a poll interval lost on the way (the operator's default is 30 s) fails it
+async def test_multi_trigger_rebuilt_from_what_airflow_stores_resumes_the_same_wait(
+    emulator: BatchAPIEmulator, set_connection: Any
+) -> None:
+    """Stored as a Trigger row and built again by the triggerer: the same batches in the same order, through
+    the same connection (the only one defined), at the same interval, against the same absolute deadline."""
+    set_connection("openai_other", password=FAKE_API_KEY, host=emulator.base_url)
+    polls = (3, 1, 2)
+    ids = [emulator.add_batch(cancel_after_polls=n)["id"] for n in polls]
+    for batch_id in ids:
+        emulator.set_status(batch_id, "cancelling")
+    trigger = OpenAIMultiBatchCancellationTrigger(ids, "openai_other", 0.01, deadline=time.time() + 30)
+    row = stored_by_airflow(trigger)
+    rebuilt = built_by_the_triggerer(row)
+    assert type(rebuilt) is OpenAIMultiBatchCancellationTrigger
+    event = await first_event(rebuilt)
+    assert [(e["batch_id"], e["status"]) for e in event["events"]] == [(i, "cancelled") for i in ids]
+    expected = [f"/v1/batches/{batch_id}" for batch_id, n in zip(ids, polls, strict=True) for _ in range(n)]
+    assert sorted(r.path for r in emulator.requests) == sorted(expected), "none polled once finished"
 
 
 async def test_multi_trigger_reports_each_outcome_in_order(emulator_connection: BatchAPIEmulator) -> None:
@@ -308,8 +320,7 @@ async def test_multi_trigger_restart_keeps_the_deadline(emulator_connection: Bat
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    classpath, kwargs = first.serialize()
-    second = import_string(classpath)(**kwargs)
+    second = built_by_the_triggerer(stored_by_airflow(first))
     assert second.deadline == first.deadline
     event = await first_event(second)
     assert [e["status"] for e in event["events"]] == ["cancelled"] * 3

@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from airflow_provider_openai_batch.testing import BatchAPIEmulator
-from tests.conftest import DAGS_FOLDER
+from tests.conftest import DAGS_FOLDER, FAKE_API_KEY
 
 pytestmark = pytest.mark.e2e
 
@@ -81,3 +83,36 @@ def test_failure_callback_cancels_the_batch(dagbag: Any, emulator_connection: Ba
     assert states == {"submit": "success", "build_features": "failed"}
     assert emulator_connection.batch(batch_id)["status"] == "cancelling"
     assert emulator_connection.cancel_count(batch_id) == 1
+
+
+def test_templated_fields_are_rendered_from_the_run(
+    dagbag: Any, emulator: BatchAPIEmulator, set_connection: Callable[..., None], tmp_path: Path
+) -> None:
+    """Each operator's templated fields, rendered by Airflow from dag_run.conf: the batch, the connection (the
+    only one defined: a connection id left as a template finds none), the results' folder, and the cleanup's
+    metadata filter, listing bound and dry-run switch."""
+    set_connection("openai_templated", password=FAKE_API_KEY, host=emulator.base_url)
+    batch_id = emulator.add_batch()["id"]
+    now = int(time.time())
+    ours = emulator.add_batch(metadata={"team": "search"}, created_at=now - 60)["id"]
+    other_team = emulator.add_batch(metadata={"team": "ads"}, created_at=now - 60)["id"]
+    before_the_bound = emulator.add_batch(metadata={"team": "search"}, created_at=now - 3600)["id"]
+    conf = {
+        "batch_id": batch_id,
+        "conn_id": "openai_templated",
+        "results_dir": str(tmp_path),
+        "team": "search",
+        "created_after": now - 600,
+        "dry_run": False,
+    }
+    state, states, xcoms = run_dag(dagbag, "e2e_templated_fields", conf)
+    assert state == "success", states
+    assert emulator.batch(batch_id)["status"] == "cancelled"
+    saved = xcoms[("cancel", "results")]["remaining"]["path"]
+    assert saved == str(tmp_path / "cancel" / batch_id / "remaining.jsonl")
+    assert xcoms[("cleanup", "return_value")]["selected"] == [ours]
+    assert emulator.batch(ours)["status"] == "cancelled"
+    assert emulator.batch(other_team)["status"] == emulator.batch(before_the_bound)["status"] == "in_progress"
+    assert (tmp_path / "cleanup" / ours / "output.jsonl").read_bytes() == emulator.file_content(
+        emulator.batch(ours)["output_file_id"]
+    )

@@ -4,22 +4,22 @@ import json
 import re
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 from pydantic import ValidationError
 
 from airflow_provider_openai_batch.models import (
-    CANCELLABLE_STATUSES,
     MAX_METADATA_KEY_LENGTH,
     MAX_METADATA_KEYS,
     MAX_METADATA_VALUE_LENGTH,
-    TERMINAL_STATUSES,
     Batch,
     BatchList,
     BatchStatus,
     check_metadata,
     File,
 )
+from airflow_provider_openai_batch.testing import BatchAPIEmulator
 
 SPEC = yaml.safe_load((Path(__file__).parent / "fixtures" / "openai-batch-spec.yaml").read_text())
 
@@ -144,27 +144,18 @@ def test_unknown_status_does_not_break_a_list() -> None:
     assert page.data[1].to_xcom()["status"] == "paused_for_review"
 
 
-def test_status_sets() -> None:
-    assert (
-        {s for s in BatchStatus if s.is_terminal}
-        == TERMINAL_STATUSES
-        == {
-            BatchStatus.COMPLETED,
-            BatchStatus.FAILED,
-            BatchStatus.EXPIRED,
-            BatchStatus.CANCELLED,
-        }
-    )
-    assert (
-        {s for s in BatchStatus if s.is_cancellable}
-        == CANCELLABLE_STATUSES
-        == {
-            BatchStatus.VALIDATING,
-            BatchStatus.IN_PROGRESS,
-            BatchStatus.FINALIZING,
-        }
-    )
-    assert not BatchStatus.CANCELLING.is_terminal and not BatchStatus.CANCELLING.is_cancellable
+@pytest.mark.parametrize("status", list(BatchStatus))
+def test_status_sets_are_what_the_api_does(emulator: BatchAPIEmulator, status: BatchStatus) -> None:
+    """Over HTTP, against the emulator's model of the API: a cancellable batch is moved to ``cancelling`` by a
+    cancel, a terminal one has the cancel refused and never changes again; ``cancelling`` is neither."""
+    batch_id = emulator.add_batch(status=status.value, cancel_after_polls=1)["id"]
+    auth = {"Authorization": f"Bearer {emulator.api_key}"}
+    with httpx.Client(base_url=emulator.base_url, headers=auth) as api:
+        cancel = api.post(f"/batches/{batch_id}/cancel")
+        polled = [api.get(f"/batches/{batch_id}").json()["status"] for _ in range(2)]
+    moved_to_cancelling = cancel.status_code == 200 and cancel.json()["status"] == "cancelling"
+    assert status.is_cancellable is (moved_to_cancelling and status != BatchStatus.CANCELLING)
+    assert status.is_terminal is (cancel.status_code == 409 and polled == [status.value] * 2)
 
 
 def test_errors_object() -> None:

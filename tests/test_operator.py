@@ -198,10 +198,6 @@ def test_constructor_validation(kwargs: dict, message: str) -> None:
         OpenAICancelBatchOperator(task_id="cancel", batch_id="batch_1", **kwargs)
 
 
-def test_templated_fields() -> None:
-    assert set(OpenAICancelBatchOperator.template_fields) == {"batch_id", "conn_id", "save_results_to"}
-
-
 @pytest.mark.parametrize(
     ("api_type", "expected"), [("openai", "https://platform.openai.com/batches/batch_42"), ("azure", "")]
 )

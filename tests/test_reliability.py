@@ -54,6 +54,7 @@ from tests._guards import (  # noqa: F401 - fixtures: guard and fast_backoff are
     TaskContext,
     assert_no_key,
     assert_no_new_sockets,
+    built_by_the_triggerer,
     capture,
     emulator,
     fast_backoff,
@@ -65,6 +66,7 @@ from tests._guards import (  # noqa: F401 - fixtures: guard and fast_backoff are
     run_operator,
     run_trigger,
     shared_emulator,
+    stored_by_airflow,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -712,6 +714,8 @@ def test_triggerer_restart_after_the_deadline_times_out_at_once(api: Api, guard:
     for batch_id in ids:
         api.emulator.set_status(batch_id, "cancelling")
     first = make_trigger(kind, ids, time.time() + 0.3, poll_interval=0.05)
+    guard.check(list(first.serialize()), "the trigger's serialize() output")
+    row = stored_by_airflow(first)  # stored when the task deferred, before the triggerer went down
 
     async def restart() -> dict[str, Any]:
         running = asyncio.create_task(first_event(first))
@@ -721,7 +725,7 @@ def test_triggerer_restart_after_the_deadline_times_out_at_once(api: Api, guard:
             await running
         await asyncio.sleep(0.4)  # the triggerer was down past the deadline
         api.emulator.clear_requests()
-        return await first_event(rebuild(first, guard))
+        return await first_event(built_by_the_triggerer(row))
 
     started = time.monotonic()
     payload = run_async(restart())

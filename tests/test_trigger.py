@@ -13,10 +13,8 @@ from airflow.providers.common.compat.module_loading import import_string
 from airflow_provider_openai_batch.hooks import _async_clients
 from airflow_provider_openai_batch.testing import BatchAPIEmulator, Fault
 from airflow_provider_openai_batch.triggers.openai_batch import OpenAIBatchCancellationTrigger
+from tests._guards import built_by_the_triggerer, stored_by_airflow
 from tests.conftest import FAKE_API_KEY
-
-CLASSPATH = "airflow_provider_openai_batch.triggers.openai_batch.OpenAIBatchCancellationTrigger"
-
 
 def make_trigger(
     batch_id: str, *, deadline_in: float = 30, poll_interval: float = 0.01
@@ -49,14 +47,32 @@ def cancelling(emulator: BatchAPIEmulator, **kwargs: Any) -> str:
     return batch_id
 
 
-def test_serialize_round_trip() -> None:
-    trigger = OpenAIBatchCancellationTrigger(
-        batch_id="batch_1", conn_id="my_conn", poll_interval=15, deadline=1.8e9
+@pytest.fixture
+def other_connection(emulator: BatchAPIEmulator, set_connection: Callable) -> BatchAPIEmulator:
+    """The emulator behind ``openai_other`` only: a trigger rebuilt without its ``conn_id`` finds no
+    connection."""
+    set_connection("openai_other", password=FAKE_API_KEY, host=emulator.base_url)
+    return emulator
+
+
+@pytest.mark.timeout(30)  # a poll interval lost on the way (the operator's default is 30 s) fails it
+async def test_rebuilt_from_what_airflow_stores_it_resumes_the_same_wait(
+    other_connection: BatchAPIEmulator,
+) -> None:
+    """Stored as a Trigger row and built again by the triggerer: the same batch, through the same connection,
+    at the same interval, against the same absolute deadline (30 s ahead: not reached, the wait goes on)."""
+    batch_id = cancelling(other_connection, cancel_after_polls=3)
+    cancelling(other_connection)  # another batch, which it must not poll
+    row = stored_by_airflow(
+        OpenAIBatchCancellationTrigger(
+            batch_id=batch_id, conn_id="openai_other", poll_interval=0.01, deadline=time.time() + 30
+        )
     )
-    classpath, kwargs = trigger.serialize()
-    assert classpath == CLASSPATH
-    assert kwargs == {"batch_id": "batch_1", "conn_id": "my_conn", "poll_interval": 15, "deadline": 1.8e9}
-    assert import_string(classpath)(**kwargs).serialize() == (classpath, kwargs)
+    rebuilt = built_by_the_triggerer(row)
+    assert type(rebuilt) is OpenAIBatchCancellationTrigger
+    event = await run_to_end(rebuilt)
+    assert (event["status"], event["batch_id"]) == ("cancelled", batch_id)
+    assert [r.path for r in other_connection.requests] == [f"/v1/batches/{batch_id}"] * 3
 
 
 async def test_waits_until_cancelled_and_reports_partial_results(
@@ -169,8 +185,7 @@ async def test_restart_resumes_with_the_same_deadline(emulator_connection: Batch
         "the client is released on cancel"
     )
 
-    classpath, kwargs = first.serialize()
-    second = import_string(classpath)(**kwargs)
+    second = built_by_the_triggerer(stored_by_airflow(first))
     assert second.deadline == first.deadline
     event = await run_to_end(second)
     assert event["status"] == "cancelled"

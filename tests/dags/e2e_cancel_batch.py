@@ -1,14 +1,19 @@
-"""DAGs run with dag.test() by tests/test_e2e.py; batch ids come from dag_run.conf."""
+"""DAGs run with dag.test() by tests/test_e2e.py; batch ids (and the templated fields' values) come from
+dag_run.conf."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pendulum
 from airflow.sdk import dag, get_current_context, task
 
 from airflow_provider_openai_batch.callbacks import cancel_batch_on_failure
-from airflow_provider_openai_batch.operators.openai_batch import OpenAICancelBatchOperator
+from airflow_provider_openai_batch.operators.openai_batch import (
+    OpenAICancelBatchOperator,
+    OpenAICancelStaleBatchesOperator,
+)
 
 START = pendulum.datetime(2024, 1, 1, tz="UTC")
 
@@ -70,3 +75,38 @@ def failure_callback() -> None:
 
 
 failure_callback()
+
+
+@dag(
+    dag_id="e2e_templated_fields",
+    schedule=None,
+    start_date=START,
+    catchup=False,
+    tags=["e2e"],
+    render_template_as_native_obj=True,  # dry_run must render to a boolean
+)
+def templated_fields() -> None:
+    """Every templated field of both operators, rendered by Airflow from the run's conf."""
+    results_dir = "{{ dag_run.conf['results_dir'] }}"
+    OpenAICancelBatchOperator(
+        task_id="cancel",
+        batch_id="{{ dag_run.conf['batch_id'] }}",
+        conn_id="{{ dag_run.conf['conn_id'] }}",
+        save_results_to=f"{results_dir}/cancel",
+        deferrable=True,  # rendered again when the task resumes to save the results
+        poll_interval=0.2,
+        timeout=60,
+    ) >> OpenAICancelStaleBatchesOperator(
+        task_id="cleanup",
+        older_than=timedelta(0),
+        conn_id="{{ dag_run.conf['conn_id'] }}",
+        metadata={"team": "{{ dag_run.conf['team'] }}"},
+        created_after="{{ dag_run.conf['created_after'] }}",
+        dry_run="{{ dag_run.conf['dry_run'] }}",
+        save_results_to=f"{results_dir}/cleanup",
+        poll_interval=0.2,
+        timeout=60,
+    )
+
+
+templated_fields()
