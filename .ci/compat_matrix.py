@@ -32,9 +32,9 @@ AIRFLOW_RELEASES = {
     "3.2.2": "2026-05-30",
     "3.3.2": "2026-09-18",
 }
-#: What the suites read besides the installed wheel and its test extra (the README: its snippets are tested).
-#: Nothing from the source tree is importable.
-COPIED = ("tests", "example_dags", "docs/recipes", "README.md")
+#: What the suites read besides the installed wheel and its test extra (the README: its snippets are tested;
+#: docs/connections.md: its defaults). Nothing from the source tree is importable.
+COPIED = ("tests", "example_dags", "docs/recipes", "docs/connections.md", "README.md")
 
 
 def run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import socket
 import warnings
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +15,15 @@ from packaging.version import Version
 from airflow_provider_openai_batch.callbacks import cancel_run_batches
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
 from airflow_provider_openai_batch.testing import BatchAPIEmulator
+from tests._guards import private_emulator  # noqa: F401  (fixture)
 from tests.conftest import RESULTS_DIR
 from tests.test_e2e import dagbag, metadata_db, run_dag  # noqa: F401  (fixtures)
+from tests.test_run_batches import (  # noqa: F401  (api: a fixture)
+    api,
+    fire_deadline_callback,
+    seed_run_batch,
+    tags,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -204,18 +210,22 @@ def test_cancel_on_deadline_cancels_nothing_when_the_run_succeeds(
     assert [r.method for r in emulator_connection.requests if r.path.endswith("/cancel")] == []
 
 
-def test_cancel_on_deadline_has_a_deadline_alert_where_airflow_has_them(examples: Any) -> None:
-    """Airflow >= 3.1: the deadline runs the failure callback's callable, with only the connection id as
-    kwargs. Airflow 3.0 has no deadline alerts: the DAG has none, and still parses."""
+def test_cancel_on_deadline_has_a_deadline_alert_where_airflow_has_them(
+    examples: Any,
+    api: BatchAPIEmulator,  # noqa: F811
+) -> None:
+    """Airflow >= 3.1: the DAG's deadline alert, stored as Airflow stores it and fired as the triggerer fires
+    it, cancels the run's batches and leaves the others alone. Airflow 3.0 has no deadline alerts: the DAG has
+    none, and its failure callback alone covers the run."""
     dag = examples.get_dag("example_openai_batch_cancel_on_deadline")
     assert isinstance(dag.on_failure_callback, cancel_run_batches)
     if airflow_version.startswith("3.0."):
         assert getattr(dag, "deadline", None) is None
         return
     [alert] = dag.deadline
-    assert alert.interval == timedelta(hours=6)
-    assert type(alert.reference).__name__ == "DagRunLogicalDateDeadline"
-    assert alert.callback.serialize() == {
-        "path": "airflow_provider_openai_batch.callbacks.cancel_run_batches",
-        "kwargs": {"conn_id": "openai_default"},
-    }
+    ours, other_run = seed_run_batch(api), seed_run_batch(api, metadata=tags(run_id="manual__other"))
+
+    events = fire_deadline_callback(alert.callback.serialize())
+
+    assert events[-1]["state"] == "success", events
+    assert (api.batch(ours)["status"], api.batch(other_run)["status"]) == ("cancelling", "in_progress")

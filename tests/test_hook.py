@@ -7,6 +7,7 @@ import logging
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 
 import httpx
 import pytest
@@ -27,6 +28,8 @@ from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
 from airflow_provider_openai_batch.models import BatchStatus
 from airflow_provider_openai_batch.testing import BatchAPIEmulator, Fault
 from tests.conftest import FAKE_API_KEY, FAST_RETRIES
+
+CONNECTIONS_DOC = Path(__file__).parents[1] / "docs" / "connections.md"
 
 
 def hook(conn_id: str = "openai_default") -> OpenAIBatchHook:
@@ -466,11 +469,23 @@ def test_loopback_http_does_not_warn(
     assert "clear text" not in caplog.text
 
 
-def test_defaults(set_connection: Callable) -> None:
+def documented_defaults() -> dict[str, str]:
+    """The "Default" column of docs/connections.md's field and extra tables, by field name, backticks off."""
+    rows = (
+        line.split("|")[1:-1] for line in CONNECTIONS_DOC.read_text().splitlines() if line.startswith("| ")
+    )
+    return {cells[0].strip().strip("`"): cells[-1].strip().strip("`") for cells in rows}
+
+
+def test_a_connection_with_only_a_key_has_the_documented_defaults(set_connection: Callable) -> None:
     set_connection(password=FAKE_API_KEY)
     settings = OpenAIBatchHook().settings
-    assert settings.base_url == "https://api.openai.com/v1"
-    assert (settings.timeout, settings.max_retries, settings.api_type) == (60.0, 3, "openai")
+    documented = documented_defaults()
+    assert settings.base_url == documented["host"]
+    assert settings.api_type == documented["api_type"]
+    assert settings.timeout == float(documented["timeout"])
+    assert settings.max_retries == int(documented["max_retries"])
+    assert (settings.organization, settings.project, settings.api_version) == (None, None, None)
     assert FAKE_API_KEY not in repr(settings)
 
 

@@ -100,6 +100,24 @@ def deadline_context(start_date: float | None = STARTED, queued_at: float = STAR
     }
 
 
+def fire_deadline_callback(stored: dict[str, Any]) -> list[dict[str, Any]]:
+    """Run a deadline alert's callback, as Airflow stores it (``serialize()``), through the trigger the
+    triggerer runs for it (Airflow 3.1: DeadlineCallbackTrigger; 3.2+: CallbackTrigger); return its events."""
+    try:
+        from airflow.triggers.callback import CallbackTrigger as Trigger  # Airflow >= 3.2
+    except ImportError:
+        from airflow.triggers.deadline import DeadlineCallbackTrigger as Trigger  # Airflow 3.1
+
+    trigger = Trigger(
+        callback_path=stored["path"], callback_kwargs={**stored["kwargs"], "context": deadline_context()}
+    )
+
+    async def run_trigger() -> list[dict[str, Any]]:
+        return [event.payload async for event in trigger.run()]
+
+    return run_async(run_trigger())
+
+
 def list_pages(emulator: BatchAPIEmulator) -> int:
     return sum(1 for r in emulator.requests if r.path == "/v1/batches")
 
@@ -438,11 +456,6 @@ def test_as_a_deadline_alert_callback_through_airflows_own_trigger(
     runs for it (Airflow 3.1: DeadlineCallbackTrigger; 3.2+: CallbackTrigger)."""
     from airflow.sdk.definitions.deadline import DeadlineAlert, DeadlineReference
 
-    try:
-        from airflow.triggers.callback import CallbackTrigger as Trigger  # Airflow >= 3.2
-    except ImportError:
-        from airflow.triggers.deadline import DeadlineCallbackTrigger as Trigger  # Airflow 3.1
-
     ours = seed_run_batch(api)
     callback = cancel_run_batches(conn_id="openai_default").deadline_callback()
     alert = DeadlineAlert(
@@ -455,14 +468,7 @@ def test_as_a_deadline_alert_callback_through_airflows_own_trigger(
     }
     assert import_string(stored["path"]) is cancel_run_batches
 
-    trigger = Trigger(
-        callback_path=stored["path"], callback_kwargs={**stored["kwargs"], "context": deadline_context()}
-    )
-
-    async def run_trigger() -> list[dict[str, Any]]:
-        return [event.payload async for event in trigger.run()]
-
-    events = run_async(run_trigger())
+    events = fire_deadline_callback(stored)
     assert [event["state"] for event in events] == ["running", "success"]
     summary = parsed(guard.check(events[-1]["body"], "the callback's result"))
     assert summary["cancelled"] == [{"batch_id": ours, "status": "cancelling"}]
