@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-system test-compat demo bench clean
+.PHONY: install test lint test-system test-compat demo bench clean
 
 $(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,12 @@ install: $(STAMP)
 
 test: install
 	$(BIN)/python -m pytest --ignore=tests/system
+
+# Style and types: ruff's rules and format, mypy on the package.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m mypy airflow_provider_openai_batch
 
 # A real Airflow deployment (scheduler, triggerer, dag-processor, API server) against the emulator.
 test-system: install

@@ -83,7 +83,9 @@ def copy_tests(version: str) -> Path:
     shutil.rmtree(workdir, ignore_errors=True)
     for name in COPIED:
         if (ROOT / name).is_dir():
-            shutil.copytree(ROOT / name, workdir / name, ignore=shutil.ignore_patterns("__pycache__", "system"))
+            shutil.copytree(
+                ROOT / name, workdir / name, ignore=shutil.ignore_patterns("__pycache__", "system")
+            )
         else:
             (workdir / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, workdir / name)
@@ -119,7 +121,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("versions", nargs="*", default=list(AIRFLOW_RELEASES), help=f"of {list(AIRFLOW_RELEASES)}")
+    parser.add_argument(
+        "versions", nargs="*", default=list(AIRFLOW_RELEASES), help=f"of {list(AIRFLOW_RELEASES)}"
+    )
     parser.add_argument("--python", default=sys.executable, help="interpreter the venvs are made from")
     parser.add_argument("--pytest-args", default="", help="extra pytest arguments, e.g. '-k hook -x'")
     args = parser.parse_args()

@@ -115,7 +115,10 @@ def measure(requests: int, repeats: int = 3) -> dict[str, float]:
                 ("bare asyncio HTTP/1.1", asyncio.run(_raw(emulator, ids))),
                 ("httpx.Client (sync)", _httpx_sync(emulator, ids)),
                 ("httpx.AsyncClient", asyncio.run(_httpx_async(emulator, ids))),
-                ("httpx.AsyncClient + KeepAliveTransport", asyncio.run(_httpx_async(emulator, ids, lean=True))),
+                (
+                    "httpx.AsyncClient + KeepAliveTransport",
+                    asyncio.run(_httpx_async(emulator, ids, lean=True)),
+                ),
                 ("OpenAIBatchHook.aget_batch", asyncio.run(_hook(ids))),
             ):
                 best[name] = min(seconds, best.get(name, seconds))

@@ -20,7 +20,9 @@ def main(dag_id: str, conf: str, output: str) -> None:
         raise SystemExit(f"DAG import errors: {bag.import_errors}")
     run = bag.get_dag(dag_id).test(run_conf=json.loads(conf))
     with create_session() as session:
-        xcoms = session.query(XComModel).filter(XComModel.dag_id == dag_id, XComModel.run_id == run.run_id).all()
+        xcoms = (
+            session.query(XComModel).filter(XComModel.dag_id == dag_id, XComModel.run_id == run.run_id).all()
+        )
         outcome = {
             "state": str(run.state),
             "tasks": {ti.task_id: str(ti.state) for ti in run.get_task_instances()},

@@ -109,7 +109,8 @@ def describe_sockets(inodes: set[str]) -> list[str]:
 #: is in that line before the provider ever sees the connection. Airflow 3.1 no longer logs it. Nothing else
 #: is excused: only this exact line, and only on 3.0.
 AIRFLOW_3_0_DEBUG_LEAK = re.compile(
-    r"^.*\[debug\s*\] Sending request\s+msg=MaskSecret\(value='[^']*', name=None, type='MaskSecret'\)$", re.M
+    r"^.*\[debug\s*\] Sending request\s+msg=MaskSecret\(value='[^']*', name=None, type='MaskSecret'\)$",
+    re.MULTILINE,
 )
 
 
@@ -277,7 +278,11 @@ def guard(
 def fast_policy(max_retries: int = 3) -> RetryPolicy:
     """The real policy's shape (honours hints up to a cap, then backs off), in milliseconds."""
     return RetryPolicy(
-        max_retries=max_retries, initial_delay=0.005, max_delay=0.02, max_retry_after=1.0, rate_limit_patience=0.5
+        max_retries=max_retries,
+        initial_delay=0.005,
+        max_delay=0.02,
+        max_retry_after=1.0,
+        rate_limit_patience=0.5,
     )
 
 

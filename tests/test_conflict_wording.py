@@ -21,7 +21,9 @@ from airflow_provider_openai_batch.operators.openai_batch import (
 from airflow_provider_openai_batch.testing import BatchAPIEmulator, Fault
 
 #: Azure OpenAI's wording of the conflict: no status the hook could read from it.
-AZURE_CONFLICT = '{"error": {"code": "OperationNotAllowed", "message": "The batch is not in a state that allows this."}}'
+AZURE_CONFLICT = (
+    '{"error": {"code": "OperationNotAllowed", "message": "The batch is not in a state that allows this."}}'
+)
 
 
 def refuse_next_cancel(emulator: BatchAPIEmulator, batch_id: str, status: str) -> None:
@@ -49,7 +51,9 @@ def test_hook_returns_a_batch_already_being_cancelled(
 
 @pytest.mark.parametrize("path", ["sync", "async"])
 @pytest.mark.parametrize("status", ["completed", "failed", "expired"])
-def test_hook_reports_the_real_finished_status(emulator_connection: BatchAPIEmulator, path: str, status: str) -> None:
+def test_hook_reports_the_real_finished_status(
+    emulator_connection: BatchAPIEmulator, path: str, status: str
+) -> None:
     batch_id = emulator_connection.add_batch()["id"]
     refuse_next_cancel(emulator_connection, batch_id, status)
     with pytest.raises(BatchNotCancellableError, match=f"it is {status}") as refused:
@@ -83,7 +87,9 @@ def test_blocking_operator_waits_for_a_batch_still_cancelling(
 ) -> None:
     batch_id = emulator_connection.add_batch(cancel_after_polls=2)["id"]
     refuse_next_cancel(emulator_connection, batch_id, "cancelling")
-    result = OpenAICancelBatchOperator(task_id="cancel", batch_id=batch_id, poll_interval=0.01).execute(context)
+    result = OpenAICancelBatchOperator(task_id="cancel", batch_id=batch_id, poll_interval=0.01).execute(
+        context
+    )
     assert result["status"] == "cancelled" and result["output_file_id"]
 
 
@@ -92,7 +98,9 @@ def test_deferrable_operator_defers_and_the_trigger_sees_it_cancelled(
 ) -> None:
     batch_id = emulator_connection.add_batch(cancel_after_polls=2)["id"]
     refuse_next_cancel(emulator_connection, batch_id, "cancelling")
-    operator = OpenAICancelBatchOperator(task_id="cancel", batch_id=batch_id, poll_interval=0.01, deferrable=True)
+    operator = OpenAICancelBatchOperator(
+        task_id="cancel", batch_id=batch_id, poll_interval=0.01, deferrable=True
+    )
     with pytest.raises(TaskDeferred) as deferred:
         operator.execute(context)
 
@@ -126,7 +134,9 @@ def test_operator_applies_if_finished_to_a_finished_batch(
     succeed = OpenAICancelBatchOperator(task_id="cancel", batch_id=batch_id, deferrable=deferrable)
     assert succeed.execute(context)["status"] == "completed"
     refuse_next_cancel(emulator_connection, batch_id, "completed")
-    fail = OpenAICancelBatchOperator(task_id="cancel", batch_id=batch_id, deferrable=deferrable, if_finished="fail")
+    fail = OpenAICancelBatchOperator(
+        task_id="cancel", batch_id=batch_id, deferrable=deferrable, if_finished="fail"
+    )
     with pytest.raises(AirflowException, match="had already completed"):
         fail.execute(context)
 
@@ -137,7 +147,9 @@ def test_cleanup_files_a_reworded_refusal_under_the_real_status(
     """The batch finishes between the listing and the cancel: the refusal is filed under its real status."""
     old = int(time.time()) - 3 * 86_400
     batch_id = emulator_connection.add_batch(created_at=old, finish_after_polls=1)["id"]
-    emulator_connection.inject(Fault(kind="body", status=409, method="POST", path=r"/cancel$", body=AZURE_CONFLICT))
+    emulator_connection.inject(
+        Fault(kind="body", status=409, method="POST", path=r"/cancel$", body=AZURE_CONFLICT)
+    )
     operator = OpenAICancelStaleBatchesOperator(
         task_id="cleanup", older_than=timedelta(days=1), wait_for_cancellation=False
     )

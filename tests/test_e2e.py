@@ -22,7 +22,14 @@ pytestmark = pytest.mark.e2e
 def metadata_db() -> None:
     """Migrate the SQLite metadata DB of the session's AIRFLOW_HOME, as a user would."""
     airflow = Path(sys.executable).with_name("airflow")
-    result = subprocess.run([str(airflow), "db", "migrate"], capture_output=True, text=True, env=os.environ, timeout=300)
+    result = subprocess.run(
+        [str(airflow), "db", "migrate"],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=os.environ,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -35,21 +42,33 @@ def dagbag(metadata_db: None) -> Any:
     return bag
 
 
-def run_dag(dagbag: Any, dag_id: str, conf: dict[str, Any]) -> tuple[str, dict[str, str], dict[tuple[str, str], Any]]:
+def run_dag(
+    dagbag: Any, dag_id: str, conf: dict[str, Any]
+) -> tuple[str, dict[str, str], dict[tuple[str, str], Any]]:
     """Run a DAG with dag.test(); return the run's state, its task states and its XComs."""
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
 
     run = dagbag.get_dag(dag_id).test(run_conf=conf)
-    states = {f"{ti.task_id}[{ti.map_index}]" if ti.map_index >= 0 else ti.task_id: ti.state for ti in run.get_task_instances()}
+    states = {
+        f"{ti.task_id}[{ti.map_index}]" if ti.map_index >= 0 else ti.task_id: ti.state
+        for ti in run.get_task_instances()
+    }
     with create_session() as session:
-        rows = session.query(XComModel).filter(XComModel.dag_id == dag_id, XComModel.run_id == run.run_id).all()
-        xcoms = {(row.task_id if row.map_index < 0 else f"{row.task_id}[{row.map_index}]", row.key): row.value for row in rows}
+        rows = (
+            session.query(XComModel).filter(XComModel.dag_id == dag_id, XComModel.run_id == run.run_id).all()
+        )
+        xcoms = {
+            (row.task_id if row.map_index < 0 else f"{row.task_id}[{row.map_index}]", row.key): row.value
+            for row in rows
+        }
     return run.state, states, xcoms
 
 
 @pytest.mark.parametrize("dag_id", ["e2e_cancel_deferrable", "e2e_cancel_blocking"])
-def test_cancel_and_hand_partial_results_downstream(dagbag: Any, emulator_connection: BatchAPIEmulator, dag_id: str) -> None:
+def test_cancel_and_hand_partial_results_downstream(
+    dagbag: Any, emulator_connection: BatchAPIEmulator, dag_id: str
+) -> None:
     batch_id = emulator_connection.add_batch()["id"]
     state, states, xcoms = run_dag(dagbag, dag_id, {"batch_id": batch_id})
     final = emulator_connection.batch(batch_id)
@@ -61,7 +80,10 @@ def test_cancel_and_hand_partial_results_downstream(dagbag: Any, emulator_connec
     assert xcoms[("cancel", "output_file_id")] == final["output_file_id"]
     assert xcoms[("cancel", "error_file_id")] == final["error_file_id"]
     assert xcoms[("cancel", "return_value")] == final
-    assert xcoms[("collect", "return_value")] == {"output_file_id": final["output_file_id"], "status": "cancelled"}
+    assert xcoms[("collect", "return_value")] == {
+        "output_file_id": final["output_file_id"],
+        "status": "cancelled",
+    }
     assert xcoms[("cancel", "_link_OpenAIBatchLink")] == f"https://platform.openai.com/batches/{batch_id}"
     assert emulator_connection.cancel_count(batch_id) == 1
 
@@ -73,7 +95,10 @@ def test_mapped_cancellations(dagbag: Any, emulator_connection: BatchAPIEmulator
     assert [states[f"cancel[{i}]"] for i in range(3)] == ["success"] * 3
     for index, batch_id in enumerate(ids):
         assert emulator_connection.batch(batch_id)["status"] == "cancelled"
-        assert xcoms[(f"cancel[{index}]", "output_file_id")] == emulator_connection.batch(batch_id)["output_file_id"]
+        assert (
+            xcoms[(f"cancel[{index}]", "output_file_id")]
+            == emulator_connection.batch(batch_id)["output_file_id"]
+        )
 
 
 def test_failure_callback_cancels_the_batch(dagbag: Any, emulator_connection: BatchAPIEmulator) -> None:

@@ -16,8 +16,8 @@ from airflow_provider_openai_batch.models import (
     Batch,
     BatchList,
     BatchStatus,
-    check_metadata,
     File,
+    check_metadata,
 )
 from airflow_provider_openai_batch.testing import BatchAPIEmulator
 

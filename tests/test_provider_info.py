@@ -33,7 +33,9 @@ DISTRIBUTION = ENTRY_POINT.dist.name if ENTRY_POINT.dist else ""
 
 def airflow_cli(*args: str) -> str:
     airflow = Path(sys.executable).with_name("airflow")
-    result = subprocess.run([str(airflow), *args], capture_output=True, text=True, env=os.environ, timeout=300)
+    result = subprocess.run(
+        [str(airflow), *args], check=False, capture_output=True, text=True, env=os.environ, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout
 

@@ -40,7 +40,9 @@ def test_lets_go_what_the_api_says_remains_then_waits_for_the_reset() -> None:
 
 def test_a_late_answer_does_not_give_back_what_was_already_let_go() -> None:
     governor = RateGovernor()
-    governor.observe(answer(x_ratelimit_remaining_requests="10", x_ratelimit_reset_requests="1s"), 0, 100.0, CAP)
+    governor.observe(
+        answer(x_ratelimit_remaining_requests="10", x_ratelimit_reset_requests="1s"), 0, 100.0, CAP
+    )
     starts(governor, 8)  # tickets 1 to 8 let go: 2 left
     # The answer to ticket 1 arrives: the server had counted only it, so it says 9 remain.
     governor.observe(
@@ -48,7 +50,9 @@ def test_a_late_answer_does_not_give_back_what_was_already_let_go() -> None:
     )
     assert governor.budget == 2
     # Had the server's window reset meanwhile, the same count would leave 9 - 7 for the new window.
-    governor.observe(answer(x_ratelimit_remaining_requests="9", x_ratelimit_reset_requests="1s"), 1, 100.5, CAP)
+    governor.observe(
+        answer(x_ratelimit_remaining_requests="9", x_ratelimit_reset_requests="1s"), 1, 100.5, CAP
+    )
     assert governor.budget == 2 and governor.window_ends == pytest.approx(101.5)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-SNIPPETS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+SNIPPETS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
 
 
 def bound_names(tree: ast.AST) -> set[str]:
@@ -33,7 +33,9 @@ def bound_names(tree: ast.AST) -> set[str]:
 
 def imported_modules(tree: ast.AST) -> set[str]:
     modules = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    return modules | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    return modules | {
+        node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+    }
 
 
 def installed(module: str) -> bool:
@@ -69,4 +71,4 @@ def test_each_snippet_runs(snippet: str) -> None:
         pytest.skip("talks to api.openai.com: compiled and checked for undefined names only")
     if missing := sorted(name for name in imported_modules(ast.parse(snippet)) if not installed(name)):
         pytest.skip(f"shows another package's API, not installed here: {missing}")
-    exec(compile(snippet, "README.md", "exec"), {"__name__": "readme_snippet"})
+    exec(compile(snippet, "README.md", "exec"), {"__name__": "readme_snippet"})  # noqa: S102 - the point

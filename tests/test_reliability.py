@@ -375,7 +375,9 @@ def test_429_burst_longer_than_the_retry_budget(api: Api, case: Case) -> None:
         assert case.is_operator or outcome.event["status"] == "timeout", outcome.event
         assert "at the deadline" in message and "rate limiting" in message
         assert "failed polls" not in message
-        assert len(refused) > TOLERATED_POLLS * (RETRIES + 1), "the failure budget was not what ended the wait"
+        assert len(refused) > TOLERATED_POLLS * (RETRIES + 1), (
+            "the failure budget was not what ended the wait"
+        )
 
 
 # -- 5xx: server errors -----------------------------------------------------------------------------------------

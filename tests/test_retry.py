@@ -48,7 +48,9 @@ def test_retry_after_seconds_is_honoured() -> None:
 
 
 def test_retry_after_ms_wins_over_retry_after() -> None:
-    delay = RetryPolicy().delay_before_retry(0, response(429, **{"retry-after-ms": "250", "Retry-After": "3"}))
+    delay = RetryPolicy().delay_before_retry(
+        0, response(429, **{"retry-after-ms": "250", "Retry-After": "3"})
+    )
     assert delay == 0.25
 
 

@@ -53,7 +53,9 @@ def test_the_sync_wait_logs_the_history_in_the_worker(
     emulator_connection: BatchAPIEmulator, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
 ) -> None:
     batch_id = emulator_connection.add_batch(cancel_after_polls=3)["id"]
-    operator = OpenAICancelBatchOperator(task_id="cancel", batch_id=batch_id, poll_interval=0.01, deferrable=False)
+    operator = OpenAICancelBatchOperator(
+        task_id="cancel", batch_id=batch_id, poll_interval=0.01, deferrable=False
+    )
     with caplog.at_level(logging.INFO):
         operator.execute({"ti": mock.MagicMock(name="ti")})
     [line] = history_lines(caplog, capfd)
@@ -79,7 +81,12 @@ def test_an_event_from_before_the_history_still_completes(
 ) -> None:
     """A trigger deferred under an older provider version fires an event without ``status_history``."""
     batch: dict[str, Any] = {"id": "batch_old", "status": "cancelled", "output_file_id": "file-1"}
-    old_event = {"status": "cancelled", "batch_id": "batch_old", "batch": batch, "message": "Batch is cancelled."}
+    old_event = {
+        "status": "cancelled",
+        "batch_id": "batch_old",
+        "batch": batch,
+        "message": "Batch is cancelled.",
+    }
     operator = OpenAICancelBatchOperator(task_id="cancel", batch_id="batch_old")
     with caplog.at_level(logging.INFO):
         result = operator.execute_complete({"ti": mock.MagicMock(name="ti")}, old_event)

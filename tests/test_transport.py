@@ -717,7 +717,9 @@ async def test_a_private_ca_is_trusted_sync_and_async(
         extras["ca_bundle"] = str(certificate.cert_file)
     else:
         monkeypatch.setenv(source, str(certificate.cert_file))
-    conn = Connection(conn_id="private_ca", conn_type="openai_batch", password="sk-ca-test", host=f"{tls_server.url}/v1")
+    conn = Connection(
+        conn_id="private_ca", conn_type="openai_batch", password="sk-ca-test", host=f"{tls_server.url}/v1"
+    )
     settings = ConnectionSettings.from_connection(conn, extras)
     shared = await _async_clients.acquire(settings)
     try:

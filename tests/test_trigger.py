@@ -16,6 +16,7 @@ from airflow_provider_openai_batch.triggers.openai_batch import OpenAIBatchCance
 from tests._guards import built_by_the_triggerer, stored_by_airflow
 from tests.conftest import FAKE_API_KEY
 
+
 def make_trigger(
     batch_id: str, *, deadline_in: float = 30, poll_interval: float = 0.01
 ) -> OpenAIBatchCancellationTrigger:

@@ -20,7 +20,11 @@ from urllib.request import getproxies
 
 import httpx
 
-from airflow_provider_openai_batch.hooks._connection import ConnectionSettings, has_ssl_context, shared_ssl_context
+from airflow_provider_openai_batch.hooks._connection import (
+    ConnectionSettings,
+    has_ssl_context,
+    shared_ssl_context,
+)
 from airflow_provider_openai_batch.hooks._rate import RateGovernor, governor_for
 from airflow_provider_openai_batch.hooks._transport import KeepAliveTransport
 
@@ -60,9 +64,9 @@ class SharedAsyncClient:
 _clients: weakref.WeakKeyDictionary[
     asyncio.AbstractEventLoop, dict[ConnectionSettings, SharedAsyncClient]
 ] = weakref.WeakKeyDictionary()
-_tls_builds: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str | None, asyncio.Future[object]]] = (
-    weakref.WeakKeyDictionary()
-)
+_tls_builds: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[str | None, asyncio.Future[object]]
+] = weakref.WeakKeyDictionary()
 
 
 async def acquire(settings: ConnectionSettings) -> SharedAsyncClient:
@@ -116,7 +120,9 @@ def _transport_for(settings: ConnectionSettings) -> KeepAliveTransport | None:
     proxies = getproxies()
     if proxies.get(httpx.URL(settings.base_url).scheme) or proxies.get("all"):
         return None
-    return KeepAliveTransport(ssl_context=shared_ssl_context(settings.ca_bundle), max_idle=MAX_CONCURRENT_REQUESTS)
+    return KeepAliveTransport(
+        ssl_context=shared_ssl_context(settings.ca_bundle), max_idle=MAX_CONCURRENT_REQUESTS
+    )
 
 
 async def release(settings: ConnectionSettings) -> None:

@@ -57,8 +57,8 @@ class ConnectionSettings:
         conn_id = conn.conn_id
         extras = extras or {}
         client_kwargs = extras.get(OFFICIAL_CLIENT_KWARGS) or {}
-        if not isinstance(client_kwargs, dict):
-            raise ValueError(
+        if not isinstance(client_kwargs, dict):  # a bad connection value, like every other one here
+            raise ValueError(  # noqa: TRY004
                 f"Connection '{conn_id}': extra '{OFFICIAL_CLIENT_KWARGS}' must be a JSON object."
             )
 
@@ -89,8 +89,12 @@ class ConnectionSettings:
             project=pick("project"),
             api_type=cast(Literal["openai", "azure"], api_type),
             api_version=pick("api_version"),
-            timeout=_number(conn_id, "timeout", pick("timeout"), DEFAULT_TIMEOUT, float, minimum=0, strict=True),
-            max_retries=_number(conn_id, "max_retries", pick("max_retries"), DEFAULT_MAX_RETRIES, int, minimum=0),
+            timeout=_number(
+                conn_id, "timeout", pick("timeout"), DEFAULT_TIMEOUT, float, minimum=0, strict=True
+            ),
+            max_retries=_number(
+                conn_id, "max_retries", pick("max_retries"), DEFAULT_MAX_RETRIES, int, minimum=0
+            ),
             ca_bundle=pick("ca_bundle"),
         )
 

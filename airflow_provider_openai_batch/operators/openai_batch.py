@@ -87,7 +87,7 @@ class OpenAIBatchLink(BaseOperatorLink):
             api_type = OpenAIBatchHook(
                 getattr(operator, "conn_id", OpenAIBatchHook.default_conn_name)
             ).settings.api_type
-        except Exception:  # the link is a convenience: a connection problem shows in the task, not here
+        except Exception:  # noqa: BLE001 - the link is a convenience: a connection problem shows in the task, not here
             return ""
         return BATCH_URL.format(batch_id=batch_id) if api_type == "openai" else ""
 

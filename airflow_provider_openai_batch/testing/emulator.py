@@ -12,8 +12,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
-import math
 import json
+import math
 import re
 import secrets
 import threading
