@@ -12,7 +12,7 @@ $(BIN)/uv:
 
 # Reinstall whenever the project's metadata changes.
 $(STAMP): pyproject.toml | $(BIN)/uv
-	$(BIN)/uv pip install --quiet --python $(BIN)/python -e ".[test]"
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -e ".[test,lint]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -5,6 +5,7 @@ it."""
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import re
 import subprocess
@@ -38,6 +39,30 @@ def airflow_cli(*args: str) -> str:
     )
     assert result.returncode == 0, result.stderr
     return result.stdout
+
+
+def api_server_hook_meta(conn_type: str) -> dict[str, Any]:
+    """The connection form's metadata for ``conn_type`` as the API server builds it, in a fresh process as in
+    the API server: Airflow 3.0 and 3.1 build it while their WTForms stand-ins are patched in, and their
+    ProvidersManager keeps the first widgets it was given, so in a process whose hooks were already imported
+    (this one) they would be the real WTForms fields, which the API server cannot convert."""
+    script = (
+        "import json, sys\n"
+        "from airflow.api_fastapi.core_api.services.ui.connections import HookMetaService\n"
+        "print(json.dumps([meta.model_dump(mode='json') for meta in HookMetaService.hook_meta_data()"
+        " if meta.connection_type == sys.argv[1]]))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, conn_type],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=os.environ,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    [meta] = json.loads(result.stdout.splitlines()[-1])
+    return meta
 
 
 def providers_manager() -> Any:
@@ -144,19 +169,15 @@ def test_the_api_server_builds_the_connection_form(set_connection: Callable[...,
     """The form as the UI receives it, from the API server's own hook metadata: Airflow 3.2 and later build it
     from the provider info, 3.0 and 3.1 from the hook's WTForms fields. Every extra is optional, and the
     default each one states is the one the hook uses without it."""
-    from airflow.api_fastapi.core_api.services.ui.connections import HookMetaService
-
-    [meta] = [
-        meta for meta in HookMetaService.hook_meta_data() if meta.connection_type == OpenAIBatchHook.conn_type
-    ]
-    assert meta.hook_name == OpenAIBatchHook.hook_name
-    standard = meta.standard_fields
+    meta = api_server_hook_meta(OpenAIBatchHook.conn_type)
+    assert meta["hook_name"] == OpenAIBatchHook.hook_name
+    standard = meta["standard_fields"]
     for name, label in FIELD_BEHAVIOUR["relabeling"].items():
-        assert getattr(standard, name).title == label
-    assert standard.host.placeholder == FIELD_BEHAVIOUR["placeholders"]["host"]
+        assert standard[name]["title"] == label
+    assert standard["host"]["placeholder"] == FIELD_BEHAVIOUR["placeholders"]["host"]
     hidden = {"schema": "url_schema"}
-    assert all(getattr(standard, hidden.get(name, name)).hidden for name in FIELD_BEHAVIOUR["hidden_fields"])
-    extras = meta.extra_fields
+    assert all(standard[hidden.get(name, name)]["hidden"] for name in FIELD_BEHAVIOUR["hidden_fields"])
+    extras = meta["extra_fields"]
     assert {name: field["schema"]["title"] for name, field in extras.items()} == {
         name: field["label"] for name, field in EXTRA_FIELDS.items()
     }
