@@ -22,10 +22,16 @@ PROVIDER_LOGGER = "airflow_provider_openai_batch"
 
 
 def history_lines(caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]) -> list[str]:
-    """The history lines the operators logged: through stdlib logging, or structlog's console (Airflow 3.3)."""
+    """The history lines the operators logged: through stdlib logging, or else structlog's console (Airflow 3.3).
+
+    Airflow 3.0 sends a record both ways (to caplog and to its console handler): one source is read, not both.
+    """
     printed = capfd.readouterr()
-    lines = [record.getMessage() for record in caplog.records]
-    lines += (printed.out + printed.err).splitlines()
+    logged = history_in([record.getMessage() for record in caplog.records])
+    return logged or history_in((printed.out + printed.err).splitlines())
+
+
+def history_in(lines: list[str]) -> list[str]:
     return [line[line.index("Batch '") :] for line in lines if " was 'cancelling' at " in line]
 
 
