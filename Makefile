@@ -1,6 +1,7 @@
 # The two set-up commands are `make demo` and `make test`; both work on a fresh clone.
+# Another Python: `make test PYTHON=python3.12 VENV=.venv-3.12` (what .ci/run does for each supported Python).
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 

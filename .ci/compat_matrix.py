@@ -1,13 +1,14 @@
 """`make test-compat`: the unit and dag.test() suites on the newest patch of every supported Airflow line.
 
-For each line it builds a fresh venv holding ``apache-airflow==X.Y.Z`` and the provider's built wheel (never an
-editable install), resolved as of the day after that Airflow release (``uv --exclude-newer``), as Airflow's
-constraint files pin it, with the newest common-compat (the one provider the wheel needs newer). It copies the tests and example DAGs to a folder outside the source tree, checks that the
-provider is imported from the venv, and runs pytest there. Installs go through uv and its cache, so a rerun
-costs seconds. The summary names the Airflow version of every failure; the exit code is non-zero if any line
-failed.
+Every line runs on Python 3.11, the oldest supported; the newest line runs on 3.12 and 3.13 too (the Pythons
+of Airflow's official images). For each of these runs it builds a fresh venv holding ``apache-airflow==X.Y.Z``
+and the provider's built wheel (never an editable install), resolved as of the day after that Airflow release
+(``uv --exclude-newer``), as Airflow's constraint files pin it, but for NEWEST_ON_EVERY_LINE. It copies the
+tests and example DAGs to a folder outside the source tree, checks that the provider is imported from the venv,
+and runs pytest there. Installs go through uv and its cache, so a rerun costs seconds. The summary names the
+Airflow and Python of every failure; the exit code is non-zero if any run failed.
 
-    python .ci/compat_matrix.py [--python PY] [VERSION ...]
+    python .ci/compat_matrix.py [--pythons 3.11,3.13] [VERSION ...]
 """
 
 from __future__ import annotations
@@ -34,7 +35,17 @@ AIRFLOW_RELEASES = {
 }
 #: What the suites read besides the installed wheel and its test extra (the README: its snippets are tested;
 #: docs/connections.md: its defaults). Nothing from the source tree is importable.
+#: Installed at their newest on every line, past the release-day cut: common-compat, the one provider the wheel
+#: needs newer, and the clients users bring (the official OpenAI provider supports Airflow >= 2.11, with the
+#: `openai` SDK it needs), which the connection and emulator tests are checked against.
+NEWEST_ON_EVERY_LINE = ("apache-airflow-providers-common-compat", "apache-airflow-providers-openai", "openai")
 COPIED = ("tests", "example_dags", "docs/recipes", "docs/connections.md", "README.md")
+#: The oldest supported Python runs every line; the newest Airflow line runs on the newer Pythons as well.
+OLDEST_PYTHON = "3.11"
+NEWER_PYTHONS = ("3.12", "3.13")
+MATRIX: list[tuple[str, str]] = [(version, OLDEST_PYTHON) for version in AIRFLOW_RELEASES] + [
+    (list(AIRFLOW_RELEASES)[-1], python) for python in NEWER_PYTHONS
+]
 
 
 def run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess:
@@ -50,11 +61,22 @@ def build_wheel(uv: str) -> Path:
     return wheel
 
 
+def find_python(version: str) -> str:
+    """The interpreter of Python ``version``, found as ``.ci/run`` finds it (``.ci/find-python``)."""
+    return run([str(ROOT / ".ci" / "find-python"), version], capture_output=True, text=True).stdout.strip()
+
+
+def label(version: str, python: str) -> str:
+    """How a run is named in folders and in the summary."""
+    return f"Airflow {version} on Python {python}"
+
+
 def prepare(uv: str, python: str, version: str, wheel: Path) -> Path:
-    """A fresh venv with Airflow ``version`` and the wheel (with its test extra); return its interpreter."""
-    venv = WORK / f"airflow-{version}"
+    """A fresh venv of Python ``python`` (``X.Y``) with Airflow ``version`` and the wheel (with its test extra);
+    return its interpreter."""
+    venv = WORK / f"airflow-{version}-py{python}"
     shutil.rmtree(venv, ignore_errors=True)
-    run([uv, "venv", "--quiet", "--python", python, str(venv)])
+    run([uv, "venv", "--quiet", "--python", find_python(python), str(venv)])
     interpreter = venv / "bin" / "python"
     today = datetime.date.today().isoformat()
     run(
@@ -67,8 +89,7 @@ def prepare(uv: str, python: str, version: str, wheel: Path) -> Path:
             str(interpreter),
             "--exclude-newer",
             AIRFLOW_RELEASES[version],
-            "--exclude-newer-package",
-            f"apache-airflow-providers-common-compat={today}",
+            *(f"--exclude-newer-package={package}={today}" for package in NEWEST_ON_EVERY_LINE),
             f"apache-airflow=={version}",
             f"{wheel}[test]",
         ]
@@ -76,10 +97,10 @@ def prepare(uv: str, python: str, version: str, wheel: Path) -> Path:
     return interpreter
 
 
-def copy_tests(version: str) -> Path:
+def copy_tests(version: str, python: str) -> Path:
     """A copy of the suites outside the source tree, taken with the wheel, so that edits made while the
     matrix runs do not mix into it."""
-    workdir = WORK / f"run-{version}"
+    workdir = WORK / f"run-{version}-py{python}"
     shutil.rmtree(workdir, ignore_errors=True)
     for name in COPIED:
         if (ROOT / name).is_dir():
@@ -124,35 +145,43 @@ def main() -> int:
     parser.add_argument(
         "versions", nargs="*", default=list(AIRFLOW_RELEASES), help=f"of {list(AIRFLOW_RELEASES)}"
     )
-    parser.add_argument("--python", default=sys.executable, help="interpreter the venvs are made from")
+    parser.add_argument(
+        "--pythons",
+        default=",".join(sorted({python for _, python in MATRIX})),
+        help="comma-separated X.Y: only the matrix's runs on these Pythons",
+    )
     parser.add_argument("--pytest-args", default="", help="extra pytest arguments, e.g. '-k hook -x'")
     args = parser.parse_args()
     if unknown := set(args.versions) - set(AIRFLOW_RELEASES):
         parser.error(f"not a tested Airflow version: {sorted(unknown)}")
+    runs = [(v, py) for v, py in MATRIX if v in args.versions and py in args.pythons.split(",")]
+    if not runs:
+        parser.error("no run of the matrix matches those versions and Pythons")
     uv = shutil.which("uv", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     if uv is None:
         raise SystemExit("uv is needed: run `make install` first.")
     wheel = build_wheel(uv)
-    workdirs = {version: copy_tests(version) for version in args.versions}
+    workdirs = {(version, python): copy_tests(version, python) for version, python in runs}
     results: dict[str, str] = {}
-    for version in args.versions:
-        print(f"\n===== Airflow {version} =====", flush=True)
+    for version, python in runs:
+        name = label(version, python)
+        print(f"\n===== {name} =====", flush=True)
         started = time.monotonic()
         try:
-            interpreter = prepare(uv, args.python, version, wheel)
+            interpreter = prepare(uv, python, version, wheel)
         except subprocess.CalledProcessError as error:
-            results[version] = f"install failed ({error.returncode})"
+            results[name] = f"install failed ({error.returncode})"
             continue
-        code = test(interpreter, version, workdirs[version], args.pytest_args.split())
+        code = test(interpreter, version, workdirs[version, python], args.pytest_args.split())
         minutes = (time.monotonic() - started) / 60
-        results[version] = "passed" if code == 0 else f"FAILED (pytest exit {code})"
-        print(f"===== Airflow {version}: {results[version]} in {minutes:.1f} min =====", flush=True)
+        results[name] = "passed" if code == 0 else f"FAILED (pytest exit {code})"
+        print(f"===== {name}: {results[name]} in {minutes:.1f} min =====", flush=True)
     print("\nCompatibility matrix:")
-    for version, result in results.items():
-        print(f"  Airflow {version}: {result}")
-    failed = [version for version, result in results.items() if result != "passed"]
+    for name, result in results.items():
+        print(f"  {name}: {result}")
+    failed = [name for name, result in results.items() if result != "passed"]
     if failed:
-        print(f"FAILED on Airflow {', '.join(failed)}", file=sys.stderr)
+        print(f"FAILED on {'; '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
 
 
