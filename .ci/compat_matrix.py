@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -172,7 +173,7 @@ def main() -> int:
         except subprocess.CalledProcessError as error:
             results[name] = f"install failed ({error.returncode})"
             continue
-        code = test(interpreter, version, workdirs[version, python], args.pytest_args.split())
+        code = test(interpreter, version, workdirs[version, python], shlex.split(args.pytest_args))
         minutes = (time.monotonic() - started) / 60
         results[name] = "passed" if code == 0 else f"FAILED (pytest exit {code})"
         print(f"===== {name}: {results[name]} in {minutes:.1f} min =====", flush=True)
