@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint fuzz test-system test-compat demo bench clean
+.PHONY: install test lint test-system test-compat demo bench clean
 
 $(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
@@ -26,10 +26,6 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m mypy airflow_provider_openai_batch
-
-# The fuzz suite alone, at ten times the examples `make test` runs it with, from a random seed.
-fuzz: install
-	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest tests/fuzz -p no:cacheprovider
 
 # A real Airflow deployment (scheduler, triggerer, dag-processor, API server) against the emulator.
 test-system: install
