@@ -34,11 +34,11 @@ AIRFLOW_RELEASES = {
     "3.2.2": "2026-05-30",
     "3.3.2": "2026-09-18",
 }
-#: What the suites read besides the installed wheel and its test extra (the README: its snippets are tested;
-#: docs/connections.md: its defaults). Nothing from the source tree is importable.
 #: Installed at its newest on every line, past the release-day cut: common-compat, the one provider the wheel
 #: needs newer than some lines' release day.
 NEWEST_ON_EVERY_LINE = ("apache-airflow-providers-common-compat",)
+#: What the suites read besides the installed wheel and its test extra (the README: its snippets are tested;
+#: docs/connections.md: its defaults). Nothing from the source tree is importable.
 COPIED = ("tests", "example_dags", "docs/recipes", "docs/connections.md", "README.md")
 #: The oldest supported Python runs every line; the newest Airflow line runs on the newer Pythons as well.
 OLDEST_PYTHON = "3.11"
