@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 from airflow.providers.common.compat.sdk import AirflowException, Connection, TaskDeferred, redact
 
+from airflow_provider_openai_batch.callbacks import cancel_run_batches
 from airflow_provider_openai_batch.exceptions import OpenAIBatchError
 from airflow_provider_openai_batch.hooks import openai_batch as hook_module
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
@@ -350,6 +351,52 @@ def test_exceptions_hold_no_key(
             run_async(acancel())
     assert expected in str(caught.value)
     assert len(exception_chain(caught.value)) >= 1
+
+
+#: Keys that cannot be a header value (issue 24, defect 3), and how the refusal names the flaw.
+UNSENDABLE_KEYS = {
+    "trailing_newline": (FAKE_API_KEY + "\n", "a line feed (\\n) at its end"),
+    "trailing_crlf": (FAKE_API_KEY + "\r\n", "a carriage return (\\r) inside it"),
+    "nul_inside": (FAKE_API_KEY[:10] + "\x00" + FAKE_API_KEY[10:], "a NUL byte inside it"),
+    "non_ascii": (FAKE_API_KEY + "é", "a non-ASCII character at its end"),
+    "leading_space": (" " + FAKE_API_KEY, "a space at its start"),
+}
+
+
+@pytest.mark.parametrize("name", UNSENDABLE_KEYS)
+def test_a_key_that_cannot_be_a_header_is_refused_without_being_quoted(
+    emulator: BatchAPIEmulator, set_connection: Any, guard: Guard, name: str
+) -> None:
+    """Regression (issue 24, defect 3): such a key used to go out, fail in the HTTP stack as a retried "network
+    error" quoting ``Bearer <key>``, and reach the exception, the trigger's event, the callback's JSON and the
+    warning logs. It is now refused before any request, by every path, with an error that does not quote it;
+    the guard checks the logs and stdout/stderr."""
+    key, flaw = UNSENDABLE_KEYS[name]
+    set_connection(password=key, host=emulator.base_url)
+    batch_id = emulator.add_batch(metadata={"airflow_dag_id": "d", "airflow_run_id": "r"})["id"]
+    expected = f"Connection 'openai_default': the API key cannot be sent in an HTTP header: it has {flaw}"
+
+    async def acancel() -> None:
+        async with OpenAIBatchHook() as hook:
+            await hook.acancel_batch(batch_id)
+
+    for call in (lambda: OpenAIBatchHook().cancel_batch(batch_id), lambda: run_async(acancel())):
+        with guard.raises(ValueError) as caught:
+            call()
+        assert expected in str(caught.value)
+    operator = OpenAICancelBatchOperator(task_id="cancel", batch_id=batch_id, deferrable=True)
+    with guard.raises(ValueError, match="cannot be sent in an HTTP header"):
+        run_operator(operator, TaskContext(), guard)
+    event = run_trigger(
+        OpenAIBatchCancellationTrigger(batch_id, "openai_default", 0.01, time.time() + 5), guard
+    )
+    assert event["status"] == "error" and expected in event["message"]
+    context = {"dag_run": {"dag_id": "d", "dag_run_id": "r"}}
+    summaries = [cancel_run_batches()(context), run_async(cancel_run_batches(context=context))]  # type: ignore[arg-type]
+    assert_no_key(json.dumps(summaries), "the JSON of cancel_run_batches")
+    assert expected in guard.output(), "the callback logged why it cancelled nothing"
+    assert emulator.requests == [], "refused before any request"
+    assert emulator.batch(batch_id)["status"] == "in_progress"
 
 
 def test_a_server_echoing_the_key_does_not_get_it_repeated(

@@ -74,6 +74,7 @@ class ConnectionSettings:
                 f"Connection '{conn_id}' has no API key: set its password (or "
                 f"'{OFFICIAL_CLIENT_KWARGS}.api_key' in its extras)."
             )
+        _check_header_safe_key(conn_id, api_key)
         api_type = (pick("api_type") or "openai").lower()
         if api_type not in ("openai", "azure"):
             raise ValueError(
@@ -173,6 +174,39 @@ def _validated_base_url(conn_id: str, raw: str) -> str:
             url.host,
         )
     return str(url)
+
+
+#: How each kind of character that cannot be in a header is named in an error, which never quotes the key.
+_UNSENDABLE = {
+    "\n": "a line feed (\\n)",
+    "\r": "a carriage return (\\r)",
+    "\x00": "a NUL byte",
+    " ": "a space",
+}
+
+
+def _check_header_safe_key(conn_id: str, api_key: str) -> None:
+    """Refuse a key that cannot be sent in a header, before any request, without quoting it.
+
+    Sent as it is, such a key fails inside the HTTP stack with an error that quotes the header, key included
+    (``Illegal header value b'Bearer sk-...\\n'``), which would reach logs, trigger events and XComs. A trailing
+    newline is the usual cause: a secret read from a file. Keys are printable ASCII without spaces.
+    """
+    if not isinstance(api_key, str):  # a bad connection value, like every other one here
+        raise ValueError(  # noqa: TRY004
+            f"Connection '{conn_id}': the API key must be a string, not {type(api_key).__name__}."
+        )
+    bad = next((index for index, char in enumerate(api_key) if not "!" <= char <= "~"), None)
+    if bad is None:
+        return
+    char = api_key[bad]
+    kind = _UNSENDABLE.get(char) or ("a non-ASCII character" if ord(char) > 0x7E else "a control character")
+    where = "at its start" if bad == 0 else "at its end" if bad == len(api_key) - 1 else "inside it"
+    raise ValueError(
+        f"Connection '{conn_id}': the API key cannot be sent in an HTTP header: it has {kind} {where} "
+        "(a key read from a file often ends with a newline). Keys are printable ASCII without spaces; "
+        "the key is not shown here."
+    )
 
 
 def _is_loopback(host: str) -> bool:
