@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from airflow import __version__ as airflow_version
 from airflow.providers.common.compat.sdk import AirflowException, AirflowSkipException
 
 from airflow_provider_openai_batch.callbacks import cancel_batch_on_failure
@@ -457,7 +458,7 @@ BAD_CONNECTIONS: dict[str, tuple[dict[str, Any], str]] = {
     ),
     "non_numeric_max_retries": (
         {"password": "{key}", "host": "{url}", "extra": {"max_retries": "three"}},
-        "Connection 'openai_default': extra 'max_retries' must be a number, got 'three'.",
+        "Connection 'openai_default': extra 'max_retries' must be an integer, got 'three'.",
     ),
     "negative_max_retries": (
         {"password": "{key}", "host": "{url}", "extra": {"max_retries": -1}},
@@ -470,6 +471,84 @@ BAD_CONNECTIONS: dict[str, tuple[dict[str, Any], str]] = {
     "client_kwargs_not_an_object": (
         {"password": "{key}", "host": "{url}", "extra": {"openai_client_kwargs": "api_key=sk"}},
         "Connection 'openai_default': extra 'openai_client_kwargs' must be a JSON object.",
+    ),
+    # Issue 24, defect 5: wrong types, ranges and characters, each named instead of an error of the HTTP stack.
+    "api_type_not_a_string": (
+        {"password": "{key}", "host": "{url}", "extra": {"api_type": 5}},
+        "Connection 'openai_default': extra 'api_type' must be a string, not a number.",
+    ),
+    "organization_a_number": (
+        {"password": "{key}", "host": "{url}", "extra": {"organization": 123}},
+        "Connection 'openai_default': extra 'organization' must be a string, not a number.",
+    ),
+    "project_an_object": (
+        {"password": "{key}", "host": "{url}", "extra": {"project": {}}},
+        "Connection 'openai_default': extra 'project' must be a string, not an object.",
+    ),
+    "organization_not_ascii": (
+        {"password": "{key}", "host": "{url}", "extra": {"organization": "orgé"}},
+        "Connection 'openai_default': extra 'organization' is sent as a header, so it must be ASCII",
+    ),
+    "project_with_a_newline": (
+        {
+            "password": "{key}",
+            "host": "{url}",
+            "extra": {"openai_client_kwargs": {"project": "p\nX-Evil: 1"}},
+        },
+        "Connection 'openai_default': extra 'openai_client_kwargs.project' must not contain control characters",
+    ),
+    "ca_bundle_a_number": (
+        {"password": "{key}", "host": "{url}", "extra": {"ca_bundle": 5}},
+        "Connection 'openai_default': extra 'ca_bundle' must be a string, not a number.",
+    ),
+    "client_kwargs_base_url_a_number": (
+        {"password": "{key}", "extra": {"openai_client_kwargs": {"base_url": 5}}},
+        "Connection 'openai_default': base URL (extra 'openai_client_kwargs.base_url') must be a string, not a number.",
+    ),
+    "max_retries_infinity": (
+        {"password": "{key}", "host": "{url}", "extra": {"max_retries": "Infinity"}},
+        "Connection 'openai_default': extra 'max_retries' must be an integer, got 'Infinity'.",
+    ),
+    "max_retries_a_fraction": (
+        {"password": "{key}", "host": "{url}", "extra": {"max_retries": 1.9}},
+        "Connection 'openai_default': extra 'max_retries' must be an integer, got 1.9.",
+    ),
+    "max_retries_too_many": (
+        {"password": "{key}", "host": "{url}", "extra": {"max_retries": 10**6}},
+        "Connection 'openai_default': extra 'max_retries' must be at most 100, got 1000000.",
+    ),
+    "timeout_nan": (
+        {"password": "{key}", "host": "{url}", "extra": {"timeout": "NaN"}},
+        "Connection 'openai_default': extra 'timeout' must be a number, got 'NaN'.",
+    ),
+    "timeout_inf": (
+        {"password": "{key}", "host": "{url}", "extra": {"timeout": "inf"}},
+        "Connection 'openai_default': extra 'timeout' must be a number, got 'inf'.",
+    ),
+    "timeout_too_long": (
+        {"password": "{key}", "host": "{url}", "extra": {"timeout": 1e300}},
+        "Connection 'openai_default': extra 'timeout' must be at most 86400, got 1e+300.",
+    ),
+    "host_not_a_url": (
+        {"password": "{key}", "host": "http://[::1"},
+        "Connection 'openai_default': base URL 'http://[::1' (host) is not a valid URL",
+    ),
+    "host_port_out_of_range": (
+        {"password": "{key}", "host": "http://127.0.0.1:99999/v1"},
+        "Connection 'openai_default': base URL 'http://127.0.0.1/v1' (host): port 99999 is not between 1 and 65535.",
+    ),
+    "blank_password": (
+        {"password": "   ", "host": "{url}"},
+        "Connection 'openai_default' has no API key: set its password",
+    ),
+    "host_with_a_query": (
+        {"password": "{key}", "host": "{url}?api-key=secret"},
+        "Connection 'openai_default': base URL (host) must not have a query or a fragment",
+    ),
+    # Issue 24, defect 14: httpx sent 'user:pw@' as Basic auth on the sync path only; refused on both.
+    "host_with_credentials": (
+        {"password": "{key}", "host": "http://user:pw@{hostport}/v1"},
+        "Connection 'openai_default': base URL (host) must not hold a user name or password",
     ),
 }
 SURFACES = [
@@ -572,6 +651,25 @@ def test_bad_connection_is_refused_before_any_request(
         assert expected in message, f"{surface}: {message}"
         assert emulator.requests == [], f"{surface}: refused before any request"
         assert emulator.batch(batch_id)["status"] == "in_progress", f"{surface}: nothing was cancelled"
+
+
+@pytest.mark.parametrize("surface", ["hook_sync", "hook_async", "trigger"])
+def test_an_extra_that_is_a_json_list_is_refused(
+    emulator: BatchAPIEmulator, set_connection: Any, guard: Guard, surface: str
+) -> None:
+    """Regression (issue 24, defect 5): an extra that is a JSON list raised ``AttributeError``. Airflow 3.0
+    refuses to load such a connection itself, so there the lookup's own error is what the caller gets."""
+    set_connection(password=FAKE_API_KEY, host=emulator.base_url, extra=[{"organization": "org-1"}])
+    batch_id = emulator.add_batch()["id"]
+    error, message = use(surface, batch_id, guard)
+    if error is not None:
+        message = str(error)
+    if airflow_version.startswith("3.0."):
+        assert not isinstance(error, AttributeError), f"{surface}: {error!r}"
+    else:
+        assert isinstance(error, ValueError) or surface == "trigger", f"{surface}: {error!r}"
+        assert "Connection 'openai_default': its extra must be a JSON object, not a list." in str(message)
+    assert emulator.requests == [], f"{surface}: refused before any request"
 
 
 @pytest.mark.parametrize("surface", [s for s in SURFACES if s != "test_connection"])

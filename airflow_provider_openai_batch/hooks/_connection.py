@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import os
 import ssl
 from dataclasses import dataclass, field
@@ -23,6 +24,9 @@ log = logging.getLogger(__name__)
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_MAX_RETRIES = 3
+#: Bounds of the numeric extras: finite, and small enough for every timer and retry loop they feed.
+MAX_TIMEOUT = 86_400.0
+MAX_RETRIES = 100
 
 #: Extra of the official ``apache-airflow-providers-openai`` connection; read too, so its connections work here.
 OFFICIAL_CLIENT_KWARGS = "openai_client_kwargs"
@@ -55,48 +59,26 @@ class ConnectionSettings:
         The extras come separately because reading them is sync or async depending on the caller's path.
         """
         conn_id = conn.conn_id
-        extras = extras or {}
-        client_kwargs = extras.get(OFFICIAL_CLIENT_KWARGS) or {}
-        if not isinstance(client_kwargs, dict):  # a bad connection value, like every other one here
-            raise ValueError(  # noqa: TRY004
-                f"Connection '{conn_id}': extra '{OFFICIAL_CLIENT_KWARGS}' must be a JSON object."
-            )
-
-        def pick(name: str) -> Any:
-            for source in (extras, client_kwargs):
-                if source.get(name) not in (None, ""):
-                    return source[name]
-            return None
-
-        api_key = conn.password or client_kwargs.get("api_key")
-        if not api_key:
-            raise ValueError(
-                f"Connection '{conn_id}' has no API key: set its password (or "
-                f"'{OFFICIAL_CLIENT_KWARGS}.api_key' in its extras)."
-            )
-        _check_header_safe_key(conn_id, api_key)
-        api_type = (pick("api_type") or "openai").lower()
-        if api_type not in ("openai", "azure"):
+        read = _Reader(conn_id, extras)
+        api_key = read.api_key(conn.password)
+        api_type = read.text("api_type") or "openai"
+        if api_type.lower() not in ("openai", "azure"):
             raise ValueError(
                 f"Connection '{conn_id}': extra 'api_type' must be 'openai' or 'azure', not {api_type!r}."
             )
         return cls(
             conn_id=conn_id,
             api_key=api_key,
-            base_url=_validated_base_url(
-                conn_id, conn.host or client_kwargs.get("base_url") or DEFAULT_BASE_URL
+            base_url=read.base_url(conn.host),
+            organization=read.header_value("organization"),
+            project=read.header_value("project"),
+            api_type=cast(Literal["openai", "azure"], api_type.lower()),
+            api_version=read.text("api_version"),
+            timeout=read.number(
+                "timeout", DEFAULT_TIMEOUT, float, minimum=0, maximum=MAX_TIMEOUT, strict=True
             ),
-            organization=pick("organization"),
-            project=pick("project"),
-            api_type=cast(Literal["openai", "azure"], api_type),
-            api_version=pick("api_version"),
-            timeout=_number(
-                conn_id, "timeout", pick("timeout"), DEFAULT_TIMEOUT, float, minimum=0, strict=True
-            ),
-            max_retries=_number(
-                conn_id, "max_retries", pick("max_retries"), DEFAULT_MAX_RETRIES, int, minimum=0
-            ),
-            ca_bundle=pick("ca_bundle"),
+            max_retries=read.number("max_retries", DEFAULT_MAX_RETRIES, int, minimum=0, maximum=MAX_RETRIES),
+            ca_bundle=read.text("ca_bundle"),
         )
 
     @property
@@ -160,22 +142,6 @@ def shared_ssl_context(ca_bundle: str | None = None) -> ssl.SSLContext:
     return _ssl_contexts.setdefault(ca_bundle, context)
 
 
-def _validated_base_url(conn_id: str, raw: str) -> str:
-    url = httpx.URL(raw.strip())
-    if url.scheme not in ("http", "https") or not url.host:
-        raise ValueError(
-            f"Connection '{conn_id}': base URL {raw!r} must be an absolute http(s) URL, "
-            f"e.g. {DEFAULT_BASE_URL!r}."
-        )
-    if url.scheme == "http" and not _is_loopback(url.host):
-        log.warning(
-            "Connection '%s' sends the API key in clear text over http:// to %s; use https://.",
-            conn_id,
-            url.host,
-        )
-    return str(url)
-
-
 #: How each kind of character that cannot be in a header is named in an error, which never quotes the key.
 _UNSENDABLE = {
     "\n": "a line feed (\\n)",
@@ -218,26 +184,163 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _number(
-    conn_id: str,
-    name: str,
-    raw: Any,
-    default: float,
-    kind: type[float | int],
-    *,
-    minimum: float,
-    strict: bool = False,
-) -> Any:
-    """Parse a numeric extra; the UI stores extras as strings, so ``"30"`` is accepted."""
-    if raw is None or raw == "":
-        return default
-    try:
-        if isinstance(raw, bool):
-            raise TypeError
-        value = kind(raw)
-    except (TypeError, ValueError):
-        raise ValueError(f"Connection '{conn_id}': extra '{name}' must be a number, got {raw!r}.") from None
-    if value < minimum or (strict and value == minimum):
-        bound = "greater than" if strict else "at least"
-        raise ValueError(f"Connection '{conn_id}': extra '{name}' must be {bound} {minimum}, got {raw!r}.")
-    return value
+class _Reader:
+    """Reads each setting of one connection from where it can be, checking its type, range and characters.
+
+    Every value is checked where it enters, so that a wrong one fails here, with the connection and the field
+    named, rather than later as an error of the HTTP stack (``OverflowError``, ``UnicodeEncodeError``,
+    ``httpx.InvalidURL``...) that names neither, or never (a NaN timeout that times every request out).
+    """
+
+    def __init__(self, conn_id: str, extras: Any) -> None:
+        self.conn_id = conn_id
+        extras = {} if extras is None else extras
+        if not isinstance(extras, dict):  # a bad connection value, like every other one here
+            raise ValueError(  # noqa: TRY004
+                f"Connection '{conn_id}': its extra must be a JSON object, not {_json_kind(extras)}."
+            )
+        client_kwargs = extras.get(OFFICIAL_CLIENT_KWARGS)
+        client_kwargs = {} if client_kwargs in (None, "") else client_kwargs
+        if not isinstance(client_kwargs, dict):
+            raise ValueError(  # noqa: TRY004
+                f"Connection '{conn_id}': extra '{OFFICIAL_CLIENT_KWARGS}' must be a JSON object."
+            )
+        self.extras: dict[str, Any] = extras
+        self.client_kwargs: dict[str, Any] = client_kwargs
+
+    def raw(self, name: str) -> tuple[str, Any]:
+        """The value of setting ``name`` and the field it came from; ``None`` and ``""`` mean unset."""
+        for field_name, source in (
+            (name, self.extras),
+            (f"{OFFICIAL_CLIENT_KWARGS}.{name}", self.client_kwargs),
+        ):
+            if source.get(name) not in (None, ""):
+                return field_name, source[name]
+        return name, None
+
+    def fail(self, field_name: str, problem: str) -> ValueError:
+        return ValueError(f"Connection '{self.conn_id}': extra '{field_name}' {problem}")
+
+    def text(self, name: str) -> str | None:
+        """A string setting: printable, without control characters."""
+        field_name, value = self.raw(name)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise self.fail(field_name, f"must be a string, not {_json_kind(value)}.")
+        if not value.isprintable():
+            raise self.fail(field_name, f"must not contain control characters, got {value!r}.")
+        return value
+
+    def header_value(self, name: str) -> str | None:
+        """A string sent as a header value: printable ASCII, no surrounding spaces."""
+        value = self.text(name)
+        if value is not None and (not value.isascii() or value != value.strip()):
+            field_name, _ = self.raw(name)
+            raise self.fail(
+                field_name,
+                f"is sent as a header, so it must be ASCII without surrounding spaces, got {value!r}.",
+            )
+        return value
+
+    def number(
+        self,
+        name: str,
+        default: float,
+        kind: type[float | int],
+        *,
+        minimum: float,
+        maximum: float,
+        strict: bool = False,
+    ) -> Any:
+        """A finite number within bounds; the UI stores extras as strings, so ``"30"`` is accepted. An integer
+        setting refuses a fraction rather than dropping it (``1.9`` retries is not 1)."""
+        field_name, raw = self.raw(name)
+        if raw is None:
+            return default
+        noun = "an integer" if kind is int else "a number"
+        try:
+            if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+                raise TypeError
+            value = float(raw)
+        except (TypeError, ValueError):
+            raise self.fail(field_name, f"must be {noun}, got {raw!r}.") from None
+        if not math.isfinite(value) or (kind is int and not value.is_integer()):
+            raise self.fail(field_name, f"must be {noun}, got {raw!r}.")
+        if value < minimum or (strict and value == minimum):
+            bound = "greater than" if strict else "at least"
+            raise self.fail(field_name, f"must be {bound} {minimum}, got {raw!r}.")
+        if value > maximum:
+            raise self.fail(field_name, f"must be at most {maximum:g}, got {raw!r}.")
+        return kind(value)
+
+    def api_key(self, password: Any) -> str:
+        """The key: the password, else ``openai_client_kwargs.api_key``; header-safe (see
+        :func:`_check_header_safe_key`)."""
+        api_key = password or self.client_kwargs.get("api_key")
+        if isinstance(api_key, str) and not api_key.strip():
+            api_key = None
+        if not api_key:
+            raise ValueError(
+                f"Connection '{self.conn_id}' has no API key: set its password (or "
+                f"'{OFFICIAL_CLIENT_KWARGS}.api_key' in its extras)."
+            )
+        _check_header_safe_key(self.conn_id, api_key)
+        return api_key
+
+    def base_url(self, host: Any) -> str:
+        """The API root: the host, else ``openai_client_kwargs.base_url``, else OpenAI's. An absolute http(s)
+        URL with a valid port and neither credentials, a query nor a fragment."""
+        field_name, raw = (
+            ("host", host)
+            if host
+            else (f"extra '{OFFICIAL_CLIENT_KWARGS}.base_url'", self.client_kwargs.get("base_url"))
+        )
+        if not raw:
+            return DEFAULT_BASE_URL
+        where = f"Connection '{self.conn_id}': base URL"
+        if not isinstance(raw, str):
+            raise ValueError(f"{where} ({field_name}) must be a string, not {_json_kind(raw)}.")  # noqa: TRY004
+        try:
+            url = httpx.URL(raw.strip())
+            port = url.port
+        except httpx.InvalidURL as error:
+            raise ValueError(f"{where} {raw!r} ({field_name}) is not a valid URL: {error}.") from None
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError(f"{where} {raw!r} must be an absolute http(s) URL, e.g. {DEFAULT_BASE_URL!r}.")
+        # Not quoted from here on: a user name, a password or a query may be a credential.
+        shown = f"{url.scheme}://{url.host}{url.path}"
+        if url.userinfo:
+            # httpx would send them as Basic auth on the sync path only (issue 24, defect 14), and the key
+            # already authenticates: refused rather than sent one way here and another way there.
+            raise ValueError(
+                f"{where} ({field_name}) must not hold a user name or password ('user:password@'); the key is "
+                f"the connection's password. Use {shown!r}."
+            )
+        if url.query or url.fragment:
+            raise ValueError(
+                f"{where} ({field_name}) must not have a query or a fragment (every request path is appended "
+                f"to it); use {shown!r}, and the 'api_version' extra for Azure's api-version."
+            )
+        if port is not None and not 0 < port < 65536:
+            raise ValueError(f"{where} {shown!r} ({field_name}): port {port} is not between 1 and 65535.")
+        if url.scheme == "http" and not _is_loopback(url.host):
+            log.warning(
+                "Connection '%s' sends the API key in clear text over http:// to %s; use https://.",
+                self.conn_id,
+                url.host,
+            )
+        return str(url)
+
+
+def _json_kind(value: Any) -> str:
+    """What a wrong value is, in the words of the JSON it was read from."""
+    kinds = {
+        dict: "an object",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+    }
+    return kinds.get(type(value), type(value).__name__)
