@@ -30,6 +30,32 @@ MAX_RETRIES = 100
 
 #: Extra of the official ``apache-airflow-providers-openai`` connection; read too, so its connections work here.
 OFFICIAL_CLIENT_KWARGS = "openai_client_kwargs"
+#: Keys of ``openai_client_kwargs`` that the official hook passes to the ``openai`` client and that this provider
+#: reads the same way (docs/connections.md has the table). ``api_type``, ``api_version`` and ``ca_bundle`` are
+#: this provider's own extras, read there too.
+CLIENT_KWARGS_READ = frozenset(
+    {
+        "api_key",
+        "base_url",
+        "organization",
+        "project",
+        "timeout",
+        "max_retries",
+        "default_headers",
+        "default_query",
+        "api_type",
+        "api_version",
+        "ca_bundle",
+    }
+)
+#: Keys accepted and not used: they configure what this provider never calls (webhook signature checks, the
+#: Realtime API's websocket), so a connection shared with the official provider keeps working here.
+CLIENT_KWARGS_NOT_APPLICABLE = frozenset({"webhook_secret", "websocket_base_url"})
+#: ``auth_type`` values of the official provider.
+AUTH_TYPES = ("api_key", "workload_identity")
+#: Headers that carry a credential: set by the key, never by ``default_headers`` (which is neither masked nor
+#: checked as a secret).
+_CREDENTIAL_HEADERS = frozenset({"authorization", "api-key"})
 
 
 @dataclass(frozen=True)
@@ -50,6 +76,9 @@ class ConnectionSettings:
     max_retries: int = DEFAULT_MAX_RETRIES
     #: A CA bundle (file or folder) for a private CA or a TLS-inspecting proxy; read when a client is built.
     ca_bundle: str | None = None
+    #: ``openai_client_kwargs.default_headers`` and ``default_query``, as pairs so that settings stay hashable.
+    default_headers: tuple[tuple[str, str], ...] = ()
+    default_query: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_connection(cls, conn: Connection, extras: dict[str, Any] | None) -> ConnectionSettings:
@@ -60,6 +89,7 @@ class ConnectionSettings:
         """
         conn_id = conn.conn_id
         read = _Reader(conn_id, extras)
+        read.auth_type()
         api_key = read.api_key(conn.password)
         api_type = read.text("api_type") or "openai"
         if api_type.lower() not in ("openai", "azure"):
@@ -79,6 +109,8 @@ class ConnectionSettings:
             ),
             max_retries=read.number("max_retries", DEFAULT_MAX_RETRIES, int, minimum=0, maximum=MAX_RETRIES),
             ca_bundle=read.text("ca_bundle"),
+            default_headers=read.mapping("default_headers", header=True),
+            default_query=read.mapping("default_query", header=False),
         )
 
     @property
@@ -93,12 +125,18 @@ class ConnectionSettings:
             headers["OpenAI-Organization"] = self.organization
         if self.project:
             headers["OpenAI-Project"] = self.project
-        return headers
+        # After the others, as the openai client does: a gateway's header of the same name replaces ours.
+        merged = httpx.Headers(headers)
+        merged.update(dict(self.default_headers))
+        return dict(merged.items())
 
     @property
     def params(self) -> dict[str, str]:
-        """Query parameters sent with every request (Azure OpenAI's ``api-version``)."""
-        return {"api-version": self.api_version} if self.api_version else {}
+        """Query parameters sent with every request: ``default_query``, and Azure OpenAI's ``api-version``."""
+        params = dict(self.default_query)
+        if self.api_version:
+            params["api-version"] = self.api_version
+        return params
 
     def client_kwargs(self) -> dict[str, Any]:
         """Keyword arguments shared by the sync ``httpx.Client`` and the ``httpx.AsyncClient``."""
@@ -208,11 +246,23 @@ class _Reader:
         self.extras: dict[str, Any] = extras
         self.client_kwargs: dict[str, Any] = client_kwargs
 
+        for key in client_kwargs:
+            if key not in CLIENT_KWARGS_READ | CLIENT_KWARGS_NOT_APPLICABLE:
+                supported = ", ".join(sorted(CLIENT_KWARGS_READ | CLIENT_KWARGS_NOT_APPLICABLE))
+                raise ValueError(
+                    f"Connection '{conn_id}': extra '{OFFICIAL_CLIENT_KWARGS}.{key}' is not supported by this "
+                    f"provider (supported: {supported}); see docs/connections.md."
+                )
+
     def raw(self, name: str) -> tuple[str, Any]:
-        """The value of setting ``name`` and the field it came from; ``None`` and ``""`` mean unset."""
+        """The value of setting ``name`` and the field it came from; ``None`` and ``""`` mean unset.
+
+        ``openai_client_kwargs`` first, as the official hook reads only that: a connection shared by both
+        providers then means the same to both, whatever its top-level extras say.
+        """
         for field_name, source in (
-            (name, self.extras),
             (f"{OFFICIAL_CLIENT_KWARGS}.{name}", self.client_kwargs),
+            (name, self.extras),
         ):
             if source.get(name) not in (None, ""):
                 return field_name, source[name]
@@ -274,10 +324,47 @@ class _Reader:
             raise self.fail(field_name, f"must be at most {maximum:g}, got {raw!r}.")
         return kind(value)
 
+    def auth_type(self) -> None:
+        """``auth_type``, as the official provider reads it: ``api_key`` (the default) or ``workload_identity``."""
+        field_name, auth_type = "auth_type", self.extras.get("auth_type")
+        if auth_type is None or auth_type == "api_key":
+            return
+        if auth_type == "workload_identity":
+            raise self.fail(field_name, "'workload_identity' is not supported by this provider yet.")
+        raise self.fail(field_name, f"must be one of {', '.join(map(repr, AUTH_TYPES))}, not {auth_type!r}.")
+
+    def mapping(self, name: str, *, header: bool) -> tuple[tuple[str, str], ...]:
+        """``openai_client_kwargs.default_headers`` or ``default_query``: an object of strings, header-safe for
+        headers; a credential header is refused (the key is set as the password or ``api_key``, masked)."""
+        field_name, value = f"{OFFICIAL_CLIENT_KWARGS}.{name}", self.client_kwargs.get(name)
+        if value is None:
+            return ()
+        if not isinstance(value, dict):
+            raise self.fail(field_name, f"must be a JSON object, not {_json_kind(value)}.")
+        pairs = []
+        for key, item in value.items():
+            if not isinstance(item, str):
+                raise self.fail(field_name, f"must map names to strings; {key!r} is {_json_kind(item)}.")
+            if header:
+                if not _is_token(key):
+                    raise self.fail(field_name, f"has {key!r}, which is not a valid header name.")
+                if key.lower() in _CREDENTIAL_HEADERS:
+                    raise self.fail(
+                        field_name,
+                        f"must not set {key!r}: the key goes in the password or '{OFFICIAL_CLIENT_KWARGS}.api_key', "
+                        "where it is masked.",
+                    )
+                if not (item.isascii() and item.isprintable()):
+                    raise self.fail(field_name, f"has a value for {key!r} that cannot be sent in a header.")
+            elif not (key.isprintable() and item.isprintable()):
+                raise self.fail(field_name, f"has {key!r} with control characters.")
+            pairs.append((key, item))
+        return tuple(pairs)
+
     def api_key(self, password: Any) -> str:
-        """The key: the password, else ``openai_client_kwargs.api_key``; header-safe (see
-        :func:`_check_header_safe_key`)."""
-        api_key = password or self.client_kwargs.get("api_key")
+        """The key: ``openai_client_kwargs.api_key``, else the password, as the official hook reads it;
+        header-safe (see :func:`_check_header_safe_key`)."""
+        api_key = self.client_kwargs.get("api_key") or password
         if isinstance(api_key, str) and not api_key.strip():
             api_key = None
         if not api_key:
@@ -289,12 +376,12 @@ class _Reader:
         return api_key
 
     def base_url(self, host: Any) -> str:
-        """The API root: the host, else ``openai_client_kwargs.base_url``, else OpenAI's. An absolute http(s)
+        """The API root: ``openai_client_kwargs.base_url``, else the host, else OpenAI's, as the official hook. An absolute http(s)
         URL with a valid port and neither credentials, a query nor a fragment."""
         field_name, raw = (
-            ("host", host)
-            if host
-            else (f"extra '{OFFICIAL_CLIENT_KWARGS}.base_url'", self.client_kwargs.get("base_url"))
+            (f"extra '{OFFICIAL_CLIENT_KWARGS}.base_url'", self.client_kwargs["base_url"])
+            if self.client_kwargs.get("base_url")
+            else ("host", host)
         )
         if not raw:
             return DEFAULT_BASE_URL
@@ -331,6 +418,14 @@ class _Reader:
                 url.host,
             )
         return str(url)
+
+
+_TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def _is_token(name: str) -> bool:
+    """Whether ``name`` is a valid header name (an RFC 9110 token)."""
+    return bool(name) and all(char in _TOKEN_CHARS for char in name)
 
 
 def _json_kind(value: Any) -> str:

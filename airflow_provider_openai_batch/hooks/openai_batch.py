@@ -40,7 +40,9 @@ class OpenAIBatchHook(BaseHook):
     The connection's password is the API key and its host the base URL (default ``https://api.openai.com/v1``).
     Extras: ``organization``, ``project``, ``api_type`` (``openai`` or ``azure``), ``api_version``, ``timeout``
     (seconds) and ``max_retries``. A connection made for the official OpenAI provider, with its
-    ``openai_client_kwargs`` extra, works unchanged, which is why the default connection is ``openai_default``.
+    ``openai_client_kwargs`` extra, works unchanged and is read as the official hook reads it (``base_url`` and
+    ``api_key`` win over host and password; docs/connections.md), which is why the default connection is
+    ``openai_default``.
 
     Sync methods share one ``httpx.Client``; ``a``-prefixed twins share one ``httpx.AsyncClient`` per event loop
     and never block the loop, connection lookup included. Use the hook as a context manager (``with`` or
