@@ -57,7 +57,9 @@ class SharedAsyncClient:
         if self.transport is None:
             return await self.client.send(request)
         response = await self.transport.handle_async_request(request)
-        await response.aread()
+        # The transport hands the body over whole, in memory: it is decoded (gunzipped...) without awaiting,
+        # and a body that fails to decode leaves no half-run async generator for the loop to finalize.
+        response.read()
         return response
 
 

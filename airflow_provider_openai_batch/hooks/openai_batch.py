@@ -24,7 +24,7 @@ from airflow_provider_openai_batch.exceptions import BatchNotCancellableError, O
 from airflow_provider_openai_batch.hooks import _async_clients, _connection_form, _download, _errors
 from airflow_provider_openai_batch.hooks._connection import ConnectionSettings
 from airflow_provider_openai_batch.hooks._rate import RateGovernor, governor_for
-from airflow_provider_openai_batch.hooks._retry import Attempts, RetryPolicy
+from airflow_provider_openai_batch.hooks._retry import FAILURES, Attempts, Outcome, RetryPolicy
 from airflow_provider_openai_batch.ids import validate_batch_id, validate_file_id
 from airflow_provider_openai_batch.models import Batch, BatchList, File
 
@@ -151,13 +151,14 @@ class OpenAIBatchHook(BaseHook):
         """
         params = _list_params(after, limit)
         cutoff = _cutoff(created_after)
+        sent = _cursors(params)
         while True:
             page = _errors.parse(self._send("GET", "/batches", params=params), BatchList, None)
             batches, cursor = _page_batches(page, cutoff)
             yield from batches
             if cursor is None:
                 return
-            params = {**params, "after": cursor}
+            params = {**params, "after": _errors.advancing(cursor, sent)}
 
     def get_file(self, file_id: str) -> File:
         """Retrieve a file's metadata; its ``bytes`` is the size a download of it must have."""
@@ -234,8 +235,8 @@ class OpenAIBatchHook(BaseHook):
         while True:
             ticket = self._governor.wait_turn_sync()
             try:
-                outcome: httpx.Response | httpx.TransportError = send(request)
-            except httpx.TransportError as error:
+                outcome: Outcome = send(request)
+            except FAILURES as error:
                 outcome = error
             if (delay := self._retry_delay(request, attempts, outcome, self._governor, ticket)) is None:
                 return _errors.successful(outcome, self.settings.api_key, batch_id=batch_id, file_id=file_id)
@@ -248,7 +249,7 @@ class OpenAIBatchHook(BaseHook):
             for chunk in response.iter_bytes():
                 received += len(chunk)
                 yield chunk
-        except httpx.TransportError as error:
+        except FAILURES as error:
             raise _errors.cut_short(error, file_id, received) from error
         finally:
             response.close()
@@ -281,6 +282,7 @@ class OpenAIBatchHook(BaseHook):
         """Async :meth:`list_batches`, with the same early stop at ``created_after``."""
         params = _list_params(after, limit)
         cutoff = _cutoff(created_after)
+        sent = _cursors(params)
         while True:
             page = _errors.parse(await self._asend("GET", "/batches", params=params), BatchList, None)
             batches, cursor = _page_batches(page, cutoff)
@@ -288,7 +290,7 @@ class OpenAIBatchHook(BaseHook):
                 yield batch
             if cursor is None:
                 return
-            params = {**params, "after": cursor}
+            params = {**params, "after": _errors.advancing(cursor, sent)}
 
     async def aget_file(self, file_id: str) -> File:
         """Async :meth:`get_file`."""
@@ -349,8 +351,8 @@ class OpenAIBatchHook(BaseHook):
             async with shared.gate:
                 ticket = await shared.governor.wait_turn()
                 try:
-                    outcome: httpx.Response | httpx.TransportError = await send(request)
-                except httpx.TransportError as error:
+                    outcome: Outcome = await send(request)
+                except FAILURES as error:
                     outcome = error
             if (delay := self._retry_delay(request, attempts, outcome, shared.governor, ticket)) is None:
                 api_key = (await self.asettings()).api_key
@@ -365,7 +367,7 @@ class OpenAIBatchHook(BaseHook):
                 async for chunk in response.aiter_bytes():
                     received += len(chunk)
                     yield chunk
-            except httpx.TransportError as error:
+            except FAILURES as error:
                 raise _errors.cut_short(error, file_id, received) from error
             finally:
                 await response.aclose()
@@ -391,7 +393,7 @@ class OpenAIBatchHook(BaseHook):
         self,
         request: httpx.Request,
         attempts: Attempts,
-        outcome: httpx.Response | httpx.TransportError,
+        outcome: Outcome,
         governor: RateGovernor,
         ticket: int,
     ) -> float | None:
@@ -465,6 +467,11 @@ def _list_params(after: str | None, limit: int) -> dict[str, Any]:
     if after is not None:
         params["after"] = validate_batch_id(after)
     return params
+
+
+def _cursors(params: dict[str, Any]) -> set[str]:
+    """The cursors a listing has sent, starting with its first query's: none may come back as the next page's."""
+    return {params["after"]} if "after" in params else set()
 
 
 def _cutoff(created_after: datetime | float | None) -> float | None:

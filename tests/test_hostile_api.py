@@ -1,0 +1,274 @@
+"""What the API (or a proxy, a CDN, a broken server) sends back, at its most hostile, over real loopback HTTP.
+
+One test per defect of issue 24 about the answers and the transport, each on the sync and the async hook: a
+list whose cursor never advances, rate-limit headers that are not finite durations, a body whose
+``Content-Encoding`` lies, error bodies and result lines nested a hundred thousand deep, a body dripped byte
+by byte, and a refused cancel contradicted by the next answer. The rule they check: a documented
+``OpenAIBatchError`` names the response, nothing undocumented escapes a hook call, no loop or wait is unbounded.
+
+Every test runs under ``tests._guards.guard`` (no socket, thread or task left behind; the key nowhere).
+"""
+
+# ruff: noqa: F811 - test arguments named after the fixtures imported from tests._guards
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from airflow_provider_openai_batch import storage
+from airflow_provider_openai_batch.exceptions import (
+    OpenAIBatchAPIError,
+    OpenAIBatchError,
+    OpenAIBatchResponseError,
+    OpenAIFileDownloadError,
+)
+from airflow_provider_openai_batch.hooks._retry import RetryPolicy
+from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
+from airflow_provider_openai_batch.results import save_results
+from airflow_provider_openai_batch.testing import BatchAPIEmulator, Fault
+from airflow_provider_openai_batch.triggers.openai_batch import OpenAIBatchCancellationTrigger
+from tests._guards import (  # noqa: F401 - fixtures: guard and fast_backoff are autouse
+    FAKE_API_KEY,
+    Guard,
+    fast_backoff,
+    guard,
+    run_async,
+    run_trigger,
+)
+
+pytestmark = pytest.mark.timeout(90)
+
+SURFACES = ["sync", "async"]
+#: A body nested deeper than any parser's recursion can follow: ``json.loads`` raised ``RecursionError``.
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def call(surface: str, method: str, *args: Any, policy: RetryPolicy | None = None, **kwargs: Any) -> Any:
+    """``method`` of a hook, or its ``a``-prefixed twin on a fresh event loop; list iterators are drained."""
+    if surface == "sync":
+        with OpenAIBatchHook(retry_policy=policy) as hook:
+            result = getattr(hook, method)(*args, **kwargs)
+            return list(result) if method == "list_batches" else result
+
+    async def acall() -> Any:
+        async with OpenAIBatchHook(retry_policy=policy) as hook:
+            if method == "list_batches":
+                return [batch async for batch in hook.alist_batches(*args, **kwargs)]
+            return await getattr(hook, f"a{method}")(*args, **kwargs)
+
+    return run_async(acall())
+
+
+# -- 1: list pagination never ends ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("surface", SURFACES)
+@pytest.mark.parametrize(
+    ("last_id", "message"),
+    [
+        ("batch_a", "a second time"),  # the cursor repeats
+        (None, "a second time"),  # no cursor, and the server ignores ``after``: the last batch's id repeats
+        ("../files", "not a batch id"),
+    ],
+    ids=["cursor-repeats", "null-cursor-ignored-after", "cursor-not-an-id"],
+)
+def test_list_pagination_that_does_not_advance_stops(
+    emulator_connection: BatchAPIEmulator, surface: str, last_id: str | None, message: str
+) -> None:
+    batch = emulator_connection.add_batch("batch_a")
+    page = {"object": "list", "data": [batch], "has_more": True, "first_id": "batch_a", "last_id": last_id}
+    emulator_connection.inject(
+        Fault("body", status=200, method="GET", path=r"/batches$", body=json.dumps(page), times=50)
+    )
+
+    with pytest.raises(OpenAIBatchResponseError, match=message):
+        call(surface, "list_batches")
+
+    listed = [r for r in emulator_connection.requests if r.path == "/v1/batches"]
+    assert len(listed) <= 2, "stopped at the first page that does not advance"
+
+
+@pytest.mark.parametrize("surface", SURFACES)
+def test_list_pagination_stops_when_the_first_cursor_comes_back(
+    emulator_connection: BatchAPIEmulator, surface: str
+) -> None:
+    """The ``after`` the caller gave is a cursor already sent: a page naming it again does not advance."""
+    batch = emulator_connection.add_batch("batch_b")
+    page = {"object": "list", "data": [batch], "has_more": True, "last_id": "batch_a"}
+    emulator_connection.inject(Fault("body", status=200, path=r"/batches$", body=json.dumps(page), times=50))
+
+    with pytest.raises(OpenAIBatchResponseError, match="does not advance"):
+        call(surface, "list_batches", after="batch_a")
+    assert len([r for r in emulator_connection.requests if r.path == "/v1/batches"]) == 1
+
+
+# -- 2: a bad rate-limit header ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("surface", SURFACES)
+@pytest.mark.parametrize("reset", ["NaN", "inf", "99999999999h", "1e308"])
+def test_a_bad_rate_limit_reset_header_freezes_nothing(
+    emulator_connection: BatchAPIEmulator, surface: str, reset: str
+) -> None:
+    """``remaining: 0`` with a reset that is no duration: the next requests on the key still go out at once.
+
+    Before: ``NaN`` spun the async path at 100 % CPU and made ``time.sleep`` raise a bare ``ValueError``;
+    ``inf`` and absurd durations held every request for the policy's longest pause (60 s here).
+    """
+    batch_id = emulator_connection.add_batch()["id"]
+    headers = {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": reset}
+    emulator_connection.inject(Fault("delay", method="GET", headers=headers))
+    policy = RetryPolicy(max_retries=0)
+
+    started = time.monotonic()
+    batches = [call(surface, "get_batch", batch_id, policy=policy) for _ in range(3)]
+
+    assert [batch.id for batch in batches] == [batch_id] * 3
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("surface", SURFACES)
+@pytest.mark.parametrize("header", ["retry-after-ms", "retry-after"])
+def test_a_retry_hint_that_is_no_duration_is_no_rate_limit(
+    emulator_connection: BatchAPIEmulator, surface: str, header: str
+) -> None:
+    """A 503 is backpressure only with a usable retry hint: ``NaN`` is none, so the 503 fails as an outage."""
+    batch_id = emulator_connection.add_batch()["id"]
+    emulator_connection.inject(Fault("status", status=503, headers={header: "NaN"}, times=10))
+
+    with pytest.raises(OpenAIBatchAPIError) as raised:
+        call(surface, "get_batch", batch_id, policy=RetryPolicy(max_retries=1, initial_delay=0.01))
+
+    assert type(raised.value) is OpenAIBatchAPIError and raised.value.status_code == 503
+
+
+# -- 6: a body whose Content-Encoding lies ----------------------------------------------------------------------
+
+GZIP = {"Content-Encoding": "gzip"}
+
+
+@pytest.mark.parametrize("surface", SURFACES)
+def test_a_body_that_cannot_be_decoded_is_retried(
+    emulator_connection: BatchAPIEmulator, surface: str
+) -> None:
+    """``Content-Encoding: gzip`` on a plain body, as a CDN may send: retried like a connection lost mid-body."""
+    batch = emulator_connection.add_batch()
+    emulator_connection.inject(Fault("body", status=200, body=json.dumps(batch), headers=GZIP, method="GET"))
+
+    assert call(surface, "get_batch", batch["id"], policy=RetryPolicy(initial_delay=0.01)).id == batch["id"]
+    assert [r.status for r in emulator_connection.requests] == [200, 200]
+
+
+@pytest.mark.parametrize("surface", SURFACES)
+@pytest.mark.parametrize("status", [200, 500])
+def test_a_body_that_never_decodes_is_a_response_error(
+    emulator_connection: BatchAPIEmulator, surface: str, status: int
+) -> None:
+    batch_id = emulator_connection.add_batch()["id"]
+    emulator_connection.inject(Fault("body", status=status, body="{}", headers=GZIP, times=10))
+
+    with pytest.raises(
+        OpenAIBatchResponseError, match=f"batch '{batch_id}' with a body that cannot be decoded"
+    ):
+        call(surface, "get_batch", batch_id, policy=RetryPolicy(max_retries=2, initial_delay=0.01))
+    assert len(emulator_connection.requests) == 3
+
+
+@pytest.mark.parametrize("surface", SURFACES)
+def test_a_download_that_cannot_be_decoded_starts_again(
+    emulator_connection: BatchAPIEmulator, surface: str, tmp_path: Path
+) -> None:
+    file = emulator_connection.add_file(b'{"custom_id": "r1"}\n' * 100)
+    emulator_connection.inject(
+        Fault("body", status=200, body=b"not gzip" * 250, headers=GZIP, path=r"/content$")
+    )
+    policy = RetryPolicy(initial_delay=0.01)
+
+    if surface == "sync":
+        with OpenAIBatchHook(retry_policy=policy) as hook:
+            written = hook.download_file(file["id"], tmp_path / "out.jsonl")
+        assert written == file["bytes"]
+        assert (tmp_path / "out.jsonl").read_bytes() == b'{"custom_id": "r1"}\n' * 100
+        return
+
+    async def chunks() -> BaseException:
+        async with OpenAIBatchHook(retry_policy=policy) as hook:
+            with pytest.raises(OpenAIBatchError) as raised:
+                [chunk async for chunk in hook.aiter_file_content(file["id"])]
+        await httpx_generators_finalized()
+        return raised.value
+
+    error = run_async(chunks())
+    assert isinstance(error, OpenAIFileDownloadError) and error.transient, "download_file would start again"
+    assert "cut short after 0 bytes: DecodingError" in str(error)
+
+
+async def httpx_generators_finalized() -> None:
+    """Let the loop close httpx's async generators under a stream that failed to decode: the decoding raised
+    between two of them, so the inner ones are left mid-iteration and the loop closes each in a task of its own,
+    as when a caller stops reading early (tests/test_files.py)."""
+    for _ in range(20):
+        if not [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]:
+            return
+        await asyncio.sleep(0)
+
+
+def test_the_trigger_polls_through_a_body_that_cannot_be_decoded(
+    emulator_connection: BatchAPIEmulator, guard: Guard
+) -> None:
+    batch = emulator_connection.add_batch(status="cancelling", cancel_after_polls=1)
+    emulator_connection.inject(
+        Fault("body", status=200, body=json.dumps(batch), headers=GZIP, method="GET", times=8)
+    )
+    trigger = OpenAIBatchCancellationTrigger(
+        batch_id=batch["id"], conn_id="openai_default", poll_interval=0.01, deadline=time.time() + 30
+    )
+
+    assert run_trigger(trigger, guard)["status"] == "cancelled"
+
+
+# -- 7: nesting a hundred thousand deep ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("surface", SURFACES)
+def test_a_deeply_nested_error_body_is_an_api_error(
+    emulator_connection: BatchAPIEmulator, surface: str
+) -> None:
+    batch_id = emulator_connection.add_batch()["id"]
+    emulator_connection.inject(Fault("body", status=400, body=DEEP))
+
+    with pytest.raises(OpenAIBatchAPIError) as raised:
+        call(surface, "get_batch", batch_id)
+    assert raised.value.status_code == 400 and raised.value.api_message is None
+
+
+@pytest.mark.parametrize("surface", SURFACES)
+def test_a_deeply_nested_success_body_is_a_response_error(
+    emulator_connection: BatchAPIEmulator, surface: str
+) -> None:
+    batch_id = emulator_connection.add_batch()["id"]
+    emulator_connection.inject(Fault("body", status=200, body=DEEP))
+
+    with pytest.raises(OpenAIBatchResponseError, match="not a valid Batch"):
+        call(surface, "get_batch", batch_id)
+
+
+def test_a_deeply_nested_result_line_is_a_clear_error(
+    emulator_connection: BatchAPIEmulator, tmp_path: Path
+) -> None:
+    batch = emulator_connection.add_batch(
+        status="cancelled", total_requests=3, completed_requests=1, failed_requests=1
+    )
+    emulator_connection.add_file(DEEP + "\n", batch["error_file_id"])
+
+    with (
+        OpenAIBatchHook() as hook,
+        pytest.raises(OpenAIBatchError, match=r"Line 1 of file '.*' is not a JSON object"),
+    ):
+        save_results(hook, hook.get_batch(batch["id"]), storage.directory(str(tmp_path), "root"))
