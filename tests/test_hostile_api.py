@@ -30,15 +30,18 @@ from airflow_provider_openai_batch.exceptions import (
 )
 from airflow_provider_openai_batch.hooks._retry import RetryPolicy
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
+from airflow_provider_openai_batch.operators.openai_batch import OpenAICancelBatchOperator
 from airflow_provider_openai_batch.results import save_results
 from airflow_provider_openai_batch.testing import BatchAPIEmulator, Fault
 from airflow_provider_openai_batch.triggers.openai_batch import OpenAIBatchCancellationTrigger
 from tests._guards import (  # noqa: F401 - fixtures: guard and fast_backoff are autouse
     FAKE_API_KEY,
     Guard,
+    TaskContext,
     fast_backoff,
     guard,
     run_async,
+    run_operator,
     run_trigger,
 )
 
@@ -272,3 +275,34 @@ def test_a_deeply_nested_result_line_is_a_clear_error(
         pytest.raises(OpenAIBatchError, match=r"Line 1 of file '.*' is not a JSON object"),
     ):
         save_results(hook, hook.get_batch(batch["id"]), storage.directory(str(tmp_path), "root"))
+
+
+# -- 13: a refused cancel contradicted by the next answer -------------------------------------------------------
+
+
+@pytest.mark.parametrize("deferrable", [False, True], ids=["blocking", "deferrable"])
+@pytest.mark.parametrize("status", ["cancelling", "paused"])
+def test_a_refusal_as_finished_then_a_status_that_is_not_final_is_a_response_error(
+    emulator_connection: BatchAPIEmulator, guard: Guard, deferrable: bool, status: str
+) -> None:
+    """The 409 names ``completed``; the next GET says ``cancelling`` (or a status unknown to the provider)."""
+    batch = emulator_connection.add_batch(status="cancelling")
+    refusal = {
+        "error": {
+            "message": "Cannot cancel a batch with status 'completed'.",
+            "type": "invalid_request_error",
+        }
+    }
+    emulator_connection.inject(Fault("body", status=409, method="POST", body=json.dumps(refusal)))
+    emulator_connection.inject(
+        Fault("body", status=200, method="GET", body=json.dumps({**batch, "status": status}))
+    )
+    operator = OpenAICancelBatchOperator(task_id="cancel", batch_id=batch["id"], deferrable=deferrable)
+
+    with pytest.raises(OpenAIBatchResponseError) as raised:
+        run_operator(operator, TaskContext(), guard)
+
+    assert str(raised.value) == (
+        f"OpenAI Batch API refused to cancel batch '{batch['id']}' as completed (HTTP 409), then reported it "
+        f"'{status}', which is not a final status: cannot tell how it ended."
+    )

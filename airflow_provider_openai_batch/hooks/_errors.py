@@ -213,6 +213,23 @@ def settled(conflict: BatchNotCancellableError, batch: Batch) -> Batch:
     return batch
 
 
+def finished(conflict: BatchNotCancellableError, batch: Batch) -> Batch:
+    """``batch``, retrieved after ``conflict`` refused its cancel because it had finished: it must be final.
+
+    A status that is not (``cancelling``, or one this provider does not know) contradicts the refusal, and
+    cannot say how the batch ended: :class:`OpenAIBatchResponseError`, naming both answers.
+    """
+    if batch.is_terminal:
+        return batch
+    raise OpenAIBatchResponseError(
+        f"OpenAI Batch API refused to cancel batch '{batch.id}' as {conflict.batch_status or 'finished'} "
+        f"(HTTP {conflict.status_code}), then reported it '{batch.status}', which is not a final status: "
+        "cannot tell how it ended.",
+        batch_id=batch.id,
+        status_code=conflict.status_code,
+    ) from conflict
+
+
 def cut_short(error: Failure, file_id: str, received: int) -> OpenAIFileDownloadError:
     """The error for a file's content lost mid-stream: the chunks already handed out cannot be taken back."""
     return OpenAIFileDownloadError(

@@ -136,6 +136,14 @@ class OpenAIBatchHook(BaseHook):
             conflict = _errors.unsettled(error)
         return _errors.settled(conflict, self.get_batch(batch_id))
 
+    def get_finished_batch(self, batch_id: str, conflict: BatchNotCancellableError) -> Batch:
+        """Retrieve a batch whose cancel ``conflict`` refused because it had finished, to report how it ended.
+
+        Raises :class:`OpenAIBatchResponseError` if the API now reports a status that is not final (or one
+        unknown to this provider): its two answers contradict each other.
+        """
+        return _errors.finished(conflict, self.get_batch(batch_id))
+
     def list_batches(
         self,
         *,
