@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,7 @@ import pytest
 from airflow_provider_openai_batch import storage
 from airflow_provider_openai_batch.exceptions import (
     OpenAIBatchAPIError,
+    OpenAIBatchConnectionError,
     OpenAIBatchError,
     OpenAIBatchResponseError,
     OpenAIFileDownloadError,
@@ -306,3 +310,62 @@ def test_a_refusal_as_finished_then_a_status_that_is_not_final_is_a_response_err
         f"OpenAI Batch API refused to cancel batch '{batch['id']}' as completed (HTTP 409), then reported it "
         f"'{status}', which is not a final status: cannot tell how it ended."
     )
+
+
+# -- 10: a body dripped byte by byte ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def dripping_server() -> Iterator[str]:
+    """A server that answers every request with a 200 whose body it drips, one byte every 0.3 s, until the
+    client leaves: each read of the socket returns within any timeout, the whole response never arrives."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stopping = threading.Event()
+    threads: list[threading.Thread] = []
+
+    def drip(connection: socket.socket) -> None:
+        with connection:
+            connection.recv(65536)
+            body = json.dumps({"id": "batch_drip", "padding": "x" * 200}).encode()
+            head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            try:
+                connection.sendall(head.encode())
+                for byte in body:
+                    if stopping.wait(0.3):
+                        return
+                    connection.sendall(bytes([byte]))
+            except OSError:
+                return  # the client gave up: what the test expects
+
+    def accept() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return  # closed: the test is over
+            thread = threading.Thread(target=drip, args=(connection,), daemon=True)
+            threads.append(thread)
+            thread.start()
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+    stopping.set()
+    listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+    listener.close()
+    for thread in [acceptor, *threads]:
+        thread.join(5)
+
+
+@pytest.mark.parametrize("surface", SURFACES)
+def test_a_dripped_body_times_out_at_the_read_timeout(
+    dripping_server: str, set_connection: Callable[..., None], surface: str
+) -> None:
+    """``timeout=1, max_retries=0``: the request ends at about 1 s, not after the 70 s the drip lasts."""
+    set_connection(password=FAKE_API_KEY, host=dripping_server, extra={"timeout": 1, "max_retries": 0})
+
+    started = time.monotonic()
+    with pytest.raises(OpenAIBatchConnectionError, match="ReadTimeout"):
+        call(surface, "get_batch", "batch_drip")
+
+    assert time.monotonic() - started < 3

@@ -238,7 +238,7 @@ class OpenAIBatchHook(BaseHook):
         its own deadline.
         """
         request = self.client.build_request(method, path, params=params)
-        send = partial(_streamed, self.client) if stream else self.client.send
+        send = partial(_sent, self.client, stream=stream)
         attempts = self.retry_policy.attempts(patient=patient, now=time.monotonic())
         while True:
             ticket = self._governor.wait_turn_sync()
@@ -445,20 +445,48 @@ def _path(collection: str, resource_id: str, action: str | None) -> str:
     return f"{path}/{action}" if action else path
 
 
-def _streamed(client: httpx.Client, request: httpx.Request) -> httpx.Response:
-    """Send ``request`` leaving a 2xx body to stream; an error's body (a small JSON document) is read whole, to be
-    mapped to an exception, and its connection released."""
+def _sent(client: httpx.Client, request: httpx.Request, *, stream: bool) -> httpx.Response:
+    """Send ``request`` and read its response whole within the read timeout; with ``stream``, leave a 2xx body
+    (a file's content) to be read as it arrives, each read within the timeout.
+
+    Whole, because httpx's sync transport applies the read timeout to each read from the socket: a server (or a
+    proxy) dripping a byte just within it held a request for as long as it dripped. The async path's transport
+    bounds the whole response (``_transport``); this bounds it the same way, with a deadline checked as each
+    piece of the response arrives. An error's body is read whole too, to be mapped to an exception.
+    """
+    timeout = request.extensions.get("timeout", {}).get("read")
+    deadline = None if timeout is None else time.monotonic() + timeout
     response = client.send(request, stream=True)
-    if not response.is_success:
-        try:
-            response.read()
-        finally:
-            response.close()
-    return response
+    if stream and response.is_success:
+        return response
+    try:
+        raw = []
+        for chunk in response.iter_raw():
+            _within(deadline, request)
+            raw.append(chunk)
+        _within(deadline, request)  # the head alone may have taken too long
+    finally:
+        response.close()
+    whole = httpx.Response(
+        response.status_code,
+        headers=response.headers,
+        stream=httpx.ByteStream(b"".join(raw)),
+        request=request,
+        extensions=response.extensions,
+    )
+    whole.read()  # decoded as httpx would have: a body that cannot be is a failure to retry
+    return whole
+
+
+def _within(deadline: float | None, request: httpx.Request) -> None:
+    """Raise ``httpx.ReadTimeout`` (retried like any timeout) once ``deadline`` (monotonic) has passed."""
+    if deadline is not None and time.monotonic() > deadline:
+        raise httpx.ReadTimeout("Timed out before the whole response arrived.", request=request)
 
 
 async def _astreamed(client: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
-    """Async :func:`_streamed`."""
+    """Send ``request`` leaving a 2xx body to stream; an error's body (a small JSON document) is read whole, to be
+    mapped to an exception, and its connection released."""
     response = await client.send(request, stream=True)
     if not response.is_success:
         try:
