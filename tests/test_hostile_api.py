@@ -13,7 +13,6 @@ Every test runs under ``tests._guards.guard`` (no socket, thread or task left be
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 import threading
@@ -30,7 +29,6 @@ from airflow_provider_openai_batch.exceptions import (
     OpenAIBatchConnectionError,
     OpenAIBatchError,
     OpenAIBatchResponseError,
-    OpenAIFileDownloadError,
 )
 from airflow_provider_openai_batch.hooks._retry import RetryPolicy
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
@@ -188,42 +186,51 @@ def test_a_body_that_never_decodes_is_a_response_error(
 
 
 @pytest.mark.parametrize("surface", SURFACES)
-def test_a_download_that_cannot_be_decoded_starts_again(
+def test_a_download_labelled_gzip_but_plain_arrives_whole(
     emulator_connection: BatchAPIEmulator, surface: str, tmp_path: Path
 ) -> None:
-    file = emulator_connection.add_file(b'{"custom_id": "r1"}\n' * 100)
-    emulator_connection.inject(
-        Fault("body", status=200, body=b"not gzip" * 250, headers=GZIP, path=r"/content$")
-    )
+    """A file's content is asked for as ``identity`` and read as sent: a CDN's ``gzip`` label on the plain
+    file is not taken at its word, and the bytes, checked against the file's size, are the file."""
+    content = b'{"custom_id": "r1"}\n' * 100
+    file = emulator_connection.add_file(content)
+    emulator_connection.inject(Fault("body", status=200, body=content, headers=GZIP, path=r"/content$"))
+
+    if surface == "sync":
+        with OpenAIBatchHook() as hook:
+            assert hook.download_file(file["id"], tmp_path / "out.jsonl") == len(content)
+        assert (tmp_path / "out.jsonl").read_bytes() == content
+    else:
+
+        async def chunks() -> bytes:
+            async with OpenAIBatchHook() as hook:
+                return b"".join([chunk async for chunk in hook.aiter_file_content(file["id"])])
+
+        assert run_async(chunks()) == content
+    [download] = [r for r in emulator_connection.requests if r.path.endswith("/content")]
+    assert download.headers["accept-encoding"] == "identity"
+
+
+@pytest.mark.parametrize("surface", SURFACES)
+def test_a_download_refused_with_a_body_that_cannot_be_decoded_is_retried(
+    emulator_connection: BatchAPIEmulator, surface: str
+) -> None:
+    """An error's body is read whole to be mapped: one that does not decode is retried, leaving no task behind."""
+    content = b'{"custom_id": "r1"}\n'
+    file = emulator_connection.add_file(content)
+    emulator_connection.inject(Fault("body", status=503, body="{}", headers=GZIP, path=r"/content$"))
     policy = RetryPolicy(initial_delay=0.01)
 
     if surface == "sync":
         with OpenAIBatchHook(retry_policy=policy) as hook:
-            written = hook.download_file(file["id"], tmp_path / "out.jsonl")
-        assert written == file["bytes"]
-        assert (tmp_path / "out.jsonl").read_bytes() == b'{"custom_id": "r1"}\n' * 100
-        return
+            assert b"".join(hook.iter_file_content(file["id"])) == content
+    else:
 
-    async def chunks() -> BaseException:
-        async with OpenAIBatchHook(retry_policy=policy) as hook:
-            with pytest.raises(OpenAIBatchError) as raised:
-                [chunk async for chunk in hook.aiter_file_content(file["id"])]
-        await httpx_generators_finalized()
-        return raised.value
+        async def chunks() -> bytes:
+            async with OpenAIBatchHook(retry_policy=policy) as hook:
+                return b"".join([chunk async for chunk in hook.aiter_file_content(file["id"])])
 
-    error = run_async(chunks())
-    assert isinstance(error, OpenAIFileDownloadError) and error.transient, "download_file would start again"
-    assert "cut short after 0 bytes: DecodingError" in str(error)
-
-
-async def httpx_generators_finalized() -> None:
-    """Let the loop close httpx's async generators under a stream that failed to decode: the decoding raised
-    between two of them, so the inner ones are left mid-iteration and the loop closes each in a task of its own,
-    as when a caller stops reading early (tests/test_files.py)."""
-    for _ in range(20):
-        if not [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]:
-            return
-        await asyncio.sleep(0)
+        assert run_async(chunks()) == content
+    assert [r.status for r in emulator_connection.requests if r.path.endswith("/content")] == [503, 200]
 
 
 def test_the_trigger_polls_through_a_body_that_cannot_be_decoded(
