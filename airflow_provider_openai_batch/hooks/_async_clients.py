@@ -57,7 +57,7 @@ class SharedAsyncClient:
         if self.transport is None:
             return await read_whole(await self.client.send(request, stream=True))
         response = await self.transport.handle_async_request(request)
-        response.read()  # the body is in memory: decoded without awaiting, as in_memory says why
+        response.read()  # the body is in memory: decoded there, without awaiting (see in_memory for why)
         return response
 
 

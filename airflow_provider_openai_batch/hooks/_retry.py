@@ -92,7 +92,8 @@ def retry_after_seconds(headers: httpx.Headers) -> float | None:
     """
     if (millis := headers.get("retry-after-ms")) is not None:
         try:
-            return hint_seconds(float(millis) / 1000)
+            if (hint := hint_seconds(float(millis) / 1000)) is not None:
+                return hint
         except ValueError:
             pass
     if (value := headers.get("retry-after")) is None:
