@@ -161,6 +161,9 @@ class OpenAIBatchHook(BaseHook):
         :param created_after: a datetime with a time zone, or UNIX seconds. The listing ends at the first
             batch created before it, without reading further pages: the list is newest first, so all the rest
             is older. Finding one run's batches then costs a page or two, not the organization's history.
+
+        A next-page cursor that is not a batch id, or that this listing already sent (a server ignoring
+        ``after``), raises :class:`OpenAIBatchResponseError` rather than reading the same pages for ever.
         """
         params = _list_params(after, limit)
         cutoff = _cutoff(created_after)
@@ -180,6 +183,10 @@ class OpenAIBatchHook(BaseHook):
 
     def iter_file_content(self, file_id: str) -> Generator[bytes]:
         """Stream a file's content in the chunks it arrives in, never holding it whole.
+
+        The content is asked for unencoded (``Accept-Encoding: identity``) and yielded as sent: a
+        ``Content-Encoding`` label is not trusted (a CDN may put ``gzip`` on a plain file), and the bytes are what
+        the file's ``bytes`` counts.
 
         Retried like every request until the answer starts. A connection lost after that raises
         :class:`OpenAIFileDownloadError`: the chunks already yielded cannot be taken back, so restarting is the
