@@ -107,7 +107,9 @@ class OpenAIBatchConnectionError(OpenAIBatchError):
 
 
 class OpenAIBatchResponseError(OpenAIBatchError):
-    """The API answered 2xx with a body that is not a valid Batch object (invalid JSON, an HTML page...).
+    """The API's answers cannot be used: a 2xx body that is not a valid Batch object (invalid JSON, an HTML
+    page...), a body that cannot be decoded, a list whose cursor does not advance, or a batch whose status
+    contradicts the API's refusal to cancel it.
 
     Treated as transient: it is almost always a proxy or load balancer hiccup, and the next poll succeeds.
     """

@@ -18,7 +18,6 @@ either when which requests ran is unknown (an output or error file gone), or whe
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from functools import partial
@@ -27,7 +26,7 @@ from typing import IO, TYPE_CHECKING, Any
 from pydantic import BaseModel
 
 from airflow_provider_openai_batch.exceptions import OpenAIBatchError, OpenAIFileNotFoundError
-from airflow_provider_openai_batch.hooks import _download
+from airflow_provider_openai_batch.hooks import _download, _errors
 
 if TYPE_CHECKING:
     from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
@@ -224,7 +223,7 @@ def _custom_id(line: bytes, number: int, file_id: str, entry: dict[str, Any] | N
 
 def _parsed(line: bytes, number: int, file_id: str) -> dict[str, Any]:
     try:
-        entry = json.loads(line)
+        entry = _errors.json_value(line)  # nesting bounded: a line of "[" * 100_000 is no object, no crash
     except ValueError:
         entry = None
     if not isinstance(entry, dict):

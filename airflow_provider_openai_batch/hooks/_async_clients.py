@@ -26,7 +26,7 @@ from airflow_provider_openai_batch.hooks._connection import (
     shared_ssl_context,
 )
 from airflow_provider_openai_batch.hooks._rate import RateGovernor, governor_for
-from airflow_provider_openai_batch.hooks._transport import KeepAliveTransport
+from airflow_provider_openai_batch.hooks._transport import KeepAliveTransport, read_whole
 
 #: Requests in flight per shared client, hence its most open connections. It also bounds how many responses
 #: one turn of the event loop can have to handle, which sets the loop's lag in a burst of polls (at 1,000
@@ -55,9 +55,9 @@ class SharedAsyncClient:
         redirect) and would add a tenth of a poll's CPU.
         """
         if self.transport is None:
-            return await self.client.send(request)
+            return await read_whole(await self.client.send(request, stream=True))
         response = await self.transport.handle_async_request(request)
-        await response.aread()
+        response.read()  # the body is in memory: decoded there, without awaiting (see in_memory for why)
         return response
 
 

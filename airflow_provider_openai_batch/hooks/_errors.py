@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import httpx
 from pydantic import BaseModel, ValidationError
+from pydantic_core import from_json
 
 from airflow_provider_openai_batch.exceptions import (
     BatchNotCancellableError,
@@ -26,7 +27,8 @@ from airflow_provider_openai_batch.exceptions import (
     OpenAIFileDownloadError,
     OpenAIFileNotFoundError,
 )
-from airflow_provider_openai_batch.hooks._retry import is_rate_limited
+from airflow_provider_openai_batch.hooks._retry import Failure, Outcome, is_rate_limited
+from airflow_provider_openai_batch.ids import validate_batch_id
 from airflow_provider_openai_batch.models import FINISHED_STATUSES, Batch
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -36,16 +38,20 @@ NOT_CANCELLABLE = re.compile(r"Cannot cancel a batch with status '(?P<status>[a-
 
 
 def successful(
-    outcome: httpx.Response | httpx.TransportError,
-    api_key: str,
-    *,
-    batch_id: str | None = None,
-    file_id: str | None = None,
+    outcome: Outcome, api_key: str, *, batch_id: str | None = None, file_id: str | None = None
 ) -> httpx.Response:
     """Return a 2xx response, or raise the provider error matching ``outcome``.
 
-    Called once the retries are over, so what it raises is final: a transport error means no answer came at all.
+    Called once the retries are over, so what it raises is final: a transport error means no answer came at all,
+    a decoding error that the one that came cannot be read.
     """
+    if isinstance(outcome, httpx.DecodingError):
+        raise OpenAIBatchResponseError(
+            f"OpenAI Batch API answered for {subject(batch_id, file_id)} with a body that cannot be decoded "
+            f"(a proxy or CDN may have mislabelled its encoding): {describe(outcome)}.",
+            batch_id=batch_id,
+            file_id=file_id,
+        ) from outcome
     if isinstance(outcome, httpx.TransportError):
         raise OpenAIBatchConnectionError(
             f"No response from the OpenAI Batch API for {subject(batch_id, file_id)}: {describe(outcome)}.",
@@ -112,14 +118,27 @@ def error_message(response: httpx.Response, api_key: str) -> str | None:
     """The ``error.message`` of an OpenAI error envelope, if the body is one, with the key blanked out.
 
     A proxy or gateway may quote the request's headers back; the message ends up in exceptions, trigger events
-    and XComs, which the log masker does not cover.
+    and XComs, which the log masker does not cover. The body is parsed by :func:`json_value`: nested too deep,
+    it is no envelope.
     """
     try:
-        error = response.json().get("error")
+        error = json_value(response.content).get("error")
     except (ValueError, AttributeError):
         return None
     message = error.get("message") if isinstance(error, dict) else None
     return message.replace(api_key, "***") if isinstance(message, str) else None
+
+
+def json_value(data: bytes | str) -> Any:
+    """``data`` parsed as JSON, nesting bounded: ``ValueError`` if it is not JSON or nests more than 200 deep.
+
+    What the API sends back (an error body, a line of a results file) is parsed here rather than by
+    ``json.loads``, whose nesting is bounded only by the interpreter's recursion limit: ``"[" * 100_000`` raised
+    ``RecursionError``. pydantic-core's parser, which already reads every model of the API, stops at its own
+    limit with a ``ValueError``; and it accepts what ``json.loads`` accepts (``NaN``, repeated keys: the last
+    one wins).
+    """
+    return from_json(data)
 
 
 def is_json(response: httpx.Response) -> bool:
@@ -151,6 +170,28 @@ def parse(
         ) from None
 
 
+def advancing(cursor: str, sent: set[str]) -> str:
+    """``cursor``, the ``after`` of a list's next page, once checked; it joins ``sent``, the cursors this listing
+    already sent (its first ``after`` included).
+
+    A cursor that is not a batch id, or that was sent before (the server ignores ``after``, or its pages loop)
+    raises :class:`OpenAIBatchResponseError`: following it would read the same pages for ever.
+    """
+    try:
+        validate_batch_id(cursor)
+    except ValueError as error:
+        raise OpenAIBatchResponseError(
+            f"OpenAI Batch API answered the batch list with a next-page cursor that is not a batch id: {error}"
+        ) from None
+    if cursor in sent:
+        raise OpenAIBatchResponseError(
+            f"OpenAI Batch API answered the batch list with the cursor '{cursor}' a second time: the list does "
+            "not advance (does the server ignore 'after'?), so the listing stops here."
+        )
+    sent.add(cursor)
+    return cursor
+
+
 def unsettled(conflict: BatchNotCancellableError) -> BatchNotCancellableError:
     """Re-raise a refused cancel whose message names a finished status; return the others, to look the batch up."""
     if conflict.batch_status in FINISHED_STATUSES:
@@ -172,7 +213,24 @@ def settled(conflict: BatchNotCancellableError, batch: Batch) -> Batch:
     return batch
 
 
-def cut_short(error: httpx.TransportError, file_id: str, received: int) -> OpenAIFileDownloadError:
+def finished(conflict: BatchNotCancellableError, batch: Batch) -> Batch:
+    """``batch``, retrieved after ``conflict`` refused its cancel because it had finished: it must be final.
+
+    A status that is not (``cancelling``, or one this provider does not know) contradicts the refusal, and
+    cannot say how the batch ended: :class:`OpenAIBatchResponseError`, naming both answers.
+    """
+    if batch.is_terminal:
+        return batch
+    raise OpenAIBatchResponseError(
+        f"OpenAI Batch API refused to cancel batch '{batch.id}' as {conflict.batch_status or 'finished'} "
+        f"(HTTP {conflict.status_code}), then reported it '{batch.status}', which is not a final status: "
+        "cannot tell how it ended.",
+        batch_id=batch.id,
+        status_code=conflict.status_code,
+    ) from conflict
+
+
+def cut_short(error: Failure, file_id: str, received: int) -> OpenAIFileDownloadError:
     """The error for a file's content lost mid-stream: the chunks already handed out cannot be taken back."""
     return OpenAIFileDownloadError(
         f"Download of file '{file_id}' was cut short after {received} bytes: {describe(error)}.",
@@ -181,7 +239,7 @@ def cut_short(error: httpx.TransportError, file_id: str, received: int) -> OpenA
     )
 
 
-def describe(outcome: httpx.Response | httpx.TransportError) -> str:
+def describe(outcome: Outcome) -> str:
     """``outcome`` in a few words for a message or a log line: its HTTP status, or the transport error."""
     if isinstance(outcome, httpx.Response):
         return f"HTTP {outcome.status_code}"

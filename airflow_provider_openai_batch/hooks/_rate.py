@@ -27,7 +27,7 @@ import time
 
 import httpx
 
-from airflow_provider_openai_batch.hooks._retry import is_rate_limited, retry_after_seconds
+from airflow_provider_openai_batch.hooks._retry import hint_seconds, is_rate_limited, retry_after_seconds
 
 #: Reset times of one window, as seen from answers that took different times to arrive, differ by this much.
 WINDOW_SLACK = 0.05
@@ -181,14 +181,17 @@ def _int(value: str | None) -> int | None:
 
 
 def _duration(value: str | None) -> float | None:
-    """OpenAI's reset durations: ``"1s"``, ``"20ms"``, ``"6m0s"``, ``"1h2m3.5s"``; a bare number is seconds."""
+    """OpenAI's reset durations: ``"1s"``, ``"20ms"``, ``"6m0s"``, ``"1h2m3.5s"``; a bare number is seconds.
+
+    ``None`` for anything else, ``NaN``, ``inf`` and absurd lengths included (:func:`hint_seconds`).
+    """
     if value is None:
         return None
     try:
-        return float(value)
+        return hint_seconds(float(value))
     except ValueError:
         pass
     parts = _DURATION_PART.findall(value)
     if not parts or "".join(number + unit for number, unit in parts) != value.strip():
         return None
-    return sum(float(number) * _SECONDS[unit] for number, unit in parts)
+    return hint_seconds(sum(float(number) * _SECONDS[unit] for number, unit in parts))

@@ -8,6 +8,7 @@ conflict means the batch already finished, and asking again cannot change that.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -18,13 +19,25 @@ import httpx
 from airflow_provider_openai_batch.hooks._connection import DEFAULT_MAX_RETRIES
 
 RETRYABLE_STATUS_CODES = frozenset({408, 429})
+#: The longest wait, in seconds, a server's header is read as. A longer one, infinite or not a number
+#: (``NaN``) is no hint at all: every caller caps a hint far below this anyway (``max_retry_after``, the rate
+#: governor's pause), and the arithmetic and sleeps then only ever see finite, bounded numbers.
+MAX_HINT_SECONDS = 86_400.0
+
+#: What stands in for an answer: the response, or the error raised instead of one. A body that cannot be
+#: decoded (``Content-Encoding: gzip`` on a plain body, as a CDN may send) is no answer either: it is retried,
+#: and mapped, like a connection lost mid-response.
+Failure = httpx.TransportError | httpx.DecodingError
+Outcome = httpx.Response | Failure
+#: :data:`Failure` for an ``except`` clause.
+FAILURES = (httpx.TransportError, httpx.DecodingError)
 
 
 def is_retryable_status(status_code: int) -> bool:
     return status_code in RETRYABLE_STATUS_CODES or status_code >= 500
 
 
-def is_rate_limited(outcome: httpx.Response | httpx.TransportError) -> bool:
+def is_rate_limited(outcome: Outcome) -> bool:
     """A 429, or a 503 with a retry hint: the API asks to slow down, it is not broken."""
     if not isinstance(outcome, httpx.Response):
         return False
@@ -51,9 +64,7 @@ class RetryPolicy:
     max_retry_after: float = 60.0
     rate_limit_patience: float = 300.0
 
-    def delay_before_retry(
-        self, retries_done: int, outcome: httpx.Response | httpx.TransportError
-    ) -> float | None:
+    def delay_before_retry(self, retries_done: int, outcome: Outcome) -> float | None:
         """Seconds to wait before retrying after ``outcome``, or ``None`` if ``outcome`` is final."""
         if retries_done >= self.max_retries:
             return None
@@ -75,22 +86,33 @@ class RetryPolicy:
 
 
 def retry_after_seconds(headers: httpx.Headers) -> float | None:
-    """The server's retry hint in seconds: ``retry-after-ms``, else ``Retry-After`` as seconds or an HTTP date."""
+    """The server's retry hint in seconds: ``retry-after-ms``, else ``Retry-After`` as seconds or an HTTP date.
+
+    ``None`` when neither is a usable duration (see :func:`hint_seconds`).
+    """
     if (millis := headers.get("retry-after-ms")) is not None:
         try:
-            return float(millis) / 1000
+            if (hint := hint_seconds(float(millis) / 1000)) is not None:
+                return hint
         except ValueError:
             pass
     if (value := headers.get("retry-after")) is None:
         return None
     try:
-        return float(value)
+        return hint_seconds(float(value))
     except ValueError:
         pass
     try:
-        return parsedate_to_datetime(value).timestamp() - time()
-    except (TypeError, ValueError):
+        return hint_seconds(parsedate_to_datetime(value).timestamp() - time())
+    except (TypeError, ValueError, OverflowError):
         return None
+
+
+def hint_seconds(seconds: float) -> float | None:
+    """``seconds`` read from a server's header, or ``None`` if it is no usable duration: not a number,
+    infinite, or longer than :data:`MAX_HINT_SECONDS` either way (a ``NaN`` would make every comparison false
+    and every sleep fail or spin)."""
+    return seconds if math.isfinite(seconds) and abs(seconds) <= MAX_HINT_SECONDS else None
 
 
 @dataclass(frozen=True)
@@ -119,7 +141,7 @@ class Attempts:
     patience_until: float
     retries_done: int = 0
 
-    def next_retry(self, outcome: httpx.Response | httpx.TransportError, now: float) -> Retry | None:
+    def next_retry(self, outcome: Outcome, now: float) -> Retry | None:
         """How to retry after ``outcome``, or ``None`` if ``outcome`` is final."""
         if now < self.patience_until and is_rate_limited(outcome):
             return Retry(delay=0.0, backpressure=True)

@@ -253,6 +253,34 @@ async def _read_response(connection: _Connection, request: httpx.Request) -> htt
         raise
 
 
+def in_memory(response: httpx.Response, raw: bytes) -> httpx.Response:
+    """``response`` with ``raw``, its body as received, read whole: decoded (gunzipped...) here, synchronously.
+
+    Decoding a body as httpx's async streams do raises between two of its async generators when the body does
+    not decode (``Content-Encoding: gzip`` on a plain body, as a CDN may send), and leaves the inner one
+    mid-iteration for the event loop to close in a task of its own. Read raw to its end, then decoded in memory,
+    every generator has finished first, and ``httpx.DecodingError`` is raised here, once, for the hook to retry.
+    """
+    whole = httpx.Response(
+        response.status_code,
+        headers=response.headers,
+        stream=httpx.ByteStream(raw),
+        request=response.request,
+        extensions=response.extensions,
+    )
+    whole.read()
+    return whole
+
+
+async def read_whole(response: httpx.Response) -> httpx.Response:
+    """A streamed ``response`` read to its end and released: :func:`in_memory`."""
+    try:
+        raw = b"".join([chunk async for chunk in response.aiter_raw()])
+    finally:
+        await response.aclose()
+    return in_memory(response, raw)
+
+
 def _closed_before_answering(connection: _Connection, error: BaseException) -> bool:
     """Whether ``error`` says the server closed (or reset) the connection before any byte of its response:
     the failure of a kept-alive connection that the server dropped as it was reused, worth one more try.

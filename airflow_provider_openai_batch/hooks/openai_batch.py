@@ -24,7 +24,8 @@ from airflow_provider_openai_batch.exceptions import BatchNotCancellableError, O
 from airflow_provider_openai_batch.hooks import _async_clients, _connection_form, _download, _errors
 from airflow_provider_openai_batch.hooks._connection import ConnectionSettings
 from airflow_provider_openai_batch.hooks._rate import RateGovernor, governor_for
-from airflow_provider_openai_batch.hooks._retry import Attempts, RetryPolicy
+from airflow_provider_openai_batch.hooks._retry import FAILURES, Attempts, Outcome, RetryPolicy
+from airflow_provider_openai_batch.hooks._transport import in_memory, read_whole
 from airflow_provider_openai_batch.ids import validate_batch_id, validate_file_id
 from airflow_provider_openai_batch.models import Batch, BatchList, File
 
@@ -32,6 +33,10 @@ if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import ObjectStoragePath
 
 MAX_PAGE_SIZE = 100
+#: Asked of a file's content, which is then read as sent (``iter_raw``): the bytes ``File.bytes`` counts. A
+#: ``Content-Encoding`` a CDN puts on a plain body is not taken at its word, and a body really encoded against
+#: this request fails the size check, a typed error, instead of a decoding error in the middle of the stream.
+_CONTENT = {"Accept-Encoding": "identity"}
 
 
 class OpenAIBatchHook(BaseHook):
@@ -138,6 +143,14 @@ class OpenAIBatchHook(BaseHook):
             conflict = _errors.unsettled(error)
         return _errors.settled(conflict, self.get_batch(batch_id))
 
+    def get_finished_batch(self, batch_id: str, conflict: BatchNotCancellableError) -> Batch:
+        """Retrieve a batch whose cancel ``conflict`` refused because it had finished, to report how it ended.
+
+        Raises :class:`OpenAIBatchResponseError` if the API now reports a status that is not final (or one
+        unknown to this provider): its two answers contradict each other.
+        """
+        return _errors.finished(conflict, self.get_batch(batch_id))
+
     def list_batches(
         self,
         *,
@@ -150,16 +163,20 @@ class OpenAIBatchHook(BaseHook):
         :param created_after: a datetime with a time zone, or UNIX seconds. The listing ends at the first
             batch created before it, without reading further pages: the list is newest first, so all the rest
             is older. Finding one run's batches then costs a page or two, not the organization's history.
+
+        A next-page cursor that is not a batch id, or that this listing already sent (a server ignoring
+        ``after``), raises :class:`OpenAIBatchResponseError` rather than reading the same pages for ever.
         """
         params = _list_params(after, limit)
         cutoff = _cutoff(created_after)
+        sent = _cursors(params)
         while True:
             page = _errors.parse(self._send("GET", "/batches", params=params), BatchList, None)
             batches, cursor = _page_batches(page, cutoff)
             yield from batches
             if cursor is None:
                 return
-            params = {**params, "after": cursor}
+            params = {**params, "after": _errors.advancing(cursor, sent)}
 
     def get_file(self, file_id: str) -> File:
         """Retrieve a file's metadata; its ``bytes`` is the size a download of it must have."""
@@ -168,6 +185,10 @@ class OpenAIBatchHook(BaseHook):
 
     def iter_file_content(self, file_id: str) -> Generator[bytes]:
         """Stream a file's content in the chunks it arrives in, never holding it whole.
+
+        The content is asked for unencoded (``Accept-Encoding: identity``) and yielded as sent: a
+        ``Content-Encoding`` label is not trusted (a CDN may put ``gzip`` on a plain file), and the bytes are what
+        the file's ``bytes`` counts.
 
         Retried like every request until the answer starts. A connection lost after that raises
         :class:`OpenAIFileDownloadError`: the chunks already yielded cannot be taken back, so restarting is the
@@ -230,14 +251,14 @@ class OpenAIBatchHook(BaseHook):
         ``rate_limit_patience``. A poll is not: refused, it is backpressure for its wait, which polls again until
         its own deadline.
         """
-        request = self.client.build_request(method, path, params=params)
-        send = partial(_streamed, self.client) if stream else self.client.send
+        request = self.client.build_request(method, path, params=params, headers=_CONTENT if stream else None)
+        send = partial(_sent, self.client, stream=stream)
         attempts = self.retry_policy.attempts(patient=patient, now=time.monotonic())
         while True:
             ticket = self._governor.wait_turn_sync()
             try:
-                outcome: httpx.Response | httpx.TransportError = send(request)
-            except httpx.TransportError as error:
+                outcome: Outcome = send(request)
+            except FAILURES as error:
                 outcome = error
             if (delay := self._retry_delay(request, attempts, outcome, self._governor, ticket)) is None:
                 return _errors.successful(outcome, self.settings.api_key, batch_id=batch_id, file_id=file_id)
@@ -247,7 +268,7 @@ class OpenAIBatchHook(BaseHook):
         response = self._send("GET", path, file_id=file_id, stream=True)
         received = 0
         try:
-            for chunk in response.iter_bytes():
+            for chunk in response.iter_raw():
                 received += len(chunk)
                 yield chunk
         except httpx.TransportError as error:
@@ -283,6 +304,7 @@ class OpenAIBatchHook(BaseHook):
         """Async :meth:`list_batches`, with the same early stop at ``created_after``."""
         params = _list_params(after, limit)
         cutoff = _cutoff(created_after)
+        sent = _cursors(params)
         while True:
             page = _errors.parse(await self._asend("GET", "/batches", params=params), BatchList, None)
             batches, cursor = _page_batches(page, cutoff)
@@ -290,7 +312,7 @@ class OpenAIBatchHook(BaseHook):
                 yield batch
             if cursor is None:
                 return
-            params = {**params, "after": cursor}
+            params = {**params, "after": _errors.advancing(cursor, sent)}
 
     async def aget_file(self, file_id: str) -> File:
         """Async :meth:`get_file`."""
@@ -342,7 +364,7 @@ class OpenAIBatchHook(BaseHook):
         if streaming_client is None:
             request, send = self._reusable_request(shared.client, method, path, params), shared.send
         else:
-            request = streaming_client.build_request(method, path, params=params)
+            request = streaming_client.build_request(method, path, params=params, headers=_CONTENT)
             send = partial(_astreamed, streaming_client)
         attempts = self.retry_policy.attempts(patient=patient, now=time.monotonic())
         while True:
@@ -351,8 +373,8 @@ class OpenAIBatchHook(BaseHook):
             async with shared.gate:
                 ticket = await shared.governor.wait_turn()
                 try:
-                    outcome: httpx.Response | httpx.TransportError = await send(request)
-                except httpx.TransportError as error:
+                    outcome: Outcome = await send(request)
+                except FAILURES as error:
                     outcome = error
             if (delay := self._retry_delay(request, attempts, outcome, shared.governor, ticket)) is None:
                 api_key = (await self.asettings()).api_key
@@ -364,7 +386,7 @@ class OpenAIBatchHook(BaseHook):
             response = await self._asend("GET", path, file_id=file_id, streaming_client=client)
             received = 0
             try:
-                async for chunk in response.aiter_bytes():
+                async for chunk in response.aiter_raw():
                     received += len(chunk)
                     yield chunk
             except httpx.TransportError as error:
@@ -393,7 +415,7 @@ class OpenAIBatchHook(BaseHook):
         self,
         request: httpx.Request,
         attempts: Attempts,
-        outcome: httpx.Response | httpx.TransportError,
+        outcome: Outcome,
         governor: RateGovernor,
         ticket: int,
     ) -> float | None:
@@ -437,27 +459,42 @@ def _path(collection: str, resource_id: str, action: str | None) -> str:
     return f"{path}/{action}" if action else path
 
 
-def _streamed(client: httpx.Client, request: httpx.Request) -> httpx.Response:
-    """Send ``request`` leaving a 2xx body to stream; an error's body (a small JSON document) is read whole, to be
-    mapped to an exception, and its connection released."""
+def _sent(client: httpx.Client, request: httpx.Request, *, stream: bool) -> httpx.Response:
+    """Send ``request`` and read its response whole within the read timeout; with ``stream``, leave a 2xx body
+    (a file's content) to be read as it arrives, each read within the timeout.
+
+    Whole, because httpx's sync transport applies the read timeout to each read from the socket: a server (or a
+    proxy) dripping a byte just within it held a request for as long as it dripped. The async path's transport
+    bounds the whole response (``_transport``); this bounds it the same way, with a deadline checked as each
+    piece of the response arrives. An error's body is read whole too, to be mapped to an exception.
+    """
+    timeout = request.extensions.get("timeout", {}).get("read")
+    deadline = None if timeout is None else time.monotonic() + timeout
     response = client.send(request, stream=True)
-    if not response.is_success:
-        try:
-            response.read()
-        finally:
-            response.close()
-    return response
+    if stream and response.is_success:
+        return response
+    try:
+        raw = []
+        for chunk in response.iter_raw():
+            _within(deadline, request)
+            raw.append(chunk)
+        _within(deadline, request)  # the head alone may have taken too long
+    finally:
+        response.close()
+    return in_memory(response, b"".join(raw))
+
+
+def _within(deadline: float | None, request: httpx.Request) -> None:
+    """Raise ``httpx.ReadTimeout`` (retried like any timeout) once ``deadline`` (monotonic) has passed."""
+    if deadline is not None and time.monotonic() > deadline:
+        raise httpx.ReadTimeout("Timed out before the whole response arrived.", request=request)
 
 
 async def _astreamed(client: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
-    """Async :func:`_streamed`."""
+    """Send ``request`` leaving a 2xx body to stream; an error's body (a small JSON document) is read whole, to be
+    mapped to an exception, and its connection released."""
     response = await client.send(request, stream=True)
-    if not response.is_success:
-        try:
-            await response.aread()
-        finally:
-            await response.aclose()
-    return response
+    return response if response.is_success else await read_whole(response)
 
 
 def _list_params(after: str | None, limit: int) -> dict[str, Any]:
@@ -467,6 +504,11 @@ def _list_params(after: str | None, limit: int) -> dict[str, Any]:
     if after is not None:
         params["after"] = validate_batch_id(after)
     return params
+
+
+def _cursors(params: dict[str, Any]) -> set[str]:
+    """The cursors a listing has sent, starting with its first query's: none may come back as the next page's."""
+    return {params["after"]} if "after" in params else set()
 
 
 def _cutoff(created_after: datetime | float | None) -> float | None:

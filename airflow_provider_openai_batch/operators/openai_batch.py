@@ -179,7 +179,8 @@ class OpenAICancelBatchOperator(BaseOperator):
                 batch = hook.cancel_batch(batch_id)
             except BatchNotCancellableError as error:
                 self.log.info("%s", error)
-                return self._finish(context, CancellationEvent.from_batch(hook.get_batch(batch_id)))
+                batch = hook.get_finished_batch(batch_id, error)
+                return self._finish(context, CancellationEvent.from_batch(batch))
             self.log.info("Cancel of batch '%s' accepted; it is now '%s'.", batch_id, batch.status)
             if batch.status == BatchStatus.CANCELLED or not self.wait_for_cancellation:
                 return self._report(context, batch.to_xcom())
