@@ -116,8 +116,9 @@ class OpenAICancelBatchOperator(BaseOperator):
     :param wait_for_cancellation: wait for ``cancelled`` (and the output file id); if False, finish once the
         cancel request is accepted.
     :param deferrable: wait in the triggerer instead of the worker.
-    :param poll_interval: seconds between status polls while waiting.
-    :param timeout: how long to wait after the cancel before failing (the API promises at most 10 minutes).
+    :param poll_interval: seconds between status polls while waiting (at least 0.01).
+    :param timeout: how long to wait after the cancel before failing (the API promises at most 10 minutes); at
+        most 7 days. Like ``poll_interval``, a finite, positive number of seconds or a ``timedelta``.
     :param if_missing: when the upstream produced no batch id: ``"skip"`` the task or ``"fail"`` it.
     :param if_finished: when the batch had already completed, failed or expired (or did so before the cancel
         took effect): ``"succeed"`` and report it, ``"skip"``, or ``"fail"``.
@@ -274,17 +275,18 @@ class OpenAICancelStaleBatchesOperator(BaseOperator):
     :param conn_id: the OpenAI Batch connection (templated).
     :param older_than: minimum age, measured from the batch's ``created_at``.
     :param statuses: statuses a batch must be in to be selected (default: the cancellable ones).
-    :param metadata: only batches whose metadata has each of these key/value pairs (templated).
+    :param metadata: only batches whose metadata has each of these key/value pairs, all strings (templated).
     :param endpoint: only batches for this endpoint, e.g. ``/v1/chat/completions``.
     :param created_after: only batches created at or after this time, where the listing stops (templated): a
         datetime with a time zone, its ISO 8601 string, or UNIX seconds. Taken as given: subtract a margin
         yourself if the clocks of Airflow and OpenAI may disagree.
     :param dry_run: select and report, but cancel nothing (templated: must render to a boolean).
-    :param max_concurrency: cancel requests in flight at once.
+    :param max_concurrency: cancel requests in flight at once (an integer, at least 1).
     :param wait_for_cancellation: wait until the cancelled batches are ``cancelled``, to report output files.
     :param deferrable: wait in the triggerer instead of the worker.
-    :param poll_interval: seconds between polling rounds while waiting.
-    :param timeout: how long to wait after the cancels before reporting the still-cancelling batches as failed.
+    :param poll_interval: seconds between polling rounds while waiting (at least 0.01).
+    :param timeout: how long to wait after the cancels before reporting the still-cancelling batches as failed;
+        at most 7 days.
     :param save_results_to: as for :class:`OpenAICancelBatchOperator` (templated), one folder per batch.
     """
 
