@@ -263,7 +263,7 @@ def _custom_id(line: bytes, number: int, file_id: str, entry: dict[str, Any] | N
 
 def _one_plain_custom_id(line: bytes) -> bool:
     """Whether the leading ``custom_id`` is the line's only one, as a JSON parser would read it."""
-    return line.count(b'"custom_id"') == 1 and not _ESCAPED_ID_LETTER.search(line)
+    return line.count(b'"custom_id"') == 1 and (b"\\u00" not in line or not _ESCAPED_ID_LETTER.search(line))
 
 
 def _parsed(line: bytes, number: int, file_id: str) -> dict[str, Any]:
