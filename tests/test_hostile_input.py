@@ -320,6 +320,25 @@ def test_4_multi_trigger_given_one_string_does_not_iterate_it(api: BatchAPIEmula
     assert api.requests == []
 
 
+def test_4_multi_trigger_keeps_each_bad_id_s_own_error_when_the_connection_is_missing(
+    api: BatchAPIEmulator, guard: Guard
+) -> None:
+    """A malformed id's event says what is wrong with it, whatever else fails; only polled batches get the
+    connection's error. With no good id, no connection is looked up at all."""
+    good = api.add_batch(status="cancelling")["id"]
+    trigger = OpenAIMultiBatchCancellationTrigger([good, 42], "openai_missing", 0.01, time.time() + 5)
+
+    first, second = run_trigger(trigger, guard)["events"]
+
+    assert_error_event(first, f"Cannot poll batch '{good}'", "openai_missing")
+    assert_error_event(second, "A batch id must be a string, got int: 42.")
+    [only] = run_trigger(
+        OpenAIMultiBatchCancellationTrigger([42], "openai_missing", 0.01, time.time() + 5), guard
+    )["events"]
+    assert_error_event(only, "A batch id must be a string, got int: 42.")
+    assert api.requests == []
+
+
 #: Trigger kwargs as a corrupted row, an older version or Airflow 3.0's serialiser may leave them.
 BAD_WAIT_KWARGS: dict[str, tuple[dict[str, Any], str]] = {
     "poll_interval_string": ({"poll_interval": "30"}, "poll_interval"),

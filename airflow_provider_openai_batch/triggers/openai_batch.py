@@ -126,14 +126,15 @@ async def wait_for_cancellations(
     except ValueError as error:
         return list(map(_setup_failed, batch_ids, repeat(error)))
     waits = list(map(_watch, batch_ids, repeat(deadline)))
+    pending = [wait for wait in waits if isinstance(wait, CancellationWatch)]
     try:
-        async with OpenAIBatchHook(conn_id) as hook:
-            pending = [wait for wait in waits if isinstance(wait, CancellationWatch)]
-            while pending:
-                await asyncio.sleep(pending[0].seconds_to_next_poll(poll_interval))
-                pending = _still_pending(pending, await _poll_all(hook, pending), finished)
+        if pending:  # else every id was malformed: no connection to look up
+            async with OpenAIBatchHook(conn_id) as hook:
+                while pending:
+                    await asyncio.sleep(pending[0].seconds_to_next_poll(poll_interval))
+                    pending = _still_pending(pending, await _poll_all(hook, pending), finished)
     except _SETUP_ERRORS as error:
-        return list(map(_setup_failed, batch_ids, repeat(error)))
+        return list(map(_unpolled, waits, repeat(error)))
     return list(map(_outcome, waits, repeat(finished)))
 
 
@@ -149,6 +150,11 @@ def _outcome(
     wait: CancellationWatch | CancellationEvent, finished: dict[str, CancellationEvent]
 ) -> CancellationEvent:
     return finished[wait.batch_id] if isinstance(wait, CancellationWatch) else wait
+
+
+def _unpolled(wait: CancellationWatch | CancellationEvent, error: Exception) -> CancellationEvent:
+    """A wait's outcome when polling could not start: the setup's error, or the malformed id's own."""
+    return _setup_failed(wait.batch_id, error) if isinstance(wait, CancellationWatch) else wait
 
 
 def _shown(batch_id: Any) -> str:
