@@ -78,19 +78,31 @@ def batch_ids(value: Any) -> list[Any]:
     return list(value)
 
 
-def metadata_filter(value: Any) -> dict[str, str]:
-    """``value`` as metadata pairs a batch must have: a dict of strings (a batch's metadata values are)."""
+def metadata_filter(value: Any, *, rendered: bool = True) -> Any:
+    """``value`` as metadata pairs a batch must have: a dict of strings (a batch's metadata values are).
+
+    Before rendering (``rendered=False``, in an operator's constructor) what may still render is let through:
+    a string (a template rendering to a dict with ``render_template_as_native_obj``) or an ``XComArg``, as the
+    whole or as a value.
+    """
+    if not rendered and _may_render(value):
+        return value
     if not isinstance(value, Mapping):
         raise ValueError(  # noqa: TRY004 - one error for every bad argument (see the module doc)
             f"metadata must be a dict of string keys and values, got {type(value).__name__}: {value!r:.80}."
         )
     for key, item in value.items():
-        if not isinstance(key, str) or not isinstance(item, str):
-            raise ValueError(  # noqa: TRY004 - one error for every bad argument (see the module doc)
+        if not isinstance(key, str) or not (isinstance(item, str) or (not rendered and _may_render(item))):
+            raise ValueError(
                 f"metadata must be a dict of string keys and values; {key!r:.80} is {type(item).__name__}: "
                 f"{item!r:.80}."
             )
-    return dict(value)
+    return value if not rendered else dict(value)
+
+
+def _may_render(value: Any) -> bool:
+    """A template string, or what Airflow resolves when it renders (an ``XComArg``)."""
+    return isinstance(value, str) or callable(getattr(value, "resolve", None))
 
 
 def positive_int(value: Any, name: str) -> int:

@@ -466,6 +466,26 @@ def test_14a_cleanup_metadata_rendered_to_a_string_is_refused_before_any_request
     assert api.batch(batch_id)["status"] == "in_progress"
 
 
+def test_14a_cleanup_metadata_that_renders_later_passes_construction() -> None:
+    """What renders at run time is checked then: a template string, an ``XComArg``, as a whole or as a value."""
+    from airflow.sdk import DAG
+
+    with DAG("hostile_metadata", schedule=None):
+        upstream = OpenAICancelBatchOperator(task_id="submit", batch_id="batch_1")
+        for index, metadata in enumerate(
+            [
+                upstream.output,
+                {"airflow_run_id": upstream.output},
+                "{{ params.tags }}",
+                {"team": "{{ params.t }}"},
+            ]
+        ):
+            operator = OpenAICancelStaleBatchesOperator(
+                task_id=f"cleanup_{index}", older_than=timedelta(0), metadata=metadata
+            )
+            assert operator.metadata is metadata
+
+
 def test_11_a_valid_wait_still_runs(api: BatchAPIEmulator, guard: Guard) -> None:
     """The bounds leave room: the floor interval and a timedelta timeout at the bound wait as before."""
     batch_id = api.add_batch(cancel_after_polls=2)["id"]

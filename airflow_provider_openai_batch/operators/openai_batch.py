@@ -206,9 +206,8 @@ class OpenAICancelBatchOperator(BaseOperator):
             raise AirflowException(
                 "The cancellation trigger fired no event payload; cannot tell the batch's fate."
             )
-        batch_id = resolve_batch_id(
-            self.batch_id
-        )  # the task's own id, rendered again: not the one in the event
+        # The task's own id, rendered again for the resumed task: the event's is only what the trigger was given.
+        batch_id = resolve_batch_id(self.batch_id)
         if batch_id is None:
             raise AirflowException(
                 f"batch_id rendered to {self.batch_id!r} on resume: no batch id to report on."
@@ -325,8 +324,7 @@ class OpenAICancelStaleBatchesOperator(BaseOperator):
         self.conn_id = conn_id
         self.older_than = older_than
         self.statuses = frozenset(BatchStatus(status) for status in statuses)
-        # A string may be a template rendering to a dict (render_template_as_native_obj): checked in execute.
-        self.metadata = metadata if isinstance(metadata, str) else _arguments.metadata_filter(metadata or {})
+        self.metadata = _arguments.metadata_filter(metadata or {}, rendered=False)  # rendered: in execute
         self.endpoint = endpoint
         self.created_after = created_after
         # Shadows BaseOperator.dry_run(), a template-rendering helper nothing in Airflow 3 calls.
