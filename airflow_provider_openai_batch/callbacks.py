@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from airflow_provider_openai_batch import _arguments
 from airflow_provider_openai_batch._compat import deadline_async_callback
 from airflow_provider_openai_batch._time import unix_time
 from airflow_provider_openai_batch.exceptions import BatchNotCancellableError, OpenAIBatchError
@@ -156,9 +157,7 @@ class cancel_run_batches:  # named as the function it is used as; a class, for t
     def __init__(
         self, conn_id: str = OpenAIBatchHook.default_conn_name, *, context: Context | None = None
     ) -> None:
-        if not isinstance(conn_id, str) or not conn_id:
-            raise ValueError(f"conn_id must be a connection id (a non-empty string), got {conn_id!r:.80}.")
-        self.conn_id = conn_id
+        self.conn_id = _arguments.connection_id(conn_id)
         self.context = context
 
     def deadline_callback(self) -> Any:

@@ -55,16 +55,25 @@ class CleanupSummary(BaseModel):
     failed: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []  #: the manifest of each batch whose results were saved
 
-    def record_cancel(self, batch: Batch) -> None:
+    def record_cancel(self, batch_id: str, batch: Batch) -> None:
+        """File ``batch``, the answer to the cancel of ``batch_id``, under that id: the one that was checked
+        and sent, whatever id the answer carries (results are later saved in that id's folder)."""
         self.cancelled.append(
-            _cancelled_entry(batch.id, batch.status, batch.output_file_id, batch.error_file_id)
+            _cancelled_entry(batch_id, batch.status, batch.output_file_id, batch.error_file_id)
         )
 
     def with_outcomes(self, events: list[CancellationEvent]) -> CleanupSummary:
-        """Update the cancelled batches with how their wait ended; timeouts and errors move to ``failed``."""
+        """Update the cancelled batches with how their wait ended; timeouts and errors move to ``failed``, and
+        so does an error about no batch cancelled here (a wait given malformed ids), rather than be dropped."""
         outcomes = {event.batch_id: event for event in events}
         summary = self.model_copy(deep=True)
         summary.cancelled = []
+        waited = {entry["batch_id"] for entry in self.cancelled}
+        summary.failed.extend(
+            {"batch_id": event.batch_id, "error": event.message}
+            for event in events
+            if event.batch_id not in waited and isinstance(event.status, WaitStopped)
+        )
         for entry in self.cancelled:
             event = outcomes.get(entry["batch_id"])
             if event is None:
@@ -88,7 +97,7 @@ async def cancel_all(hook: OpenAIBatchHook, summary: CleanupSummary, max_concurr
     async def cancel(batch_id: str) -> None:
         async with gate:
             try:
-                summary.record_cancel(await hook.acancel_batch(batch_id))
+                summary.record_cancel(batch_id, await hook.acancel_batch(batch_id))
             except BatchNotCancellableError as error:
                 summary.already_finished.append({"batch_id": batch_id, "status": error.batch_status})
             except BatchNotFoundError:

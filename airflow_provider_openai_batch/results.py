@@ -18,6 +18,7 @@ either when which requests ran is unknown (an output or error file gone), or whe
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from functools import partial
@@ -25,8 +26,14 @@ from typing import IO, TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from airflow_provider_openai_batch.exceptions import OpenAIBatchError, OpenAIFileNotFoundError
+from airflow_provider_openai_batch import storage
+from airflow_provider_openai_batch.exceptions import (
+    OpenAIBatchError,
+    OpenAIBatchResponseError,
+    OpenAIFileNotFoundError,
+)
 from airflow_provider_openai_batch.hooks import _download, _errors
+from airflow_provider_openai_batch.ids import validate_batch_id
 
 if TYPE_CHECKING:
     from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
@@ -42,6 +49,12 @@ NEVER_RAN = frozenset({"batch_cancelled", "batch_expired"})
 #: and holds no escape: how the API and the SDKs write them. Read so, a 4 kB request line costs a regex match
 #: instead of a JSON parse; any other line is parsed.
 _LEADING_CUSTOM_ID = re.compile(rb'\s*\{\s*(?:"id"\s*:\s*"[^"\\]*"\s*,\s*)?"custom_id"\s*:\s*"([^"\\]*)"')
+#: An escaped letter of "custom_id" (``\u0063`` is ``c``): a key spelled so is "custom_id" to a JSON parser, so a
+#: line holding one is parsed, as is a line with "custom_id" twice. The JSON parser takes the last of duplicate
+#: keys, the leading match the first: they would disagree, and remaining.jsonl would be wrong.
+_ESCAPED_ID_LETTER = re.compile(rb"\\u00(?:[67][0-9A-Fa-f]|5[Ff])")
+#: Stands for the ``custom_id`` of an object that has more than one: which request the line is about is unknown.
+_AMBIGUOUS = object()
 
 
 class SavedFile(BaseModel):
@@ -64,34 +77,52 @@ class ResultsManifest(BaseModel):
         return self.model_dump(mode="json")
 
 
-def save_results(hook: OpenAIBatchHook, batch: Batch, root: Target) -> ResultsManifest:
-    """Write ``batch``'s output, errors and remaining requests under ``root / batch.id`` (see the module doc)."""
-    folder = root / batch.id
-    manifest = ResultsManifest(batch_id=batch.id)
+def save_results(hook: OpenAIBatchHook, batch_id: str, batch: Batch, root: Target) -> ResultsManifest:
+    """Write ``batch``'s output, errors and remaining requests under ``root / batch_id`` (see the module doc).
+
+    ``batch_id`` is the id the task was given, checked like any id: the folder is named after it, never after
+    the id in the API's answer (``"../x"`` or an absolute path there would write outside ``root``, another
+    batch's id into that batch's folder). An answer about another batch is refused. The three files are
+    written all or nothing: if any fails, none is left under its name.
+    """
+    batch_id = validate_batch_id(batch_id)
+    if batch.id != batch_id:
+        raise OpenAIBatchResponseError(
+            f"The API's answer for batch '{batch_id}' is about batch {batch.id!r:.80}: not saving its results.",
+            batch_id=batch_id,
+        )
+    folder = root / batch_id
+    manifest = ResultsManifest(batch_id=batch_id)
     ran: set[str] = set()
     all_known = True
-    for field, file_id, name, errors in (
-        ("output", batch.output_file_id, OUTPUT, False),
-        ("errors", batch.error_file_id, ERRORS, True),
-    ):
-        file = _file(hook, batch, file_id, field)
-        if file is None:
-            all_known = all_known and file_id is None
-            continue
-        recording = _download.transfer(
-            hook, file, folder / name, partial(_Recording, file_id=file.id, errors=errors)
-        )
-        ran |= recording.ran
-        setattr(manifest, field, _saved(folder / name, recording))
-    input_file = _file(hook, batch, batch.input_file_id, "input")
-    if not all_known:
-        log.warning("Batch '%s': not writing %s, as which requests ran cannot be told.", batch.id, REMAINING)
-    elif input_file is not None:
-        keeping = _download.transfer(
-            hook, input_file, folder / REMAINING, partial(_Remaining, file_id=input_file.id, ran=ran)
-        )
-        manifest.remaining = _saved(folder / REMAINING, keeping)
-    log.info("Batch '%s': saved %s", batch.id, _describe(manifest))
+    with storage.all_or_nothing() as staging:
+        for field, file_id, name, errors in (
+            ("output", batch.output_file_id, OUTPUT, False),
+            ("errors", batch.error_file_id, ERRORS, True),
+        ):
+            file = _file(hook, batch, file_id, field)
+            if file is None:
+                all_known = all_known and file_id is None
+                continue
+            recording = _download.transfer(
+                hook, file, staging.stage(folder / name), partial(_Recording, file_id=file.id, errors=errors)
+            )
+            ran |= recording.ran
+            setattr(manifest, field, _saved(folder / name, recording))
+        input_file = _file(hook, batch, batch.input_file_id, "input")
+        if not all_known:
+            log.warning(
+                "Batch '%s': not writing %s, as which requests ran cannot be told.", batch_id, REMAINING
+            )
+        elif input_file is not None:
+            keeping = _download.transfer(
+                hook,
+                input_file,
+                staging.stage(folder / REMAINING),
+                partial(_Remaining, file_id=input_file.id, ran=ran),
+            )
+            manifest.remaining = _saved(folder / REMAINING, keeping)
+    log.info("Batch '%s': saved %s", batch_id, _describe(manifest))
     return manifest
 
 
@@ -174,7 +205,8 @@ class _Recording(_download.Copy):
             return
         entry = _parsed(line, self._number, self._file_id)
         error = entry.get("error")
-        if not (isinstance(error, dict) and error.get("code") in NEVER_RAN):
+        code = error.get("code") if isinstance(error, dict) else None
+        if not (isinstance(code, str) and code in NEVER_RAN):  # a code may be anything: a list is unhashable
             self.ran.add(_custom_id(line, self._number, self._file_id, entry))
 
 
@@ -210,9 +242,17 @@ class _Remaining:
 
 
 def _custom_id(line: bytes, number: int, file_id: str, entry: dict[str, Any] | None = None) -> str:
-    if entry is None and (leading := _LEADING_CUSTOM_ID.match(line)):
-        return leading[1].decode()
+    if entry is None and (leading := _LEADING_CUSTOM_ID.match(line)) and _one_plain_custom_id(line):
+        try:
+            return leading[1].decode()
+        except UnicodeDecodeError:
+            raise _unreadable(number, file_id) from None
     custom_id = (entry if entry is not None else _parsed(line, number, file_id)).get("custom_id")
+    if custom_id is _AMBIGUOUS:
+        raise OpenAIBatchError(
+            f"Line {number} of file '{file_id}' has more than one 'custom_id': cannot tell which request it is.",
+            file_id=file_id,
+        )
     if not isinstance(custom_id, str):
         raise OpenAIBatchError(
             f"Line {number} of file '{file_id}' has no string 'custom_id': cannot tell whether its request ran.",
@@ -221,11 +261,34 @@ def _custom_id(line: bytes, number: int, file_id: str, entry: dict[str, Any] | N
     return custom_id
 
 
+def _one_plain_custom_id(line: bytes) -> bool:
+    """Whether the leading ``custom_id`` is the line's only one, as a JSON parser would read it."""
+    return line.count(b'"custom_id"') == 1 and (b"\\u00" not in line or not _ESCAPED_ID_LETTER.search(line))
+
+
 def _parsed(line: bytes, number: int, file_id: str) -> dict[str, Any]:
     try:
-        entry = _errors.json_value(line)  # nesting bounded: a line of "[" * 100_000 is no object, no crash
+        text = line.decode()
+    except UnicodeDecodeError:
+        raise _unreadable(number, file_id) from None
+    try:
+        # Nesting bounded first: json.loads recurses, and a line of "[" * 100_000 raised RecursionError.
+        _errors.json_value(text)
+        entry = json.loads(text, object_pairs_hook=_object)
     except ValueError:
         entry = None
     if not isinstance(entry, dict):
         raise OpenAIBatchError(f"Line {number} of file '{file_id}' is not a JSON object.", file_id=file_id)
     return entry
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, its ``custom_id`` :data:`_AMBIGUOUS` if it has more than one."""
+    entry = dict(pairs)
+    if len(entry) < len(pairs) and sum(key == "custom_id" for key, _ in pairs) > 1:
+        entry["custom_id"] = _AMBIGUOUS
+    return entry
+
+
+def _unreadable(number: int, file_id: str) -> OpenAIBatchError:
+    return OpenAIBatchError(f"Line {number} of file '{file_id}' is not UTF-8 text.", file_id=file_id)

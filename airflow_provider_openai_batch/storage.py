@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeAlias, TypeVar
 
@@ -67,10 +67,61 @@ def write_via_temporary(target: Target, write: Callable[[IO[bytes]], T]) -> T:
     return result
 
 
+class Staging:
+    """Files written under hidden names, that take their own names together once every one of them is complete.
+
+    Through :func:`all_or_nothing`: a failure while any of them is written (a download lost, a line that cannot
+    be read) leaves none of them under its name, rather than, say, an ``output.jsonl`` without the
+    ``remaining.jsonl`` that tells what did not run.
+    """
+
+    def __init__(self) -> None:
+        self._staged: list[tuple[Target, Target]] = []
+
+    def stage(self, target: Target) -> Target:
+        """The hidden name under which to write ``target`` until :meth:`commit`."""
+        staged = target.with_name(f".{target.name}.{secrets.token_hex(4)}.staged")
+        self._staged.append((staged, target))
+        return staged
+
+    def commit(self) -> None:
+        """Give every staged file its name; if one rename fails, take back those done and remove the rest."""
+        done: list[Target] = []
+        try:
+            for staged, target in self._staged:
+                staged.rename(target)  # type: ignore[arg-type]  # both sides are the same kind of path
+                done.append(target)
+        except BaseException:
+            for target in done:
+                with suppress(OSError):
+                    target.unlink(missing_ok=True)
+            self.discard()
+            raise
+
+    def discard(self) -> None:
+        for staged, _ in self._staged:
+            with suppress(OSError):
+                staged.unlink(missing_ok=True)
+
+
+@contextmanager
+def all_or_nothing() -> Iterator[Staging]:
+    """A :class:`Staging` committed when the block ends, and discarded if it raises."""
+    staging = Staging()
+    try:
+        yield staging
+    except BaseException:
+        staging.discard()
+        raise
+    staging.commit()
+
+
 def _target(value: Any, name: str) -> tuple[Target, Path | None]:
     """The destination ``value`` names, and its local path if it is on this machine's disk."""
     from airflow.providers.common.compat.sdk import ObjectStoragePath
 
+    if isinstance(value, str | os.PathLike) and "\x00" in str(value):
+        raise ValueError(f"{name} {str(value)!r:.80} holds a NUL character: no file name can.")
     if isinstance(value, ObjectStoragePath) or (isinstance(value, str) and "://" in value):
         return _object_storage(value, name)
     if isinstance(value, str) and not value.strip():
@@ -87,6 +138,8 @@ def _target(value: Any, name: str) -> tuple[Target, Path | None]:
 def _object_storage(value: Any, name: str) -> tuple[ObjectStoragePath, Path | None]:
     from airflow.providers.common.compat.sdk import ObjectStoragePath
 
+    if isinstance(value, str):
+        _check_url(value, name)
     try:
         path = value if isinstance(value, ObjectStoragePath) else ObjectStoragePath(value)
         path.fs  # noqa: B018 - resolves Airflow's filesystem for the scheme: fails now if there is none
@@ -97,6 +150,19 @@ def _object_storage(value: Any, name: str) -> tuple[ObjectStoragePath, Path | No
         ) from None
     local = _local(Path(path.path), str(value), name) if path.protocol in ("file", "local") else None
     return path, local
+
+
+def _check_url(url: str, name: str) -> None:
+    """Refuse what ``ObjectStoragePath`` would quietly resolve against the working directory: a URL without a
+    scheme (``://x``), or a local one with a relative path (``file://rel/x`` is ``rel/x``, not ``/rel/x``)."""
+    scheme, _, path = url.partition("://")
+    if not scheme:
+        raise ValueError(f"{name} {url!r:.80} has no scheme before '://'; give e.g. 's3://bucket/prefix'.")
+    if scheme.lower() in ("file", "local") and not path.startswith("/"):
+        raise ValueError(
+            f"{name} {url!r:.80} is a relative path; give an absolute one, as in 'file:///data/results' "
+            "(a task runs in a temporary directory)."
+        )
 
 
 def _local(path: Path, shown: str, name: str) -> Path:

@@ -37,7 +37,7 @@ def ours(batch_id: str, out_dir: Path) -> dict[str, Any]:
         batch = hook.get_batch(batch_id)
         files = [batch.output_file_id, batch.error_file_id, batch.input_file_id]
         received = sum(hook.get_file(file_id).bytes for file_id in files if file_id)
-        manifest = save_results(hook, batch, ObjectStoragePath(f"file://{out_dir}"))
+        manifest = save_results(hook, batch_id, batch, ObjectStoragePath(f"file://{out_dir}"))
     written = {name: getattr(manifest, name).model_dump() for name in ("output", "errors", "remaining")}
     return {"bytes_received": received, "written": written}
 

@@ -337,18 +337,24 @@ def bad_destinations(tmp_path: Path) -> dict[str, tuple[Any, type[Exception], st
             ValueError,
             f"{{name}} 'file://{a_file}/results' cannot be created: '{a_file}' is a file, not a directory.",
         ),
+        # Issue 24, defect 12: passed the check, then failed after the cancel, or wrote under the working directory.
+        "nul_byte": ("/data/a\x00b", ValueError, "{name} '/data/a\\x00b' holds a NUL character"),
+        "file_url_relative": ("file://rel/x", ValueError, "{name} 'file://rel/x' is a relative path"),
+        "no_scheme": ("://x", ValueError, "{name} '://x' has no scheme before '://'"),
     }
 
 
 @pytest.mark.parametrize(
     "name", ["none", "int", "dict", "empty", "blank", "relative", "home", "unknown_scheme", "under_a_file",
-             "under_a_file_url"]
+             "under_a_file_url", "nul_byte", "file_url_relative", "no_scheme"]
 )  # fmt: skip
 def test_bad_destinations_are_refused_before_any_request(
-    api: BatchAPIEmulator, guard: Guard, tmp_path: Path, name: str
+    api: BatchAPIEmulator, guard: Guard, tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """By ``download_file`` and by both operators' ``save_results_to``, blocking and deferrable: nothing is sent,
-    nothing cancelled, nothing written. ``None`` is only bad for ``download_file``: it means "save nothing"."""
+    nothing cancelled, nothing written (not even under the working directory, which a relative URL resolved
+    against). ``None`` is only bad for ``download_file``: it means "save nothing"."""
+    monkeypatch.chdir(tmp_path)
     destination, error_type, expected = bad_destinations(tmp_path)[name]
     before = sorted(tmp_path.iterdir())
     file_id = api.batch(api.untouched)["input_file_id"]  # type: ignore[attr-defined]

@@ -285,7 +285,7 @@ def test_a_deeply_nested_result_line_is_a_clear_error(
         OpenAIBatchHook() as hook,
         pytest.raises(OpenAIBatchError, match=r"Line 1 of file '.*' is not a JSON object"),
     ):
-        save_results(hook, hook.get_batch(batch["id"]), storage.directory(str(tmp_path), "root"))
+        save_results(hook, batch["id"], hook.get_batch(batch["id"]), storage.directory(str(tmp_path), "root"))
 
 
 # -- 13: a refused cancel contradicted by the next answer -------------------------------------------------------

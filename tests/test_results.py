@@ -106,7 +106,7 @@ def assert_written(folder: Path, files: dict[str, bytes | None]) -> None:
 
 def save(batch_id: str, root: Any) -> ResultsManifest:
     with OpenAIBatchHook() as hook:
-        return save_results(hook, hook.get_batch(batch_id), storage.directory(root, "root"))
+        return save_results(hook, batch_id, hook.get_batch(batch_id), storage.directory(root, "root"))
 
 
 def file_requests(api: BatchAPIEmulator) -> list[str]:

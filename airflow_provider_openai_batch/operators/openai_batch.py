@@ -18,7 +18,7 @@ from airflow.providers.common.compat.sdk import (
     conf,
 )
 
-from airflow_provider_openai_batch import storage
+from airflow_provider_openai_batch import _arguments, storage
 from airflow_provider_openai_batch._time import unix_time
 from airflow_provider_openai_batch.cancellation import (
     CancellationEvent,
@@ -116,8 +116,9 @@ class OpenAICancelBatchOperator(BaseOperator):
     :param wait_for_cancellation: wait for ``cancelled`` (and the output file id); if False, finish once the
         cancel request is accepted.
     :param deferrable: wait in the triggerer instead of the worker.
-    :param poll_interval: seconds between status polls while waiting.
-    :param timeout: how long to wait after the cancel before failing (the API promises at most 10 minutes).
+    :param poll_interval: seconds between status polls while waiting (at least 0.01).
+    :param timeout: how long to wait after the cancel before failing (the API promises at most 10 minutes); at
+        most 7 days. Like ``poll_interval``, a finite, positive number of seconds or a ``timedelta``.
     :param if_missing: when the upstream produced no batch id: ``"skip"`` the task or ``"fail"`` it.
     :param if_finished: when the batch had already completed, failed or expired (or did so before the cancel
         took effect): ``"succeed"`` and report it, ``"skip"``, or ``"fail"``.
@@ -154,8 +155,8 @@ class OpenAICancelBatchOperator(BaseOperator):
         self.conn_id = conn_id
         self.wait_for_cancellation = wait_for_cancellation
         self.deferrable = deferrable
-        self.poll_interval = _positive_seconds("poll_interval", poll_interval)
-        self.timeout_seconds = _positive_seconds("timeout", timeout)
+        self.poll_interval = _arguments.poll_interval(poll_interval)
+        self.timeout_seconds = _arguments.timeout(timeout)
         self.if_missing = if_missing
         self.if_finished = if_finished
         self.save_results_to = save_results_to
@@ -179,11 +180,12 @@ class OpenAICancelBatchOperator(BaseOperator):
                 batch = hook.cancel_batch(batch_id)
             except BatchNotCancellableError as error:
                 self.log.info("%s", error)
-                batch = hook.get_finished_batch(batch_id, error)
-                return self._finish(context, CancellationEvent.from_batch(batch))
+                return self._finish(
+                    context, batch_id, CancellationEvent.from_batch(hook.get_finished_batch(batch_id, error))
+                )
             self.log.info("Cancel of batch '%s' accepted; it is now '%s'.", batch_id, batch.status)
             if batch.status == BatchStatus.CANCELLED or not self.wait_for_cancellation:
-                return self._report(context, batch.to_xcom())
+                return self._report(context, batch_id, batch.to_xcom())
 
             deadline = time.time() + self.timeout_seconds
             if self.deferrable:
@@ -198,7 +200,7 @@ class OpenAICancelBatchOperator(BaseOperator):
                     timeout=_defer_timeout(deadline),
                 )
         [event] = asyncio.run(wait_for_cancellations(self.conn_id, [batch_id], self.poll_interval, deadline))
-        return self._finish(context, event)
+        return self._finish(context, batch_id, event)
 
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
         """Resume after the trigger fired: validate its event and report the outcome."""
@@ -206,9 +208,15 @@ class OpenAICancelBatchOperator(BaseOperator):
             raise AirflowException(
                 "The cancellation trigger fired no event payload; cannot tell the batch's fate."
             )
-        return self._finish(context, validated_event(CancellationEvent, event))
+        # The task's own id, rendered again for the resumed task: the event's is only what the trigger was given.
+        batch_id = resolve_batch_id(self.batch_id)
+        if batch_id is None:
+            raise AirflowException(
+                f"batch_id rendered to {self.batch_id!r} on resume: no batch id to report on."
+            )
+        return self._finish(context, batch_id, validated_event(CancellationEvent, event))
 
-    def _finish(self, context: Context, event: CancellationEvent) -> dict[str, Any]:
+    def _finish(self, context: Context, batch_id: str, event: CancellationEvent) -> dict[str, Any]:
         """Apply the event: fail on timeout/error, apply ``if_finished``, else push XComs and return the batch."""
         _log_waits(self, [event])
         self.log.info("%s", event.message)
@@ -221,16 +229,17 @@ class OpenAICancelBatchOperator(BaseOperator):
             raise AirflowException(reason)
         if event.batch is None:
             raise AirflowException(f"The cancellation event for batch '{event.batch_id}' carries no batch.")
-        return self._report(context, event.batch)
+        return self._report(context, batch_id, event.batch)
 
-    def _report(self, context: Context, batch: dict[str, Any]) -> dict[str, Any]:
-        """Push the batch's status and file ids as XComs, save its results if asked, and return the batch."""
+    def _report(self, context: Context, batch_id: str, batch: dict[str, Any]) -> dict[str, Any]:
+        """Push the batch's status and file ids as XComs, save its results if asked (under the folder of
+        ``batch_id``, the task's), and return the batch."""
         ti = context["ti"]
         for key in _BATCH_FIELD_KEYS:
             ti.xcom_push(key=key, value=batch.get(key))
         if (root := self._results_root()) is not None:
             with self.hook as hook:
-                manifest = save_results(hook, Batch.model_validate(batch), root)
+                manifest = save_results(hook, batch_id, Batch.model_validate(batch), root)
             ti.xcom_push(key=XCOM_RESULTS_KEY, value=manifest.to_xcom())
         return batch
 
@@ -267,17 +276,18 @@ class OpenAICancelStaleBatchesOperator(BaseOperator):
     :param conn_id: the OpenAI Batch connection (templated).
     :param older_than: minimum age, measured from the batch's ``created_at``.
     :param statuses: statuses a batch must be in to be selected (default: the cancellable ones).
-    :param metadata: only batches whose metadata has each of these key/value pairs (templated).
+    :param metadata: only batches whose metadata has each of these key/value pairs, all strings (templated).
     :param endpoint: only batches for this endpoint, e.g. ``/v1/chat/completions``.
     :param created_after: only batches created at or after this time, where the listing stops (templated): a
         datetime with a time zone, its ISO 8601 string, or UNIX seconds. Taken as given: subtract a margin
         yourself if the clocks of Airflow and OpenAI may disagree.
     :param dry_run: select and report, but cancel nothing (templated: must render to a boolean).
-    :param max_concurrency: cancel requests in flight at once.
+    :param max_concurrency: cancel requests in flight at once (an integer, at least 1).
     :param wait_for_cancellation: wait until the cancelled batches are ``cancelled``, to report output files.
     :param deferrable: wait in the triggerer instead of the worker.
-    :param poll_interval: seconds between polling rounds while waiting.
-    :param timeout: how long to wait after the cancels before reporting the still-cancelling batches as failed.
+    :param poll_interval: seconds between polling rounds while waiting (at least 0.01).
+    :param timeout: how long to wait after the cancels before reporting the still-cancelling batches as failed;
+        at most 7 days.
     :param save_results_to: as for :class:`OpenAICancelBatchOperator` (templated), one folder per batch.
     """
 
@@ -311,23 +321,21 @@ class OpenAICancelStaleBatchesOperator(BaseOperator):
             raise ValueError(
                 f"statuses must be batch statuses ({', '.join(BatchStatus)}), got {sorted(statuses)}."
             )
-        if max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency!r}.")
         if created_after is not None and not isinstance(created_after, str):  # a string may be a template
             unix_time(created_after, "created_after")
         self.conn_id = conn_id
         self.older_than = older_than
         self.statuses = frozenset(BatchStatus(status) for status in statuses)
-        self.metadata = metadata or {}
+        self.metadata = _arguments.metadata_filter(metadata or {}, rendered=False)  # rendered: in execute
         self.endpoint = endpoint
         self.created_after = created_after
         # Shadows BaseOperator.dry_run(), a template-rendering helper nothing in Airflow 3 calls.
         self.dry_run = dry_run  # type: ignore[method-assign,assignment]
-        self.max_concurrency = max_concurrency
+        self.max_concurrency = _arguments.positive_int(max_concurrency, "max_concurrency")
         self.wait_for_cancellation = wait_for_cancellation
         self.deferrable = deferrable
-        self.poll_interval = _positive_seconds("poll_interval", poll_interval)
-        self.timeout_seconds = _positive_seconds("timeout", timeout)
+        self.poll_interval = _arguments.poll_interval(poll_interval)
+        self.timeout_seconds = _arguments.timeout(timeout)
         self.save_results_to = save_results_to
 
     def execute(self, context: Context) -> dict[str, Any]:
@@ -336,6 +344,7 @@ class OpenAICancelStaleBatchesOperator(BaseOperator):
                 f"dry_run rendered to {self.dry_run!r}, not a boolean: template it in a DAG with "
                 "render_template_as_native_obj=True."
             )
+        metadata = _arguments.metadata_filter(self.metadata)  # as rendered
         _results_root(self.save_results_to)  # a bad destination fails the task before anything is cancelled
         hook = OpenAIBatchHook(self.conn_id)
         with hook:
@@ -348,7 +357,7 @@ class OpenAICancelStaleBatchesOperator(BaseOperator):
                     older_than=self.older_than,
                     statuses=self.statuses,
                     endpoint=self.endpoint,
-                    metadata=self.metadata,
+                    metadata=metadata,
                 )
             ]
         summary = CleanupSummary(dry_run=self.dry_run, selected=[batch.id for batch in selected])
@@ -407,7 +416,7 @@ class OpenAICancelStaleBatchesOperator(BaseOperator):
                 if entry["status"] not in TERMINAL_STATUSES:
                     continue
                 try:
-                    manifest = save_results(hook, hook.get_batch(entry["batch_id"]), root)
+                    manifest = save_results(hook, entry["batch_id"], hook.get_batch(entry["batch_id"]), root)
                 except Exception as error:  # noqa: BLE001 - any storage's error, reported with the batch
                     self.log.warning("Could not save the results of batch '%s': %s", entry["batch_id"], error)
                     message = f"Cancelled, but its results could not be saved: {error}"
@@ -458,10 +467,3 @@ def _defer_timeout(deadline: float) -> timedelta:
     """The deferral's own timeout: the wait's deadline plus a margin. The trigger ends the wait at its deadline
     itself; this is the backstop for a trigger lost with its triggerer, so no task stays deferred for ever."""
     return timedelta(seconds=max(0.0, deadline - time.time())) + DEFER_TIMEOUT_MARGIN
-
-
-def _positive_seconds(name: str, value: timedelta | float) -> float:
-    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
-    if seconds <= 0:
-        raise ValueError(f"{name} must be positive, got {value!r}.")
-    return seconds

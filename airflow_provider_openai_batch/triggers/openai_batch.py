@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 from airflow.providers.common.compat.sdk import AirflowNotFoundException
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
+from airflow_provider_openai_batch import _arguments
 from airflow_provider_openai_batch.cancellation import (
     CancellationEvent,
     CancellationWatch,
@@ -18,6 +19,7 @@ from airflow_provider_openai_batch.cancellation import (
 )
 from airflow_provider_openai_batch.exceptions import OpenAIBatchError
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
+from airflow_provider_openai_batch.ids import validate_batch_id
 
 #: What can go wrong before the first poll: a missing or invalid connection, or an unreachable API.
 _SETUP_ERRORS = (OpenAIBatchError, ValueError, AirflowNotFoundException)
@@ -43,7 +45,8 @@ class OpenAIBatchCancellationTrigger(_PlainKwargsTrigger):
 
     The trigger only holds plain values, so it is safe to run again from :meth:`serialize` after a triggerer
     restart: polling resumes against the same absolute ``deadline``. While running it looks the connection up
-    once, shares the event loop's HTTP client, and never blocks the loop.
+    once, shares the event loop's HTTP client, and never blocks the loop. Its arguments are checked when it runs,
+    not when it is built: one rebuilt from a malformed row still fires its ``error`` event, naming the argument.
 
     :param batch_id: the batch whose cancellation to wait for.
     :param conn_id: the Airflow connection of the OpenAI Batch API.
@@ -84,20 +87,28 @@ class OpenAIMultiBatchCancellationTrigger(_PlainKwargsTrigger):
 
     def __init__(self, batch_ids: Sequence[str], conn_id: str, poll_interval: float, deadline: float) -> None:
         super().__init__()
-        self.batch_ids = list(batch_ids)
+        # Kept as given unless a list: a string is not iterated into one-letter ids, but refused when run.
+        self.batch_ids = list(batch_ids) if isinstance(batch_ids, list | tuple) else batch_ids
         self.conn_id = conn_id
         self.poll_interval = poll_interval
         self.deadline = deadline
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        events = await wait_for_cancellations(self.conn_id, self.batch_ids, self.poll_interval, self.deadline)
+        try:
+            batch_ids = _arguments.batch_ids(self.batch_ids)
+        except ValueError as error:
+            events = [CancellationEvent.without_batch(_shown(self.batch_ids), WaitStopped.ERROR, str(error))]
+        else:
+            events = await wait_for_cancellations(self.conn_id, batch_ids, self.poll_interval, self.deadline)
         yield TriggerEvent({"events": [event.to_payload() for event in events]})
 
 
 async def wait_for_cancellations(
-    conn_id: str, batch_ids: Sequence[str], poll_interval: float, deadline: float
+    conn_id: str, batch_ids: Sequence[Any], poll_interval: float, deadline: float
 ) -> list[CancellationEvent]:
-    """Wait for every batch's final outcome, in the order of ``batch_ids``; never raises for API trouble.
+    """Wait for every batch's final outcome, in the order of ``batch_ids``; never raises for API trouble, nor
+    for a malformed argument: a bad ``conn_id``, ``poll_interval`` or ``deadline`` ends every wait with an
+    ``error`` event naming it, a malformed id ends its own wait only, before any request.
 
     Polls all pending batches every ``poll_interval`` seconds. It sleeps before the first round: the batches were
     just seen in ``cancelling``, and after a triggerer restart one interval's delay is cheaper than a wasted
@@ -109,14 +120,46 @@ async def wait_for_cancellations(
     """
     finished: dict[str, CancellationEvent] = {}
     try:
-        async with OpenAIBatchHook(conn_id) as hook:
-            pending = list(map(CancellationWatch, batch_ids, repeat(deadline)))
-            while pending:
-                await asyncio.sleep(pending[0].seconds_to_next_poll(poll_interval))
-                pending = _still_pending(pending, await _poll_all(hook, pending), finished)
-    except _SETUP_ERRORS as error:
+        conn_id = _arguments.connection_id(conn_id)
+        poll_interval = _arguments.poll_interval(poll_interval)
+        deadline = _arguments.deadline(deadline)
+    except ValueError as error:
         return list(map(_setup_failed, batch_ids, repeat(error)))
-    return list(map(finished.__getitem__, batch_ids))
+    waits = list(map(_watch, batch_ids, repeat(deadline)))
+    pending = [wait for wait in waits if isinstance(wait, CancellationWatch)]
+    try:
+        if pending:  # else every id was malformed: no connection to look up
+            async with OpenAIBatchHook(conn_id) as hook:
+                while pending:
+                    await asyncio.sleep(pending[0].seconds_to_next_poll(poll_interval))
+                    pending = _still_pending(pending, await _poll_all(hook, pending), finished)
+    except _SETUP_ERRORS as error:
+        return list(map(_unpolled, waits, repeat(error)))
+    return list(map(_outcome, waits, repeat(finished)))
+
+
+def _watch(batch_id: Any, deadline: float) -> CancellationWatch | CancellationEvent:
+    """The wait for ``batch_id``, or its final ``error`` event if it is not a batch id: it is never polled."""
+    try:
+        return CancellationWatch(validate_batch_id(batch_id), deadline)
+    except ValueError as error:
+        return CancellationEvent.without_batch(_shown(batch_id), WaitStopped.ERROR, str(error))
+
+
+def _outcome(
+    wait: CancellationWatch | CancellationEvent, finished: dict[str, CancellationEvent]
+) -> CancellationEvent:
+    return finished[wait.batch_id] if isinstance(wait, CancellationWatch) else wait
+
+
+def _unpolled(wait: CancellationWatch | CancellationEvent, error: Exception) -> CancellationEvent:
+    """A wait's outcome when polling could not start: the setup's error, or the malformed id's own."""
+    return _setup_failed(wait.batch_id, error) if isinstance(wait, CancellationWatch) else wait
+
+
+def _shown(batch_id: Any) -> str:
+    """What an event names a batch by: its id, or for a value that is no string, its repr."""
+    return batch_id if isinstance(batch_id, str) else f"{batch_id!r:.80}"
 
 
 async def _poll_all(
@@ -143,9 +186,9 @@ def _still_pending(
     return pending
 
 
-def _setup_failed(batch_id: str, error: Exception) -> CancellationEvent:
-    message = f"Cannot poll batch '{batch_id}': {error}"
-    return CancellationEvent.without_batch(batch_id, WaitStopped.ERROR, message)
+def _setup_failed(batch_id: Any, error: Exception) -> CancellationEvent:
+    message = f"Cannot poll batch '{_shown(batch_id)}': {error}"
+    return CancellationEvent.without_batch(_shown(batch_id), WaitStopped.ERROR, message)
 
 
 async def _poll(hook: OpenAIBatchHook, watch: CancellationWatch) -> CancellationEvent | None:
@@ -153,7 +196,9 @@ async def _poll(hook: OpenAIBatchHook, watch: CancellationWatch) -> Cancellation
         return watch.on_batch(await hook.aget_batch(watch.batch_id))
     except OpenAIBatchError as error:
         return watch.on_error(error)
-    except ValueError as error:  # a malformed id: only this batch's wait ends, the others go on
+    except (
+        ValueError
+    ) as error:  # the last guard of "one batch's trouble ends its wait only, the others go on"
         return CancellationEvent.without_batch(watch.batch_id, WaitStopped.ERROR, str(error))
 
 
