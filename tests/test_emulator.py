@@ -165,8 +165,30 @@ def test_invalid_seeds_are_rejected(emulator: BatchAPIEmulator) -> None:
 CREATE = {"input_file_id": "file-abc123", "endpoint": "/v1/chat/completions", "completion_window": "24h"}
 
 
+def requests_jsonl(count: int, url: str = "/v1/chat/completions", start: int = 1) -> bytes:
+    """A batch input file of ``count`` requests, as a user writes one."""
+    return b"".join(
+        json.dumps(
+            {
+                "custom_id": f"q-{n}",
+                "method": "POST",
+                "url": url,
+                "body": {"model": "gpt-4o-mini", "messages": []},
+            }
+        ).encode()
+        + b"\n"
+        for n in range(start, start + count)
+    )
+
+
+@pytest.fixture
+def input_file(emulator: BatchAPIEmulator) -> dict:
+    """``CREATE``'s input file, of three chat requests."""
+    return emulator.add_file(requests_jsonl(3), CREATE["input_file_id"])
+
+
 def test_create_answers_a_validating_batch_that_lists_and_cancels(
-    emulator: BatchAPIEmulator, client: httpx.Client
+    emulator: BatchAPIEmulator, client: httpx.Client, input_file: dict
 ) -> None:
     response = client.post("/batches", json={**CREATE, "metadata": {"airflow_run_id": "manual__1"}})
     assert response.status_code == 200
@@ -182,7 +204,7 @@ def test_create_answers_a_validating_batch_that_lists_and_cancels(
     assert first.batch_status == "validating"
 
 
-def test_create_without_metadata_has_null_metadata(client: httpx.Client) -> None:
+def test_create_without_metadata_has_null_metadata(client: httpx.Client, input_file: dict) -> None:
     assert client.post("/batches", json=CREATE).json()["metadata"] is None
 
 
@@ -452,7 +474,7 @@ def test_unknown_batch_is_a_404(client: httpx.Client, method: str, path: str, sh
 
 @pytest.mark.parametrize(
     ("method", "url"),
-    [("GET", "/files"), ("PATCH", "/batches"), ("DELETE", "/batches/batch_x"), ("PUT", "/batches/x/cancel"),
+    [("DELETE", "/files"), ("PATCH", "/batches"), ("DELETE", "/batches/batch_x"), ("PUT", "/batches/x/cancel"),
      ("GET", "/batches/x/cancel"), ("GET", "/batches/"), ("GET", "http://127.0.0.1:{port}/elsewhere")],
 )  # fmt: skip
 def test_other_routes_are_404s(
