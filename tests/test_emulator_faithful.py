@@ -382,3 +382,21 @@ def test_the_files_of_a_batch_with_the_longest_id_have_valid_ids(
     assert all(validate_file_id(file_id) for file_id in file_ids)
     assert set(file_ids).isdisjoint({other["output_file_id"], other["error_file_id"]})
     assert all(client.get(f"/files/{file_id}/content").status_code == 200 for file_id in file_ids)
+
+
+def test_an_upload_streamed_in_chunks_is_read_whole(emulator: BatchAPIEmulator, client: httpx.Client) -> None:
+    """A client streaming a file of unknown size sends it chunked; the connection stays usable after it."""
+    content = jsonl(*(request_line(f"r{n}") for n in range(50)))
+    request = httpx.Request("POST", "/files", files={"file": ("r.jsonl", content)}, data={"purpose": "batch"})
+    body = request.read()
+
+    def chunks() -> Iterator[bytes]:
+        yield from (body[at : at + 1000] for at in range(0, len(body), 1000))
+
+    headers = {"content-type": request.headers["content-type"]}
+    response = client.post("/files", content=chunks(), headers=headers)
+
+    assert response.status_code == 200, response.text
+    assert emulator.requests[-1].headers["transfer-encoding"] == "chunked"
+    assert emulator.file_content(response.json()["id"]) == content
+    assert client.get("/files").status_code == 200
