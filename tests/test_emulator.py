@@ -1149,7 +1149,7 @@ def test_seed_demo(emulator: BatchAPIEmulator, client: httpx.Client) -> None:
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
 def test_command_line_serves_until_signalled(stop_signal: signal.Signals) -> None:
     command = [sys.executable, "-m", "airflow_provider_openai_batch.testing", "--port", "0", "--seed", "demo"]
-    command += ["--api-key", "sk-cli-0123456789", "--cancel-after-polls", "1"]
+    command += ["--api-key", "sk-cli-0123456789", "--cancel-after-polls", "1", "--step-after-polls", "2"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         ready, _, _ = select.select([process.stdout], [], [], 30)
@@ -1165,6 +1165,12 @@ def test_command_line_serves_until_signalled(stop_signal: signal.Signals) -> Non
             http.post("/batches/batch_demo_search_1/cancel")
             assert http.get("/batches/batch_demo_search_1").json()["status"] == "cancelled"
             assert EmulatorControl(url).batch("batch_demo_search_1")["cancel_requests"] == 1
+            uploaded = http.post(
+                "/files", files={"file": ("r.jsonl", requests_jsonl(2))}, data={"purpose": "batch"}
+            )
+            created = http.post("/batches", json={**CREATE, "input_file_id": uploaded.json()["id"]}).json()
+            polled = [http.get(f"/batches/{created['id']}").json()["status"] for _ in range(2)]
+            assert polled == ["validating", "in_progress"], "two GETs per step"
     finally:
         process.send_signal(stop_signal)
         _stdout, stderr = process.communicate(timeout=10)
