@@ -142,6 +142,23 @@ def test_an_error_quotes_the_request_id_of_the_failed_response(
     assert str(caught.value).endswith(f" (request id {last.request_id})")
 
 
+def test_a_conflict_decided_on_the_batch_quotes_the_conflicts_request_id(
+    emulator_connection: BatchAPIEmulator,
+) -> None:
+    """A 409 worded as a gateway words it is decided by a GET of the batch; the request id quoted is the 409's."""
+    batch_id = emulator_connection.add_batch(status="completed")["id"]
+    conflict = (
+        '{"error": {"message": "Conflict.", "type": "invalid_request_error", "param": null, "code": null}}'
+    )
+    emulator_connection.inject(Fault("status", status=409, body=conflict, path="/cancel$"))
+    with pytest.raises(BatchNotCancellableError) as caught:
+        hook().cancel_batch(batch_id)
+    refused, looked_up = emulator_connection.requests
+    assert (refused.status, looked_up.method) == (409, "GET")
+    assert caught.value.request_id == refused.request_id
+    assert str(caught.value).endswith(f"it is completed (HTTP 409). (request id {refused.request_id})")
+
+
 @pytest.mark.parametrize("request_id", [FAKE_API_KEY, "req_1 <script>", "x" * 200])
 def test_a_request_id_unfit_to_quote_is_left_out(
     emulator_connection: BatchAPIEmulator, request_id: str

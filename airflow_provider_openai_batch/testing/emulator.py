@@ -627,9 +627,9 @@ class BatchAPIEmulator:
                 if stored is not None
                 and query.get("purpose", stored.object["purpose"]) == stored.object["purpose"]
             ]
-            files.sort(key=lambda file: file["created_at"])  # stable: ties stay in the order they came
+            files.sort(key=lambda file: file["created_at"])  # stable: ties in the order the files came
             if order == "desc":
-                files.reverse()
+                files.reverse()  # the exact reverse: the last of equal timestamps first, as batch lists do
             ids = [file["id"] for file in files]
             after = query.get("after")
             start = ids.index(after) + 1 if after in ids else (len(ids) if after else 0)
