@@ -5,7 +5,8 @@ A batch's files are made from what the batch says about itself, so they always a
 its output file has ``completed`` result lines and its error file ``failed`` ones (``id``, ``custom_id``,
 ``response``, ``error``). Which requests ran is drawn from the input's ``custom_id``\\ s with a generator seeded by
 the batch id, and results are listed in that drawn order, not the input's: the API does not keep input order
-either, and the provider must not rely on it.
+either, and the provider must not rely on it. An uploaded input file is checked line by line as the API checks
+one (:func:`batch_requests`), and a batch created from it draws its results from its requests.
 """
 
 from __future__ import annotations
