@@ -45,6 +45,7 @@ class OpenAIBatchAPIError(OpenAIBatchError):
     """The API answered with an error not covered by a more specific class.
 
     :param api_message: the ``error.message`` from the API's response body, if it sent one.
+    :param request_id: the response's ``x-request-id``, if it had one: what OpenAI support asks for.
     """
 
     def __init__(
@@ -55,9 +56,11 @@ class OpenAIBatchAPIError(OpenAIBatchError):
         status_code: int | None = None,
         api_message: str | None = None,
         file_id: str | None = None,
+        request_id: str | None = None,
     ) -> None:
         super().__init__(message, batch_id=batch_id, status_code=status_code, file_id=file_id)
         self.api_message = api_message
+        self.request_id = request_id
 
     @property
     def transient(self) -> bool:  # type: ignore[override]

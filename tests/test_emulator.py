@@ -165,8 +165,30 @@ def test_invalid_seeds_are_rejected(emulator: BatchAPIEmulator) -> None:
 CREATE = {"input_file_id": "file-abc123", "endpoint": "/v1/chat/completions", "completion_window": "24h"}
 
 
+def requests_jsonl(count: int, url: str = "/v1/chat/completions", start: int = 1) -> bytes:
+    """A batch input file of ``count`` requests, as a user writes one."""
+    return b"".join(
+        json.dumps(
+            {
+                "custom_id": f"q-{n}",
+                "method": "POST",
+                "url": url,
+                "body": {"model": "gpt-4o-mini", "messages": []},
+            }
+        ).encode()
+        + b"\n"
+        for n in range(start, start + count)
+    )
+
+
+@pytest.fixture
+def input_file(emulator: BatchAPIEmulator) -> dict:
+    """``CREATE``'s input file, of three chat requests."""
+    return emulator.add_file(requests_jsonl(3), CREATE["input_file_id"])
+
+
 def test_create_answers_a_validating_batch_that_lists_and_cancels(
-    emulator: BatchAPIEmulator, client: httpx.Client
+    emulator: BatchAPIEmulator, client: httpx.Client, input_file: dict
 ) -> None:
     response = client.post("/batches", json={**CREATE, "metadata": {"airflow_run_id": "manual__1"}})
     assert response.status_code == 200
@@ -182,7 +204,7 @@ def test_create_answers_a_validating_batch_that_lists_and_cancels(
     assert first.batch_status == "validating"
 
 
-def test_create_without_metadata_has_null_metadata(client: httpx.Client) -> None:
+def test_create_without_metadata_has_null_metadata(client: httpx.Client, input_file: dict) -> None:
     assert client.post("/batches", json=CREATE).json()["metadata"] is None
 
 
@@ -452,7 +474,7 @@ def test_unknown_batch_is_a_404(client: httpx.Client, method: str, path: str, sh
 
 @pytest.mark.parametrize(
     ("method", "url"),
-    [("GET", "/files"), ("PATCH", "/batches"), ("DELETE", "/batches/batch_x"), ("PUT", "/batches/x/cancel"),
+    [("DELETE", "/files"), ("PATCH", "/batches"), ("DELETE", "/batches/batch_x"), ("PUT", "/batches/x/cancel"),
      ("GET", "/batches/x/cancel"), ("GET", "/batches/"), ("GET", "http://127.0.0.1:{port}/elsewhere")],
 )  # fmt: skip
 def test_other_routes_are_404s(
@@ -1127,7 +1149,7 @@ def test_seed_demo(emulator: BatchAPIEmulator, client: httpx.Client) -> None:
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
 def test_command_line_serves_until_signalled(stop_signal: signal.Signals) -> None:
     command = [sys.executable, "-m", "airflow_provider_openai_batch.testing", "--port", "0", "--seed", "demo"]
-    command += ["--api-key", "sk-cli-0123456789", "--cancel-after-polls", "1"]
+    command += ["--api-key", "sk-cli-0123456789", "--cancel-after-polls", "1", "--step-after-polls", "2"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         ready, _, _ = select.select([process.stdout], [], [], 30)
@@ -1143,6 +1165,12 @@ def test_command_line_serves_until_signalled(stop_signal: signal.Signals) -> Non
             http.post("/batches/batch_demo_search_1/cancel")
             assert http.get("/batches/batch_demo_search_1").json()["status"] == "cancelled"
             assert EmulatorControl(url).batch("batch_demo_search_1")["cancel_requests"] == 1
+            uploaded = http.post(
+                "/files", files={"file": ("r.jsonl", requests_jsonl(2))}, data={"purpose": "batch"}
+            )
+            created = http.post("/batches", json={**CREATE, "input_file_id": uploaded.json()["id"]}).json()
+            polled = [http.get(f"/batches/{created['id']}").json()["status"] for _ in range(2)]
+            assert polled == ["validating", "in_progress"], "two GETs per step"
     finally:
         process.send_signal(stop_signal)
         _stdout, stderr = process.communicate(timeout=10)

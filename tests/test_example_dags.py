@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import socket
 import warnings
 from pathlib import Path
@@ -204,7 +205,9 @@ def test_cancel_on_deadline_cancels_nothing_when_the_run_succeeds(
         # dag.test() never fires a deadline: only its pruning at success would run, and that raises there.
         # test_cancel_on_deadline_has_a_deadline_alert_where_airflow_has_them checks this DAG's deadline.
         monkeypatch.setattr(examples.get_dag(dag_id), "deadline", None)
-    state, states, xcoms = run_dag(examples, dag_id, {"input_file_id": "file-in-2", "fail_at": "nowhere"})
+    request = {"custom_id": "q-1", "method": "POST", "url": "/v1/chat/completions", "body": {}}
+    file_id = emulator_connection.add_file(json.dumps(request) + "\n")["id"]
+    state, states, xcoms = run_dag(examples, dag_id, {"input_file_id": file_id, "fail_at": "nowhere"})
     assert state == "success" and set(states.values()) == {"success"}
     assert emulator_connection.batch(xcoms[("submit_batch", "return_value")])["status"] == "validating"
     assert [r.method for r in emulator_connection.requests if r.path.endswith("/cancel")] == []

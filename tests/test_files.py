@@ -163,10 +163,13 @@ def test_an_unknown_file_is_not_found(api: BatchAPIEmulator, guard: Guard, mode:
             READERS[mode]("file-gone")
 
     error = caught.value
-    assert (
-        str(error) == "OpenAI Batch API found no file 'file-gone' (HTTP 404): No such File object: file-gone"
-    )
+    [answer] = api.requests  # a 404 is final: no retry
+    assert str(error) == (
+        "OpenAI Batch API found no file 'file-gone' (HTTP 404): No such File object: file-gone "
+        f"(request id {answer.request_id})"
+    ), "OpenAI support asks for the request id"
     assert (error.file_id, error.batch_id, error.status_code) == ("file-gone", None, 404)
+    assert error.request_id == answer.request_id and answer.request_id.startswith("req_")
     assert list(tmp_path.iterdir()) == []
 
 

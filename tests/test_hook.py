@@ -106,6 +106,70 @@ def test_unknown_batch_is_not_found(emulator_connection: BatchAPIEmulator) -> No
     assert len(emulator_connection.requests) == 1, "a 404 is never retried"
 
 
+@pytest.mark.parametrize("path", ["sync", "async"])
+@pytest.mark.parametrize(
+    ("call", "error_class"),
+    [
+        ("get_batch('batch_nope')", BatchNotFoundError),
+        ("cancel_batch(done)", BatchNotCancellableError),
+        ("get_batch(running)", OpenAIBatchAPIError),  # a 500 after every retry
+    ],
+    ids=["404", "409", "500"],
+)
+def test_an_error_quotes_the_request_id_of_the_failed_response(
+    emulator_connection: BatchAPIEmulator, path: str, call: str, error_class: type[Exception]
+) -> None:
+    """OpenAI support asks for the request id: the message carries the one of the answer that decided."""
+    done = emulator_connection.add_batch(status="completed")["id"]
+    running = emulator_connection.add_batch()["id"]
+    emulator_connection.inject(Fault("status", status=500, times=10, path=f"{running}$"))
+    method, argument = call.removesuffix(")").split("(")
+    target = {"done": done, "running": running}.get(argument, argument.strip("'"))
+
+    async def on_the_async_path() -> object:
+        async with hook() as async_hook:
+            return await getattr(async_hook, f"a{method}")(target)
+
+    with pytest.raises(error_class) as caught:
+        if path == "sync":
+            getattr(hook(), method)(target)
+        else:
+            asyncio.run(on_the_async_path())
+
+    last = emulator_connection.requests[-1]
+    assert last.request_id and last.request_id.startswith("req_")
+    assert caught.value.request_id == last.request_id  # type: ignore[attr-defined]
+    assert str(caught.value).endswith(f" (request id {last.request_id})")
+
+
+def test_a_conflict_decided_on_the_batch_quotes_the_conflicts_request_id(
+    emulator_connection: BatchAPIEmulator,
+) -> None:
+    """A 409 worded as a gateway words it is decided by a GET of the batch; the request id quoted is the 409's."""
+    batch_id = emulator_connection.add_batch(status="completed")["id"]
+    conflict = (
+        '{"error": {"message": "Conflict.", "type": "invalid_request_error", "param": null, "code": null}}'
+    )
+    emulator_connection.inject(Fault("status", status=409, body=conflict, path="/cancel$"))
+    with pytest.raises(BatchNotCancellableError) as caught:
+        hook().cancel_batch(batch_id)
+    refused, looked_up = emulator_connection.requests
+    assert (refused.status, looked_up.method) == (409, "GET")
+    assert caught.value.request_id == refused.request_id
+    assert str(caught.value).endswith(f"it is completed (HTTP 409). (request id {refused.request_id})")
+
+
+@pytest.mark.parametrize("request_id", [FAKE_API_KEY, "req_1 <script>", "x" * 200])
+def test_a_request_id_unfit_to_quote_is_left_out(
+    emulator_connection: BatchAPIEmulator, request_id: str
+) -> None:
+    emulator_connection.inject(Fault("status", status=404, headers={"x-request-id": request_id}))
+    with pytest.raises(BatchNotFoundError) as caught:
+        hook().get_batch("batch_nope")
+    assert caught.value.request_id is None
+    assert "request id" not in str(caught.value) and FAKE_API_KEY not in str(caught.value)
+
+
 def test_wrong_key_is_an_authentication_error(emulator: BatchAPIEmulator, set_connection: Callable) -> None:
     set_connection(password="sk-wrong-key-0000000000", host=emulator.base_url)
     batch_id = emulator.add_batch()["id"]

@@ -202,6 +202,9 @@ def test_tags_at_the_limits_are_accepted_by_the_api_and_found_again(api: BatchAP
     """Created over HTTP with the tags, as a submit task does; the emulator refuses what the API refuses."""
     extra = {f"k{i:02d}".ljust(64, "x"): "v" * 512 for i in range(13)}
     body = {"input_file_id": "file-1", "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+    api.add_file(
+        '{"custom_id": "1", "method": "POST", "url": "/v1/chat/completions", "body": {}}\n', "file-1"
+    )
     with OpenAIBatchHook() as hook:
         created = hook.get_conn().post(
             "/batches", json={**body, "metadata": run_batch_metadata(task_context(), **extra)}

@@ -35,6 +35,8 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 
 #: OpenAI's wording of a refused cancel, the one that names the batch's status.
 NOT_CANCELLABLE = re.compile(r"Cannot cancel a batch with status '(?P<status>[a-z_]+)'")
+#: A request id fit to quote: OpenAI's are ``req_`` and 32 hex digits; anything else a server sends is dropped.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 
 
 def successful(
@@ -74,12 +76,20 @@ def api_error(
     (:func:`unsettled`, :func:`settled`). A 401 or 403 without OpenAI's JSON error envelope was written by a
     proxy or CDN in front of the API (a bot challenge page, say), not by the API judging the key: it maps to the
     transient :class:`OpenAIBatchGatewayError`, so a wait polls on instead of failing as if the key were wrong.
+    Every message ends with the response's request id, when it has one, because OpenAI support asks for it.
     """
     status = response.status_code
     api_message = error_message(response, api_key)
     what = subject(batch_id, file_id)
-    detail = f": {api_message}" if api_message else "."
-    kwargs: dict[str, Any] = {"batch_id": batch_id, "status_code": status, "api_message": api_message}
+    request_id = request_id_of(response, api_key)
+    reference = f" (request id {request_id})" if request_id else ""
+    detail = (f": {api_message}" if api_message else ".") + reference
+    kwargs: dict[str, Any] = {
+        "batch_id": batch_id,
+        "status_code": status,
+        "api_message": api_message,
+        "request_id": request_id,
+    }
     if file_id:
         kwargs["file_id"] = file_id
         if status == 404:
@@ -97,7 +107,7 @@ def api_error(
     if status in (401, 403) and api_message is None and not is_json(response):
         return OpenAIBatchGatewayError(
             f"A proxy or CDN answered for {what} instead of the OpenAI Batch API (HTTP {status}, "
-            f"{response.headers.get('content-type', 'no content type')}); treated as transient.",
+            f"{response.headers.get('content-type', 'no content type')}); treated as transient{reference}.",
             **kwargs,
         )
     if status in (401, 403):
@@ -112,6 +122,14 @@ def api_error(
     return OpenAIBatchAPIError(
         f"OpenAI Batch API request for {what} failed with HTTP {status}{detail}", **kwargs
     )
+
+
+def request_id_of(response: httpx.Response, api_key: str) -> str | None:
+    """The response's ``x-request-id``, if it is one fit to quote (never the key, should a server echo it)."""
+    request_id = response.headers.get("x-request-id", "").strip()
+    if not _REQUEST_ID.fullmatch(request_id) or (api_key and api_key in request_id):
+        return None
+    return request_id
 
 
 def error_message(response: httpx.Response, api_key: str) -> str | None:
@@ -203,11 +221,13 @@ def settled(conflict: BatchNotCancellableError, batch: Batch) -> Batch:
     """Decide a refused cancel on the batch's real status: finished raises, anything else (``cancelling``,
     ``cancelled``, or a status the refusal did not explain) is returned for the caller to wait on or report."""
     if batch.status in FINISHED_STATUSES:
+        reference = f" (request id {conflict.request_id})" if conflict.request_id else ""
         raise BatchNotCancellableError(
-            f"Cannot cancel batch '{batch.id}': it is {batch.status} (HTTP {conflict.status_code}).",
+            f"Cannot cancel batch '{batch.id}': it is {batch.status} (HTTP {conflict.status_code}).{reference}",
             batch_id=batch.id,
             status_code=conflict.status_code,
             api_message=conflict.api_message,
+            request_id=conflict.request_id,
             batch_status=batch.status,
         ) from conflict
     return batch

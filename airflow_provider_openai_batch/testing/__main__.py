@@ -25,6 +25,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", choices=["demo"], help="seed a small demo set of batches")
     parser.add_argument("--cancel-after-polls", type=int, default=2, help="GETs until a cancel completes")
     parser.add_argument("--cancel-after-seconds", type=float, help="or seconds until a cancel completes")
+    parser.add_argument(
+        "--step-after-polls", type=int, default=1, help="GETs per step of a created batch towards completed"
+    )
+    parser.add_argument("--step-after-seconds", type=float, help="or seconds per step")
     args = parser.parse_args(argv)
 
     stop = threading.Event()
@@ -36,6 +40,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         api_key=args.api_key,
         cancel_after_polls=args.cancel_after_polls,
         cancel_after_seconds=args.cancel_after_seconds,
+        step_after_polls=args.step_after_polls,
+        step_after_seconds=args.step_after_seconds,
     )
     with emulator:
         if args.seed == "demo":

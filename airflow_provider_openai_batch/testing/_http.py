@@ -115,9 +115,19 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _read_body(self) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self.close_connection = True  # chunked bodies are not parsed: never reuse this connection
+            return self._read_chunked()
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length > 0 else b""
+
+    def _read_chunked(self) -> bytes:
+        """A chunked body (what a client sends when it streams an upload of unknown size), trailers skipped."""
+        chunks = []
+        while size := int(self.rfile.readline(1024).split(b";")[0].strip() or b"0", 16):
+            chunks.append(self.rfile.read(size))
+            self.rfile.readline(1024)  # the CRLF closing the chunk
+        while self.rfile.readline(1024).strip():
+            pass  # trailer fields, up to the blank line ending the body
+        return b"".join(chunks)
 
     def _send(self, response: Response) -> None:
         self.send_response(response.status)

@@ -6,10 +6,13 @@ single ``json.dumps`` and tests compare against what a client really receives.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from email.parser import BytesParser
+from email.policy import HTTP
 from typing import Any
 
 from airflow_provider_openai_batch.models import check_metadata
@@ -33,6 +36,11 @@ TIMESTAMPS: dict[str, tuple[str, ...]] = {
     "cancelled": ("in_progress_at", "cancelling_at", "cancelled_at"),
 }
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
+#: The way a created batch runs by itself: each status, then the one it advances to.
+NEXT_STEP = {"validating": "in_progress", "in_progress": "finalizing", "finalizing": "completed"}
+#: The ``purpose`` values ``POST /v1/files`` accepts (the spec's enum).
+UPLOAD_PURPOSES = frozenset({"assistants", "batch", "fine-tune", "vision", "user_data", "evals"})
+_MAX_ID = 256  # the longest id the API hands out, and the provider accepts
 _NO_KEY_MESSAGE = (
     "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer "
     "auth (i.e. Authorization: Bearer YOUR_KEY). You can obtain an API key from "
@@ -131,6 +139,46 @@ def create_request(body: bytes) -> dict[str, Any]:
     return {"input_file_id": payload["input_file_id"], "endpoint": payload["endpoint"], "metadata": metadata}
 
 
+def upload_request(content_type: str, body: bytes) -> tuple[str, str, bytes]:
+    """The ``(filename, purpose, content)`` of a ``POST /v1/files`` multipart body; or :class:`Reply` with the
+    400 the API answers an upload it refuses."""
+    if not content_type.startswith("multipart/form-data"):
+        message = f"Invalid Content-Type header ({content_type or 'none'}), expected multipart/form-data."
+        raise Reply(error(400, message))
+    head = b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n"
+    form = BytesParser(policy=HTTP).parsebytes(head + body)
+    fields: dict[str, tuple[str | None, bytes]] = {}
+    if form.is_multipart():
+        for part in form.iter_parts():
+            name = part.get_param("name", header="content-disposition")
+            payload = part.get_payload(decode=True)
+            if isinstance(name, str) and isinstance(payload, bytes):
+                fields[name] = (part.get_filename(), payload)
+    for name in ("purpose", "file"):
+        if name not in fields:
+            message = f"Missing required parameter: '{name}'."
+            raise Reply(error(400, message, param=name, code="missing_required_parameter"))
+    filename, content = fields["file"]
+    purpose = fields["purpose"][1].decode("utf-8", "replace")
+    if purpose not in UPLOAD_PURPOSES:
+        supported = ", ".join(f"'{value}'" for value in sorted(UPLOAD_PURPOSES))
+        message = f"Invalid value: '{purpose}'. Supported values are: {supported}."
+        raise Reply(error(400, message, param="purpose", code="invalid_value"))
+    if purpose == "batch" and not (filename or "").endswith(".jsonl"):
+        message = f"Invalid file format for Batch API. Must be .jsonl, got '{filename}'."
+        raise Reply(error(400, message, param="file", code="invalid_file_format"))
+    return filename or "upload", purpose, content
+
+
+def result_file_id(kind: str, batch_id: str) -> str:
+    """The id of a batch's output (``kind`` "out") or error ("err") file: ``file-out-<batch id less its
+    ``batch_`` prefix>``, or a digest of the batch id when that would be longer than an id may be."""
+    file_id = f"file-{kind}-{batch_id.removeprefix('batch_')}"
+    if len(file_id) <= _MAX_ID:
+        return file_id
+    return f"file-{kind}-{hashlib.sha256(batch_id.encode()).hexdigest()[:32]}"
+
+
 def new_batch(
     batch_id: str, seq: int, *, created_at: int, endpoint: str, metadata: dict[str, str] | None, total: int
 ) -> dict[str, Any]:
@@ -150,7 +198,6 @@ def _settle(batch: dict[str, Any], status: str, results: tuple[int, int] | None)
     ``results`` are the (completed, failed) counts it ends with; by default 95 % and 5 % when it completes, and
     about a third and one failure when it is cancelled or expires. A result file exists only if it has lines.
     """
-    suffix = batch["id"].removeprefix("batch_")
     counts = batch["request_counts"]
     total = counts["total"]
     if status in ("completed", "cancelled", "expired"):
@@ -159,8 +206,8 @@ def _settle(batch: dict[str, Any], status: str, results: tuple[int, int] | None)
             results = (total - total // 20, total // 20) if done else (total // 3, min(total, 1))
         completed, failed = results
         counts.update(completed=completed, failed=failed)
-        batch["output_file_id"] = f"file-out-{suffix}" if completed else None
-        batch["error_file_id"] = f"file-err-{suffix}" if failed else None
+        batch["output_file_id"] = result_file_id("out", batch["id"]) if completed else None
+        batch["error_file_id"] = result_file_id("err", batch["id"]) if failed else None
     elif status == "failed":
         error = {"code": "emulated_failure", "message": "The batch failed.", "param": None, "line": None}
         batch["errors"] = {"object": "list", "data": [error]}
@@ -168,7 +215,7 @@ def _settle(batch: dict[str, Any], status: str, results: tuple[int, int] | None)
 
 @dataclass(slots=True)
 class Entry:
-    """A stored batch plus the bookkeeping its cancellation needs. Callers hold the emulator's lock."""
+    """A stored batch plus the bookkeeping its progress needs. Callers hold the emulator's lock."""
 
     batch: dict[str, Any]
     seq: int  #: insertion order, which breaks ``created_at`` ties in lists
@@ -179,9 +226,12 @@ class Entry:
     results: tuple[int, int] | None = None
     #: Approximate size of each line of its generated input file; None for short lines.
     request_bytes: int | None = None
+    #: (polls, seconds) after which it takes each step of :data:`NEXT_STEP` by itself (a created batch's run);
+    #: None holds it where it is (a seeded batch).
+    step_after: tuple[int, float | None] | None = None
     polls: int = 0  #: GETs of this batch by id, ever
-    polls_at_cancel: int = 0
-    cancel_started: float = 0.0  #: ``time.monotonic()``, finer than the integer ``cancelling_at``
+    polls_at_move: int = 0  #: ``polls`` when its status last changed
+    moved_at: float = 0.0  #: ``time.monotonic()`` when its status last changed, finer than the timestamps
 
     def __post_init__(self) -> None:
         if self.finish_as not in TERMINAL:
@@ -198,17 +248,22 @@ class Entry:
         if stamps:
             self.batch[stamps[-1]] = at
         self.batch["status"] = status
-        if status == "cancelling":
-            self.polls_at_cancel, self.cancel_started = self.polls, time.monotonic()
+        self.polls_at_move, self.moved_at = self.polls, time.monotonic()
         _settle(self.batch, status, self.results)
 
     def poll(self) -> None:
-        """Count a GET; a cancelling batch turns final on the Nth GET since the cancel, or after the delay."""
+        """Count a GET; a cancelling batch turns final on the Nth GET since the cancel, or after the delay, and
+        a running one with ``step_after`` takes its next step likewise. One change per GET at most."""
         self.polls += 1
-        if self.batch["status"] != "cancelling":
-            return
-        timed_out = self.cancel_after_seconds is not None and (
-            time.monotonic() - self.cancel_started >= self.cancel_after_seconds
-        )
-        if timed_out or self.polls - self.polls_at_cancel >= self.cancel_after_polls:
+        status = self.batch["status"]
+        if status == "cancelling" and self._due(self.cancel_after_polls, self.cancel_after_seconds):
             self.move_to(self.finish_as, int(time.time()))
+        elif status in NEXT_STEP and self.step_after is not None and self._due(*self.step_after):
+            if NEXT_STEP[status] == "completed" and self.results is None:
+                self.results = (self.batch["request_counts"]["total"], 0)  # a run that ends answers all
+            self.move_to(NEXT_STEP[status], int(time.time()))
+
+    def _due(self, polls: int, seconds: float | None) -> bool:
+        """Whether ``polls`` GETs were made, or ``seconds`` passed, since the status last changed."""
+        timed_out = seconds is not None and time.monotonic() - self.moved_at >= seconds
+        return timed_out or self.polls - self.polls_at_move >= polls

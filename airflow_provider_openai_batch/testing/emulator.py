@@ -1,5 +1,5 @@
-"""A local HTTP emulator of the OpenAI Batch API (create, list, retrieve and cancel batches; retrieve and
-download their files), built on the standard library.
+"""A local HTTP emulator of the OpenAI Batch API (create, list, retrieve and cancel batches; upload, list,
+retrieve and download files), built on the standard library.
 
 It speaks real HTTP/1.1 with keep-alive over loopback, so the provider's actual HTTP clients, retry logic and
 timeouts are exercised exactly as against api.openai.com, in-process (unit tests) or out of process (Airflow
@@ -29,6 +29,7 @@ from airflow_provider_openai_batch.testing._files import (
     INPUT_PURPOSE,
     OUTPUT_PURPOSE,
     StoredFile,
+    batch_requests,
     custom_ids,
     input_content,
     result_contents,
@@ -45,6 +46,7 @@ from airflow_provider_openai_batch.testing._wire import (
     invalid_url,
     json_response,
     new_batch,
+    upload_request,
 )
 
 DEFAULT_API_KEY = "sk-emulator-key"
@@ -67,6 +69,9 @@ class RecordedRequest:
     #: Recorded because a GET can change a batch (see :class:`BatchAPIEmulator`), so its state afterwards does
     #: not tell what a client was told.
     batch_status: str | None = None
+    #: The ``x-request-id`` the answer carried (what OpenAI support asks for); None for a proxy's (``body``
+    #: fault) or a dropped connection.
+    request_id: str | None = None
 
 
 @dataclass
@@ -140,6 +145,16 @@ class _RateWindow:
         return refused, {**headers, "retry-after-ms": str(reset_ms)} if refused else headers
 
 
+_REQUEST_ID = "x-request-id"
+
+
+def _stamped(response: Response) -> Response:
+    """``response`` with an ``x-request-id`` like OpenAI's, unless it has one (a fault's ``headers`` may set it)."""
+    if _REQUEST_ID in {name.lower() for name in response.headers}:
+        return response
+    return response._replace(headers={**response.headers, _REQUEST_ID: f"req_{secrets.token_hex(16)}"})
+
+
 def _fault_response(fault: Fault) -> Response:
     if fault.kind == "status" and fault.body is None:
         if fault.status == 429:
@@ -167,6 +182,26 @@ class BatchAPIEmulator:
     ``finish_as``, if it takes effect first. Only GETs of the batch itself count, and only the K-th: a batch
     already final by then stays as it is, and so does one that :meth:`set_status` puts back to running later.
 
+    Running: a batch created with ``POST /v1/batches`` runs by itself, from ``validating`` to ``in_progress``,
+    ``finalizing`` and ``completed``, one step at the first GET of that batch where either ``step_after_polls``
+    GETs have been made since the previous step, or ``step_after_seconds`` (if not None) have passed since it.
+    Pass ``step_after_polls=10**9`` to hold created batches in ``validating``. Completed, its output file holds
+    an answer for each request line of its input file, with the same ``custom_id``; cancelled on the way, its
+    output and error files hold the requests that ran, and the others are in neither. Seeded batches
+    (:meth:`add_batch`) stay where they are put.
+
+    Files: ``POST /v1/files`` uploads one (multipart, as the SDKs send it). A ``purpose=batch`` file is checked
+    as the API checks it: a ``.jsonl`` file whose every line is a request with a unique ``custom_id``, ``method``
+    ``POST``, a batch endpoint as ``url`` (the same on every line) and a ``body``; a bad line gets a 400 naming it.
+    ``POST /v1/batches`` refuses an ``input_file_id`` that does not exist or is not such a file, or whose ``url``
+    is not the ``endpoint`` asked for, and takes ``request_counts.total`` from it. ``GET /v1/files`` lists the
+    uploaded and seeded files and the batches' own, newest first, with ``purpose``, ``limit``, ``order`` and
+    ``after`` as the API has them.
+
+    Request ids: every answer of the API, errors and injected ``status`` faults included, carries an
+    ``x-request-id`` header (recorded as :attr:`RecordedRequest.request_id`); a ``body`` fault, which stands for
+    a proxy's page, carries only the headers it is given.
+
     Files: every batch has an input file (``input_file_id``) with ``request_counts.total`` request lines, and a
     batch that ends with results has an output file of ``completed`` lines and an error file of ``failed`` ones
     (an id is null when its file would be empty), made when first asked for (see ``_files``). ``GET
@@ -182,10 +217,13 @@ class BatchAPIEmulator:
         api_key: str = DEFAULT_API_KEY,
         cancel_after_polls: int = 2,
         cancel_after_seconds: float | None = None,
+        step_after_polls: int = 1,
+        step_after_seconds: float | None = None,
     ) -> None:
         self.api_key = api_key
         self._address = (host, port)
         self._cancel_after = (cancel_after_polls, cancel_after_seconds)
+        self._step_after = (step_after_polls, step_after_seconds)
         self._lock = threading.Lock()  # guards every attribute below it
         self._entries: dict[str, Entry] = {}
         self._order: list[str] | None = None  # list order, rebuilt lazily after batches change
@@ -414,8 +452,12 @@ class BatchAPIEmulator:
         request = RecordedRequest(method, url.path, query, headers, body, 0, time.monotonic())
         response, batch_status = self._answer(request, segments)
         status = response.status if response and response.drop_after is None else 0
+        request_id = response.headers.get(_REQUEST_ID) if response else None
+        recorded = dataclasses.replace(
+            request, status=status, batch_status=batch_status, request_id=request_id
+        )
         with self._lock:
-            self._requests.append(dataclasses.replace(request, status=status, batch_status=batch_status))
+            self._requests.append(recorded)
         return response
 
     def _answer(self, request: RecordedRequest, segments: list[str]) -> tuple[Response | None, str | None]:
@@ -424,7 +466,7 @@ class BatchAPIEmulator:
             window = self._rate_limit
             refused, limit_headers = window.admit(request.at) if window else (False, {})
         if refused:
-            return _fault_response(Fault.rate_limited(headers=limit_headers)), None
+            return _stamped(_fault_response(Fault.rate_limited(headers=limit_headers))), None
         response, batch_status = self._faulted_or_served(request, segments)
         if response is not None and limit_headers:
             response = response._replace(headers={**response.headers, **limit_headers})
@@ -433,18 +475,22 @@ class BatchAPIEmulator:
     def _faulted_or_served(
         self, request: RecordedRequest, segments: list[str]
     ) -> tuple[Response | None, str | None]:
+        """The answer, stamped with a request id unless it stands for a proxy's (a ``body`` fault)."""
         fault = self._admit(request.method, request.path, segments)
         if fault is None:
-            return self._api(request, segments)
+            response, batch_status = self._api(request, segments)
+            return _stamped(response), batch_status
         if fault.kind == "drop" and segments[-1:] == ["content"]:
             response, _ = self._api(request, segments)
-            return response._replace(drop_after=len(response.body) // 2), None
+            return _stamped(response._replace(drop_after=len(response.body) // 2)), None
         if fault.kind == "drop" or (fault.kind == "delay" and self._stopping.wait(fault.delay)):
             return None, None
         if fault.kind == "delay":
             response, batch_status = self._api(request, segments)
-            return response._replace(headers={**response.headers, **fault.headers}), batch_status
-        return _fault_response(fault), None
+            return _stamped(response._replace(headers={**response.headers, **fault.headers})), batch_status
+        if fault.kind == "body":
+            return _fault_response(fault), None
+        return _stamped(_fault_response(fault)), None
 
     def _admit(self, method: str, path: str, segments: list[str]) -> Fault | None:
         """Count a cancel request and take the fault it triggers, if any, spending one of its ``times``."""
@@ -473,6 +519,10 @@ class BatchAPIEmulator:
                     return self._list(request.query), None
                 case ("POST", ["batches"]):
                     return self._create(request.body)
+                case ("POST", ["files"]):
+                    return self._upload(request.headers.get("content-type", ""), request.body), None
+                case ("GET", ["files"]):
+                    return self._list_files(request.query), None
                 case ("GET", ["batches", batch_id]) if batch_id:
                     return self._retrieve(batch_id)
                 case ("POST", ["batches", batch_id, "cancel"]) if batch_id:
@@ -510,9 +560,107 @@ class BatchAPIEmulator:
             return json_response(200, body)
 
     def _create(self, body: bytes) -> tuple[Response, str]:
-        """Answer ``POST /v1/batches`` as the API does: refuse a bad request, or add a validating batch."""
-        batch = self.add_batch(status="validating", **create_request(body))
+        """Answer ``POST /v1/batches`` as the API does: refuse a bad request, or add a validating batch that
+        runs by itself (see the class doc), with as many requests as its input file holds."""
+        request = create_request(body)
+        file_id, endpoint = request["input_file_id"], request["endpoint"]
+        requests = self._input_requests(file_id)
+        if requests[0][1] != endpoint:
+            message = (
+                f"Line 1 of input file '{file_id}' has 'url' '{requests[0][1]}', but the batch's endpoint is "
+                f"'{endpoint}': every request's url must be the endpoint."
+            )
+            raise Reply(error(400, message, param="endpoint", code="invalid_value"))
+        batch = self.add_batch(status="validating", total_requests=len(requests), **request)
+        with self._lock:
+            self._entries[batch["id"]].step_after = self._step_after
         return json_response(200, batch), batch["status"]
+
+    def _input_requests(self, file_id: str) -> list[tuple[str, str]]:
+        """The requests of the batch input file ``file_id``, or :class:`Reply` with the 400 the API answers."""
+        try:
+            with self._lock:
+                stored = self._stored_file_or_raise(file_id)
+        except KeyError:
+            message = f"Invalid 'input_file_id': no file with id '{file_id}'."
+            raise Reply(error(400, message, param="input_file_id", code="invalid_value")) from None
+        if stored.object["purpose"] != INPUT_PURPOSE:
+            message = (
+                f"Invalid 'input_file_id': file '{file_id}' has purpose '{stored.object['purpose']}', "
+                f"not '{INPUT_PURPOSE}'."
+            )
+            raise Reply(error(400, message, param="input_file_id", code="invalid_value"))
+        try:
+            return batch_requests(stored.content)
+        except ValueError as problem:
+            message = f"Invalid batch input file '{file_id}': {problem}"
+            raise Reply(error(400, message, param="input_file_id", code="invalid_file_format")) from None
+
+    def _upload(self, content_type: str, body: bytes) -> Response:
+        """Answer ``POST /v1/files``: store the file, a batch input file only if every line is a request."""
+        filename, purpose, content = upload_request(content_type, body)
+        if purpose == INPUT_PURPOSE:
+            try:
+                batch_requests(content)
+            except ValueError as problem:
+                message = f"Invalid batch input file '{filename}': {problem}"
+                raise Reply(error(400, message, param="file", code="invalid_file_format")) from None
+        return json_response(200, self.add_file(content, filename=filename, purpose=purpose))
+
+    def _list_files(self, query: dict[str, str]) -> Response:
+        """Answer ``GET /v1/files``: every file, newest first (``order=asc``: oldest first), ``after`` a cursor."""
+        raw_limit, order = query.get("limit", "10000"), query.get("order", "desc")
+        try:
+            limit = int(raw_limit)
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= 10_000:
+            message = f"Invalid 'limit': expected an integer between 1 and 10000, but got '{raw_limit}'."
+            return error(400, message, param="limit")
+        if order not in ("asc", "desc"):
+            message = f"Invalid value: '{order}'. Supported values are: 'asc' and 'desc'."
+            return error(400, message, param="order", code="invalid_value")
+        with self._lock:
+            files = [
+                stored.object
+                for stored in map(self._stored_file_or_none, self._file_ids())
+                if stored is not None
+                and query.get("purpose", stored.object["purpose"]) == stored.object["purpose"]
+            ]
+            files.sort(key=lambda file: file["created_at"])  # stable: ties in the order the files came
+            if order == "desc":
+                files.reverse()  # the exact reverse: the last of equal timestamps first, as batch lists do
+            ids = [file["id"] for file in files]
+            after = query.get("after")
+            start = ids.index(after) + 1 if after in ids else (len(ids) if after else 0)
+            page = files[start : start + limit]
+            body = {
+                "object": "list",
+                "data": page,
+                "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None,
+                "has_more": start + limit < len(files),
+            }
+            return json_response(200, body)
+
+    def _file_ids(self) -> list[str]:
+        """Every file id there is or was: seeded and uploaded ones, in order, then each batch's; callers hold
+        the lock."""
+        ids = dict.fromkeys(self._files)
+        for entry in self._entries.values():
+            batch = entry.batch
+            ids.update(
+                dict.fromkeys(
+                    i for i in (batch["input_file_id"], batch["output_file_id"], batch["error_file_id"]) if i
+                )
+            )
+        return list(ids)
+
+    def _stored_file_or_none(self, file_id: str) -> StoredFile | None:
+        try:
+            return self._stored_file_or_raise(file_id)
+        except KeyError:
+            return None
 
     def _sorted_ids(self) -> list[str]:
         """Ids newest first (then last inserted first), cached because thousands of pollers may list."""

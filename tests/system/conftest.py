@@ -7,6 +7,7 @@ attached to the test's report.
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from collections.abc import Iterator
@@ -36,8 +37,14 @@ def api_key() -> str:
 
 @pytest.fixture(scope="session")
 def system_emulator(api_key: str) -> Iterator[BatchAPIEmulator]:
-    """The Batch API, in this process, reached by every Airflow process over loopback."""
-    with BatchAPIEmulator(api_key=api_key, cancel_after_polls=2) as emulator:
+    """The Batch API, in this process, reached by every Airflow process over loopback.
+
+    Batches created over HTTP (by ``system_cancel_on_deadline``, from its input file ``file-system-test``) are
+    held in ``validating``: that DAG waits for a deadline to cancel a batch still running.
+    """
+    with BatchAPIEmulator(api_key=api_key, cancel_after_polls=2, step_after_polls=10**9) as emulator:
+        request = {"custom_id": "q-1", "method": "POST", "url": "/v1/chat/completions", "body": {}}
+        emulator.add_file(json.dumps(request) + "\n", "file-system-test")
         yield emulator
 
 
