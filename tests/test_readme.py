@@ -1,10 +1,11 @@
 """Every Python snippet in the README runs as a user runs it, against the emulator over loopback HTTP.
 
-A DAG snippet is a file in the DAGs folder, run with ``dag.test()``; an operator snippet goes in a DAG file as
-it would in a user's; the hook snippet and the callables are run as a script and a task would run them. What a
-snippet leaves to the user is prepared here, and only that: the batch it names, created at the emulator; the
-connection (or the ``openai`` client's environment); and, where the snippet's ``...`` stands for the user's own
-work, that work failing, since a failure is what the snippet is about. The snippet's own code is never edited.
+A DAG snippet is a file in the DAGs folder, run with ``dag.test()``; an operator snippet goes in a DAG file, in
+its ``with DAG(...)`` block, as it would in a user's; the hook snippet runs as a script, and a test module as
+pytest runs it. What a snippet leaves to its user is prepared here, and only that: the batch it names, created at
+the emulator; the connection (or the ``openai`` client's environment); the user's tasks it refers to without
+showing them (the ``submit`` it pulls a batch id from); and, where its ``...`` stands for the user's own work,
+that work failing, since a failure is what the snippet handles. The snippet's own code is run unchanged.
 """
 
 from __future__ import annotations
@@ -97,10 +98,10 @@ RUN = (
 
 
 def test_every_snippet_is_run_by_a_test() -> None:
-    assert [[marker for marker in RUN if marker in text] for text in SNIPPETS] == [
-        [marker] for text in SNIPPETS for marker in RUN if marker in text
-    ], "each snippet must contain exactly one of RUN's markers, and have a test here that runs it"
-    assert len(SNIPPETS) == len(RUN)
+    """A snippet added to the README without a test here, or one whose marker was edited away, fails."""
+    found = [[marker for marker in RUN if marker in text] for text in SNIPPETS]
+    assert all(len(markers) == 1 for markers in found), list(zip(found, SNIPPETS, strict=True))
+    assert sorted(marker for [marker] in found) == sorted(RUN)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -429,8 +430,8 @@ def test_the_hook_snippet_waits_for_cancelled_then_reads_the_output_file(
 ) -> None:
     """It once read the files of the batch `cancel_batch` returned, still `cancelling`: with no file yet."""
     api.add_batch("batch_abc123")
-    sleeps: list[float] = []
-    monkeypatch.setattr(time, "sleep", sleeps.append)  # the 30 s waits between polls, recorded
+    sleeps: list[float] = []  # the 30 s waits between polls, recorded instead of slept
+    monkeypatch.setattr(time, "sleep", sleeps.append)
 
     namespace: dict[str, Any] = {"__name__": "__main__"}
     exec(compile(snippet(HOOK), "README.md", "exec"), namespace)  # noqa: S102 - run as a script runs
@@ -440,7 +441,15 @@ def test_the_hook_snippet_waits_for_cancelled_then_reads_the_output_file(
     assert sleeps == [30, 30]  # the emulator holds a cancel in "cancelling" for two polls
     assert namespace["batch"].status == "cancelled"
     assert s3_object("s3://my-bucket/openai-batches/out.jsonl") == api.file_content(batch["output_file_id"])
-    assert asyncio.run(namespace["in_a_trigger"]()) == batch["output_file_id"]
+
+    async def no_sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+
+    monkeypatch.setattr(asyncio, "sleep", no_sleep)
+    api.set_status("batch_abc123", "cancelling")  # the async twin waits for a batch being cancelled
+    assert asyncio.run(namespace["in_a_trigger"]()) == api.batch("batch_abc123")["output_file_id"]
+    assert api.batch("batch_abc123")["status"] == "cancelled"
+    assert sleeps == [30, 30, 30]
 
 
 def test_the_emulator_snippet_points_the_connection_at_the_emulator(monkeypatch: pytest.MonkeyPatch) -> None:
