@@ -202,12 +202,18 @@ def the_users_work_fails(dag: Any, task_id: str) -> None:
     dag.task_dict[task_id].python_callable = fail
 
 
-def add_upstream(dag: Any, downstream: str, *callables: Callable[[], Any]) -> None:
-    """The user's tasks that the snippet refers to but does not show, one after the other, then the snippet's."""
+def chain_tasks(dag: Any, *steps: Callable[[], Any] | str) -> None:
+    """Add to the snippet's DAG the user's tasks that it refers to without showing them, and chain them with
+    its own (named by task id), in order."""
     from airflow.sdk import chain, task
 
     with dag:
-        chain(*(task(function)() for function in callables), dag.task_dict[downstream])
+        chain(*(dag.task_dict[step] if isinstance(step, str) else task(step)() for step in steps))
+
+
+def evaluate() -> None:
+    """The user's work, failing."""
+    raise RuntimeError("evaluate failed")
 
 
 def submits(batch_id: str) -> Callable[[], str]:
@@ -219,7 +225,7 @@ def submits(batch_id: str) -> Callable[[], str]:
     return submit
 
 
-def tagged_submit(api: BatchAPIEmulator, **extra: str) -> Callable[[], str]:
+def tagged_submit(api: BatchAPIEmulator) -> Callable[[], str]:
     """A submit task that creates a batch tagged with its run, as the run-tag snippets show."""
 
     def submit() -> str:
@@ -227,15 +233,14 @@ def tagged_submit(api: BatchAPIEmulator, **extra: str) -> Callable[[], str]:
 
         from airflow_provider_openai_batch.callbacks import run_batch_metadata
 
-        return api.add_batch(metadata=run_batch_metadata(get_current_context(), **extra))["id"]
+        return api.add_batch(metadata=run_batch_metadata(get_current_context()))["id"]
 
     return submit
 
 
-def run(
-    bag: Any, conf: dict[str, Any] | None = None
-) -> tuple[str, dict[str, str], dict[tuple[str, str], Any]]:
-    return run_dag(bag, only_dag(bag).dag_id, conf or {})
+def run(bag: Any) -> tuple[str, dict[str, str], dict[tuple[str, str], Any]]:
+    """dag.test() the file's DAG: the run's state, its task states and its XComs."""
+    return run_dag(bag, only_dag(bag).dag_id, {})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -270,7 +275,7 @@ def test_save_results_to_saves_the_cancelled_batchs_files(
 ) -> None:
     batch_id = api.add_batch()["id"]
     bag = dag_file("save_results_to", in_a_dag("readme_save_results_to", snippet(SAVE_RESULTS)))
-    add_upstream(only_dag(bag), "cancel_batch", submits(batch_id))
+    chain_tasks(only_dag(bag), submits(batch_id), "cancel_batch")
 
     state, states, xcoms = run(bag)
 
@@ -292,7 +297,7 @@ def test_the_failure_callbacks_cancel_the_batch_of_submit(
     batch_id = api.add_batch()["id"]
     bag = dag_file("failure_callbacks", snippet(FAILURE_CALLBACKS))
     dag = only_dag(bag)
-    add_upstream(dag, "process", submits(batch_id))
+    chain_tasks(dag, submits(batch_id), "process")
     the_users_work_fails(dag, "process")
 
     state, states, _ = run(bag)
@@ -375,15 +380,7 @@ def test_the_run_callback_cancels_the_failed_runs_batches(
         "id"
     ]
     bag = dag_file("run_callback", snippet(RUN_CALLBACK))
-    dag = only_dag(bag)
-
-    def evaluate() -> None:
-        raise RuntimeError("evaluate failed")
-
-    with dag:
-        from airflow.sdk import task
-
-        task(tagged_submit(api))() >> task(evaluate)()
+    chain_tasks(only_dag(bag), tagged_submit(api), evaluate)  # the tasks its "..." stands for
 
     state, states, xcoms = run(bag)
 
@@ -400,12 +397,7 @@ def test_the_cleanup_task_cancels_this_runs_batches(
         metadata={"airflow_dag_id": "readme_run_task", "airflow_run_id": "scheduled__x"}
     )
     bag = dag_file("run_task", in_a_dag("readme_run_task", snippet(RUN_TASK)))
-    dag = only_dag(bag)
-
-    def evaluate() -> None:
-        raise RuntimeError("evaluate failed")
-
-    add_upstream(dag, "cancel_this_runs_batches", tagged_submit(api), evaluate)
+    chain_tasks(only_dag(bag), tagged_submit(api), evaluate, "cancel_this_runs_batches")
 
     _, states, xcoms = run(bag)
 
