@@ -202,40 +202,52 @@ def the_users_work_fails(dag: Any, task_id: str) -> None:
     dag.task_dict[task_id].python_callable = fail
 
 
-def chain_tasks(dag: Any, *steps: Callable[[], Any] | str) -> None:
-    """Add to the snippet's DAG the user's tasks that it refers to without showing them, and chain them with
-    its own (named by task id), in order."""
-    from airflow.sdk import chain, task
+def with_unshown_tasks(text: str, chain: str, submit: str) -> str:
+    """The snippet's DAG file, then the user's tasks that it refers to without showing them, chained with its own
+    (``dag.task_dict[...]``). They are in the file, since Airflow 3.1+ runs the tasks of the DAG it parsed."""
+    return f"""{text}
 
-    with dag:
-        chain(*(dag.task_dict[step] if isinstance(step, str) else task(step)() for step in steps))
+# Not in the README: the user's tasks that the snippet refers to without showing them.
+import sys
+
+from airflow.sdk import chain, get_current_context, task
+from airflow.sdk.definitions._internal.contextmanager import DagContext
+
+[dag] = [dag for dag, module in DagContext.autoregistered_dags if module is sys.modules[__name__]]
 
 
+@task
+def submit() -> str:
+    {submit}
+
+
+@task
 def evaluate() -> None:
-    """The user's work, failing."""
-    raise RuntimeError("evaluate failed")
+    raise RuntimeError("evaluate failed")  # the user's work, failing
 
 
-def submits(batch_id: str) -> Callable[[], str]:
-    """The user's task that submitted the batch, named ``submit`` as the snippet expects."""
-
-    def submit() -> str:
-        return batch_id
-
-    return submit
+with dag:
+    chain({chain})
+"""
 
 
-def tagged_submit(api: BatchAPIEmulator) -> Callable[[], str]:
-    """A submit task that creates a batch tagged with its run, as the run-tag snippets show."""
+def returning(batch_id: str) -> str:
+    """A submit body returning the id of a batch the test created."""
+    return f"return {batch_id!r}"
 
-    def submit() -> str:
-        from airflow.sdk import get_current_context
 
-        from airflow_provider_openai_batch.callbacks import run_batch_metadata
+def tagged_submit(file_id: str) -> str:
+    """A submit body creating a batch tagged with its run, with the openai client, as the run-tag snippets show."""
+    return f"""from openai import OpenAI
 
-        return api.add_batch(metadata=run_batch_metadata(get_current_context()))["id"]
+    from airflow_provider_openai_batch.callbacks import run_batch_metadata
 
-    return submit
+    return OpenAI().batches.create(
+        input_file_id={file_id!r},
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        metadata=run_batch_metadata(get_current_context()),
+    ).id"""
 
 
 def run(bag: Any) -> tuple[str, dict[str, str], dict[tuple[str, str], Any]]:
@@ -274,8 +286,11 @@ def test_save_results_to_saves_the_cancelled_batchs_files(
     api: BatchAPIEmulator, dag_file: Callable[[str, str], Any], s3: type[MemoryS3]
 ) -> None:
     batch_id = api.add_batch()["id"]
-    bag = dag_file("save_results_to", in_a_dag("readme_save_results_to", snippet(SAVE_RESULTS)))
-    chain_tasks(only_dag(bag), submits(batch_id), "cancel_batch")
+    text = in_a_dag("readme_save_results_to", snippet(SAVE_RESULTS))
+    bag = dag_file(
+        "save_results_to",
+        with_unshown_tasks(text, 'submit(), dag.task_dict["cancel_batch"]', returning(batch_id)),
+    )
 
     state, states, xcoms = run(bag)
 
@@ -295,10 +310,11 @@ def test_the_failure_callbacks_cancel_the_batch_of_submit(
     api: BatchAPIEmulator, dag_file: Callable[[str, str], Any]
 ) -> None:
     batch_id = api.add_batch()["id"]
-    bag = dag_file("failure_callbacks", snippet(FAILURE_CALLBACKS))
-    dag = only_dag(bag)
-    chain_tasks(dag, submits(batch_id), "process")
-    the_users_work_fails(dag, "process")
+    text = with_unshown_tasks(
+        snippet(FAILURE_CALLBACKS), 'submit(), dag.task_dict["process"]', returning(batch_id)
+    )
+    bag = dag_file("failure_callbacks", text)
+    the_users_work_fails(only_dag(bag), "process")
 
     state, states, _ = run(bag)
 
@@ -353,14 +369,16 @@ def test_the_official_providers_hook_creates_a_batch_tagged_with_its_run(
     assert batch["metadata"]["airflow_run_id"].startswith("manual__")
 
 
-def test_the_openai_client_creates_a_batch_tagged_with_its_run(
-    api: BatchAPIEmulator,
-    dag_file: Callable[[str, str], Any],
-    input_file: str,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setenv("OPENAI_API_KEY", FAKE_API_KEY)  # how OpenAI() finds its key and base URL
+@pytest.fixture
+def openai_env(api: BatchAPIEmulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """How ``OpenAI()`` finds its key and base URL."""
+    monkeypatch.setenv("OPENAI_API_KEY", FAKE_API_KEY)
     monkeypatch.setenv("OPENAI_BASE_URL", api.base_url)
+
+
+def test_the_openai_client_creates_a_batch_tagged_with_its_run(
+    api: BatchAPIEmulator, dag_file: Callable[[str, str], Any], input_file: str, openai_env: None
+) -> None:
     bag = dag_file("openai_sdk", calling_submit("readme_openai_sdk", snippet(OPENAI_SDK), input_file))
 
     state, states, xcoms = run(bag)
@@ -374,13 +392,13 @@ def test_the_openai_client_creates_a_batch_tagged_with_its_run(
 
 @pytest.mark.skipif(airflow_version.startswith("3.0."), reason="the snippet is for Airflow 3.1+, as it says")
 def test_the_run_callback_cancels_the_failed_runs_batches(
-    api: BatchAPIEmulator, dag_file: Callable[[str, str], Any]
+    api: BatchAPIEmulator, dag_file: Callable[[str, str], Any], input_file: str, openai_env: None
 ) -> None:
     other_run = api.add_batch(metadata={"airflow_dag_id": "nightly_eval", "airflow_run_id": "scheduled__x"})[
         "id"
     ]
-    bag = dag_file("run_callback", snippet(RUN_CALLBACK))
-    chain_tasks(only_dag(bag), tagged_submit(api), evaluate)  # the tasks its "..." stands for
+    text = with_unshown_tasks(snippet(RUN_CALLBACK), "submit(), evaluate()", tagged_submit(input_file))
+    bag = dag_file("run_callback", text)  # the tasks its "..." stands for
 
     state, states, xcoms = run(bag)
 
@@ -391,13 +409,14 @@ def test_the_run_callback_cancels_the_failed_runs_batches(
 
 
 def test_the_cleanup_task_cancels_this_runs_batches(
-    api: BatchAPIEmulator, dag_file: Callable[[str, str], Any]
+    api: BatchAPIEmulator, dag_file: Callable[[str, str], Any], input_file: str, openai_env: None
 ) -> None:
     other_run = api.add_batch(
         metadata={"airflow_dag_id": "readme_run_task", "airflow_run_id": "scheduled__x"}
     )
-    bag = dag_file("run_task", in_a_dag("readme_run_task", snippet(RUN_TASK)))
-    chain_tasks(only_dag(bag), tagged_submit(api), evaluate, "cancel_this_runs_batches")
+    text = in_a_dag("readme_run_task", snippet(RUN_TASK))
+    chain = 'submit(), evaluate(), dag.task_dict["cancel_this_runs_batches"]'
+    bag = dag_file("run_task", with_unshown_tasks(text, chain, tagged_submit(input_file)))
 
     _, states, xcoms = run(bag)
 
