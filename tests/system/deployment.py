@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import httpx
 
@@ -381,6 +381,9 @@ class Deployment:
         )
         return env
 
+    #: More of support/sitecustomize.py's instrumentation for the triggerers, by environment variable.
+    triggerer_instrumentation: ClassVar[dict[str, str]] = {}
+
     def _backend_environment(self) -> dict[str, str]:
         """The metadata DB and the executor: here SQLite and the LocalExecutor."""
         return {
@@ -487,6 +490,7 @@ class Deployment:
         env = {
             **self.env,
             "SYSTEM_TEST_LOG_GC_PAUSES": "1",  # see support/sitecustomize.py
+            **self.triggerer_instrumentation,
             "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
         }
         process = AirflowProcess(

@@ -17,7 +17,7 @@ import socket
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import psycopg2
 import psycopg2.extras
@@ -48,6 +48,9 @@ TRIGGERERS = ("triggerer-a", "triggerer-b")
 
 class DistributedDeployment(Deployment):
     """The deployment of ``deployment.py`` on PostgreSQL, with a Celery worker and two triggerers."""
+
+    #: A profile of each blocked trigger loop (support/sitecustomize.py): Airflow's own stalls or a trigger's?
+    triggerer_instrumentation: ClassVar[dict[str, str]] = {"SYSTEM_TEST_PROFILE_SLOW_STEPS": "1"}
 
     def __init__(self, home: Path, emulator: BatchAPIEmulator, api_key: str) -> None:
         self.pg_port, self.redis_port = free_port(), free_port()
