@@ -18,20 +18,27 @@ RECIPE = Path(__file__).parent.parent / "docs" / "recipes" / "airflow_local_sett
 
 #: ``python -c FORK_AND_REPORT RECIPE [COMMAND...]``: loads the recipe in a process started as ``airflow COMMAND``,
 #: forks once, and prints the frozen-object counts of the parent (after the fork) and of the child, and the count
-#: the interpreter started with (not always 0: CPython 3.12.1 starts with 375 objects frozen).
+#: the interpreter started with (not always 0: CPython 3.12.1 starts with 375 objects frozen); and whether the
+#: provider's trigger module was imported before the fork, and in the child.
 FORK_AND_REPORT = """
 import gc, json, os, runpy, sys
+TRIGGERS = "airflow_provider_openai_batch.triggers.openai_batch"
 at_start = gc.get_freeze_count()
 recipe, sys.argv = sys.argv[1], ["airflow", *sys.argv[2:]]
 runpy.run_path(recipe)
 heap = [[object()] for _ in range(5_000)]  # start-up state the parent keeps
+imported_before = TRIGGERS in sys.modules
 read, write = os.pipe()
 pid = os.fork()
 if pid == 0:
-    os.write(write, str(gc.get_freeze_count()).encode())
+    os.write(write, json.dumps([gc.get_freeze_count(), TRIGGERS in sys.modules]).encode())
     os._exit(0)
 os.waitpid(pid, 0)
-print(json.dumps({"at_start": at_start, "parent": gc.get_freeze_count(), "child": int(os.read(read, 64))}))
+child, in_child = json.loads(os.read(read, 64))
+print(json.dumps({
+    "at_start": at_start, "parent": gc.get_freeze_count(), "child": child,
+    "imported_before_fork": imported_before, "imported_in_child": in_child,
+}))
 """
 
 
@@ -53,8 +60,16 @@ def test_the_triggerers_forked_child_starts_with_the_parents_heap_frozen() -> No
     assert counts["parent"] == 0  # unfrozen at once: the triggerer itself collects as before
 
 
+def test_the_triggerers_forked_child_starts_with_the_trigger_module_imported() -> None:
+    """Not on the trigger loop, where Airflow would import it when the first of its triggers starts."""
+    counts = freeze_counts_after_fork("triggerer")
+
+    assert (counts["imported_before_fork"], counts["imported_in_child"]) == (False, True)
+
+
 @pytest.mark.parametrize("command", [("scheduler",), ("dag-processor",), ("api-server",), ()])
 def test_other_airflow_processes_are_left_alone(command: tuple[str, ...]) -> None:
     counts = freeze_counts_after_fork(*command)
 
     assert counts["parent"] == counts["child"] == counts["at_start"]
+    assert not counts["imported_in_child"]

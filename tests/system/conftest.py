@@ -15,14 +15,17 @@ from collections.abc import Iterator
 import pytest
 
 from tests.system.deployment import Deployment
+from tests.system.distributed import DistributedDeployment
 
 try:
     from airflow_provider_openai_batch.testing import BatchAPIEmulator
 except ImportError:  # the package's re-export may not be there
     from airflow_provider_openai_batch.testing.emulator import BatchAPIEmulator
 
-#: The deployment, as soon as processes may exist, for the report hook.
+#: The deployment running, as soon as processes may exist, for the report hook.
 _DEPLOYMENT: Deployment | None = None
+#: The session's single-machine deployment, once started.
+_LOCAL: Deployment | None = None
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -52,12 +55,37 @@ def system_emulator(api_key: str) -> Iterator[BatchAPIEmulator]:
 def deployment(
     tmp_path_factory: pytest.TempPathFactory, system_emulator: BatchAPIEmulator, api_key: str
 ) -> Iterator[Deployment]:
+    global _DEPLOYMENT, _LOCAL
+    _DEPLOYMENT = _LOCAL = Deployment(tmp_path_factory.mktemp("airflow-home"), system_emulator, api_key)
+    try:
+        started = time.monotonic()
+        _LOCAL.start()
+        print(f"\nAirflow deployment ready in {time.monotonic() - started:.0f}s in {_LOCAL.home}")
+        yield _LOCAL
+    finally:
+        _LOCAL.stop()
+
+
+@pytest.fixture(scope="module")
+def distributed_deployment(
+    tmp_path_factory: pytest.TempPathFactory, system_emulator: BatchAPIEmulator, api_key: str
+) -> Iterator[DistributedDeployment]:
+    """The distributed deployment (distributed.py), for its own module, which runs last (test_distributed.py).
+
+    The single-machine deployment is stopped first, if it ran: two deployments would share two CPUs.
+    """
     global _DEPLOYMENT
-    _DEPLOYMENT = Deployment(tmp_path_factory.mktemp("airflow-home"), system_emulator, api_key)
+    if _LOCAL is not None:
+        _LOCAL.stop()
+    _DEPLOYMENT = DistributedDeployment(
+        tmp_path_factory.mktemp("airflow-home-distributed"), system_emulator, api_key
+    )
     try:
         started = time.monotonic()
         _DEPLOYMENT.start()
-        print(f"\nAirflow deployment ready in {time.monotonic() - started:.0f}s in {_DEPLOYMENT.home}")
+        print(
+            f"\nDistributed Airflow deployment ready in {time.monotonic() - started:.0f}s in {_DEPLOYMENT.home}"
+        )
         yield _DEPLOYMENT
     finally:
         _DEPLOYMENT.stop()

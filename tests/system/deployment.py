@@ -14,6 +14,7 @@ import base64
 import contextlib
 import json
 import os
+import pwd
 import re
 import secrets
 import shutil
@@ -27,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import httpx
 
@@ -54,6 +55,7 @@ EXPECTED_DAGS = (
     "system_openai_batch_cancel_one",
     "system_openai_batch_cancel_many",
     "system_openai_batch_cancel_on_deadline",
+    "system_openai_batch_cancel_distributed",
 )
 
 #: What Airflow 3.3's triggerer logs when its event loop was blocked for longer than
@@ -77,20 +79,28 @@ TRIGGERER_NICENESS = -5
 
 T = TypeVar("T")
 
+#: Errors of a metadata DB query that mean "not yet": SQLite may be busy; PostgreSQL (distributed.py) may not
+#: have the database yet.
+_DB_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error,)
+with contextlib.suppress(ImportError):
+    import psycopg2
+
+    _DB_ERRORS = (sqlite3.Error, psycopg2.Error)
+
 
 def wait_for(
     condition: Callable[[], T], *, timeout: float, interval: float = 0.5, what: str = "condition"
 ) -> T:
     """Poll ``condition`` until it returns something truthy and return that; ``TimeoutError`` after ``timeout``.
 
-    HTTP errors, SQLite errors (the DB may be busy) and OS errors count as "not yet".
+    HTTP errors, metadata DB errors (the DB may be busy) and OS errors count as "not yet".
     """
     deadline = time.monotonic() + timeout
     last_error: BaseException | None = None
     while True:
         try:
             result = condition()
-        except (httpx.HTTPError, sqlite3.Error, OSError) as error:
+        except (httpx.HTTPError, *_DB_ERRORS, OSError) as error:
             result, last_error = None, error
         if result:
             return result
@@ -154,22 +164,41 @@ def blocked_loops(triggerer_log: str) -> list[BlockedLoop]:
     return found
 
 
-class AirflowProcess:
-    """One long-running Airflow command in its own process group, logging to its own file."""
+class ManagedProcess:
+    """One long-running command in its own process group, logging to its own file, stopped by its PID (group).
+
+    ``user`` (a UID) runs it as that user when the tests run as root (as in CI): PostgreSQL refuses to run as
+    root. ``stop_signal`` is what asks it to shut down.
+    """
 
     def __init__(
-        self, name: str, args: list[str], env: dict[str, str], log_path: Path, niceness: int = 0
+        self,
+        name: str,
+        command: list[str],
+        env: dict[str, str],
+        log_path: Path,
+        niceness: int = 0,
+        *,
+        user: int | None = None,
+        stop_signal: signal.Signals = signal.SIGTERM,
     ) -> None:
-        self.name, self.args, self.env, self.log_path, self.niceness = name, args, env, log_path, niceness
+        self.name, self.command, self.env, self.log_path, self.niceness = (
+            name,
+            command,
+            env,
+            log_path,
+            niceness,
+        )
+        self.user, self.stop_signal = user, stop_signal
         self.popen: subprocess.Popen[bytes] | None = None
 
     @property
     def pid(self) -> int:
-        assert self.popen is not None, f"airflow {self.name} was never started"
+        assert self.popen is not None, f"{self.name} was never started"
         return self.popen.pid
 
-    def start(self) -> AirflowProcess:
-        command = airflow_command(*self.args)
+    def start(self) -> ManagedProcess:
+        command = self.command
         if self.niceness:
             command = ["nice", "-n", str(self.niceness), *command]
         with open(self.log_path, "ab") as log:
@@ -182,6 +211,7 @@ class AirflowProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: its workers and subprocesses go with it
+                **as_user(self.user),
             )
         _STARTED.add(self)
         return self
@@ -191,9 +221,7 @@ class AirflowProcess:
 
     def check_running(self) -> None:
         if self.popen is not None and self.popen.poll() is not None:
-            raise ProcessDied(
-                f"airflow {self.name} exited with code {self.popen.returncode}; see {self.log_path}"
-            )
+            raise ProcessDied(f"{self.name} exited with code {self.popen.returncode}; see {self.log_path}")
 
     def kill(self) -> None:
         """SIGKILL the whole process group at once, as a crash, an OOM kill or a lost node would."""
@@ -202,10 +230,10 @@ class AirflowProcess:
         _STARTED.discard(self)
 
     def stop(self) -> None:
-        """SIGTERM the process group, wait, then SIGKILL whatever is left of it."""
+        """Send the stop signal to the process group, wait, then SIGKILL whatever is left of it."""
         if self.popen is None:
             return
-        self._signal_group(signal.SIGTERM)
+        self._signal_group(self.stop_signal)
         if not self._reap(STOP_TIMEOUT):
             self._signal_group(signal.SIGKILL)
             self._reap(STOP_TIMEOUT)
@@ -245,7 +273,23 @@ class AirflowProcess:
             return log.read().decode(errors="replace")
 
 
-_STARTED: set[AirflowProcess] = set()
+class AirflowProcess(ManagedProcess):
+    """One long-running Airflow command (``airflow ARGS``) from the project's venv."""
+
+    def __init__(
+        self, name: str, args: list[str], env: dict[str, str], log_path: Path, niceness: int = 0
+    ) -> None:
+        super().__init__(f"airflow {name}", airflow_command(*args), env, log_path, niceness)
+
+
+def as_user(uid: int | None) -> dict[str, Any]:
+    """``subprocess`` arguments that run a command as ``uid`` (and its own group only) if we are root."""
+    if uid is None or os.geteuid() != 0:
+        return {}
+    return {"user": uid, "group": pwd.getpwuid(uid).pw_gid, "extra_groups": []}
+
+
+_STARTED: set[ManagedProcess] = set()
 
 
 @atexit.register
@@ -269,7 +313,7 @@ class Deployment:
         self.api_port = free_port()
         self.api_url = f"http://127.0.0.1:{self.api_port}"
         self.fernet_key = base64.urlsafe_b64encode(os.urandom(32)).decode()
-        self.processes: dict[str, AirflowProcess] = {}
+        self.processes: dict[str, ManagedProcess] = {}
         self.triggerer_generation = 0
         self.started_at = time.time()
         self.env = self._environment()
@@ -288,8 +332,6 @@ class Deployment:
                 "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
                 "AIRFLOW__CORE__PLUGINS_FOLDER": str(self.home / "plugins"),
                 "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-                "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.db_path}",
                 "AIRFLOW__CORE__FERNET_KEY": self.fernet_key,
                 "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
                 "AIRFLOW__CORE__PARALLELISM": "16",
@@ -310,7 +352,6 @@ class Deployment:
                 "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
                 "AIRFLOW__LOGGING__COLORED_CONSOLE_LOG": "False",
                 "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
-                "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
                 # Fast loops: a small test deployment.
                 "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
                 "AIRFLOW__SCHEDULER__JOB_HEARTBEAT_SEC": "1",
@@ -335,9 +376,20 @@ class Deployment:
                 "AIRFLOW_CONN_OPENAI_DEFAULT": json.dumps(
                     {"conn_type": "openai_batch", "password": self.api_key, "host": self.emulator.base_url}
                 ),
+                **self._backend_environment(),
             }
         )
         return env
+
+    #: More of support/sitecustomize.py's instrumentation for the triggerers, by environment variable.
+    triggerer_instrumentation: ClassVar[dict[str, str]] = {}
+
+    def _backend_environment(self) -> dict[str, str]:
+        """The metadata DB and the executor: here SQLite and the LocalExecutor."""
+        return {
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.db_path}",
+        }
 
     # ------------------------------------------------------------------------------------ lifecycle
 
@@ -345,6 +397,7 @@ class Deployment:
         (self.home / "plugins").mkdir(exist_ok=True)
         (self.home / "config").mkdir(exist_ok=True)
         shutil.copyfile(LOCAL_SETTINGS, self.home / "config" / "airflow_local_settings.py")
+        self._start_backends()
         self._migrate()
         self._start(
             "api-server", ["api-server", "--port", str(self.api_port), "--host", "127.0.0.1"], NICENESS
@@ -363,10 +416,17 @@ class Deployment:
         )
         self._start("scheduler", ["scheduler"], NICENESS)
         self._start("dag-processor", ["dag-processor"], NICENESS)
-        self.start_triggerer()
+        self._start_workers()
         wait_for(
             self._ready, timeout=READY_TIMEOUT, interval=1, what="all components healthy and DAGs parsed"
         )
+
+    def _start_backends(self) -> None:
+        """Start what Airflow needs before its first command: nothing for SQLite."""
+
+    def _start_workers(self) -> None:
+        """Start what runs the tasks and the triggers: the LocalExecutor is the scheduler's; one triggerer."""
+        self.start_triggerer()
 
     def _migrate(self) -> None:
         log_path = self.process_logs / "db-migrate.log"
@@ -383,16 +443,9 @@ class Deployment:
         if result.returncode != 0:
             raise RuntimeError(f"airflow db migrate failed:\n{tail(log_path.read_text(errors='replace'))}")
 
-    def _start(
-        self,
-        name: str,
-        args: list[str],
-        niceness: int = 0,
-        log_name: str | None = None,
-        env: dict[str, str] | None = None,
-    ) -> AirflowProcess:
-        log_path = self.process_logs / f"{log_name or name}.log"
-        process = AirflowProcess(name, args, env or self.env, log_path, niceness)
+    def _start(self, name: str, args: list[str], niceness: int = 0) -> ManagedProcess:
+        log_path = self.process_logs / f"{name}.log"
+        process = AirflowProcess(name, args, self.env, log_path, niceness)
         self.processes[name] = process.start()
         return process
 
@@ -418,23 +471,33 @@ class Deployment:
         return self._alive_and(check)
 
     def stop(self) -> None:
+        """Stop every process, the last started first."""
         self.http.close()
-        for name in ("scheduler", "triggerer", "dag-processor", "api-server"):
-            if name in self.processes:
-                self.processes[name].stop()
+        for process in reversed(list(self.processes.values())):
+            process.stop()
 
     # ------------------------------------------------------------------------------------ triggerer
 
     @property
-    def triggerer(self) -> AirflowProcess:
+    def triggerer(self) -> ManagedProcess:
         return self.processes["triggerer"]
 
-    def start_triggerer(self) -> AirflowProcess:
-        """Start a(nother) triggerer, at high priority; each one logs to its own ``triggerer-<n>.log``."""
+    def start_triggerer(self, key: str = "triggerer") -> ManagedProcess:
+        """Start a(nother) triggerer as ``processes[key]``, at high priority; each one logs to its own
+        ``triggerer-<n>.log`` and serves its trigger logs on its own port."""
         self.triggerer_generation += 1
         name = f"triggerer-{self.triggerer_generation}"
-        env = {**self.env, "SYSTEM_TEST_LOG_GC_PAUSES": "1"}  # see support/sitecustomize.py
-        return self._start("triggerer", ["triggerer"], TRIGGERER_NICENESS, log_name=name, env=env)
+        env = {
+            **self.env,
+            "SYSTEM_TEST_LOG_GC_PAUSES": "1",  # see support/sitecustomize.py
+            **self.triggerer_instrumentation,
+            "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
+        }
+        process = AirflowProcess(
+            key, ["triggerer"], env, self.process_logs / f"{name}.log", TRIGGERER_NICENESS
+        )
+        self.processes[key] = process.start()
+        return process
 
     def latest_triggerer_job(self) -> sqlite3.Row | None:
         rows = self.query("SELECT * FROM job WHERE job_type = 'TriggererJob' ORDER BY id DESC LIMIT 1")

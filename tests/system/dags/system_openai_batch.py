@@ -89,3 +89,28 @@ with DAG(
     OpenAICancelBatchOperator.partial(task_id="cancel", deferrable=True, poll_interval=2, timeout=600).expand(
         batch_id=batch_ids()
     )
+
+# The distributed scenario: many deferred cancellations shared by two triggerers, polls spaced out so that 200
+# waits stay within an API limit of 10 requests/s, and every output file id handed to one downstream task.
+with DAG(
+    "system_openai_batch_cancel_distributed",
+    schedule=None,
+    catchup=False,
+    default_args=DEFAULT_ARGS,
+    max_active_tasks=256,
+    tags=["system-test"],
+):
+
+    @task
+    def distributed_batch_ids(**context: Any) -> list[str]:
+        return list(context["dag_run"].conf["batch_ids"])
+
+    cancelled = OpenAICancelBatchOperator.partial(
+        task_id="cancel", deferrable=True, poll_interval=30, timeout=1200
+    ).expand(batch_id=distributed_batch_ids())
+
+    @task
+    def output_file_ids(batches: list[dict[str, Any]]) -> list[str]:
+        return [batch["output_file_id"] for batch in batches]
+
+    output_file_ids(cancelled.output)
