@@ -77,7 +77,9 @@ scalars = st.one_of(
 #: Any JSON document Python's ``json`` reads (NaN and Infinity included), a few levels deep.
 json_values = st.recursive(
     scalars,
-    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3)
+    ),
     max_leaves=8,
 )
 
@@ -92,7 +94,9 @@ def deeply_nested(depth: int) -> str:
 def assert_documented(error: BaseException, *, arguments: bool) -> None:
     """``error`` is one the docs promise: an :class:`OpenAIBatchError` subclass, or (for bad ``arguments``,
     connection values included) a ``ValueError``; a pydantic ``ValidationError`` does not count as one."""
-    documented: tuple[type[BaseException], ...] = (OpenAIBatchError, ValueError) if arguments else (OpenAIBatchError,)
+    documented: tuple[type[BaseException], ...] = (
+        (OpenAIBatchError, ValueError) if arguments else (OpenAIBatchError,)
+    )
     kind = type(error)
     assert isinstance(error, documented) and kind.__module__.split(".")[0] in (
         "builtins",
@@ -112,7 +116,9 @@ def assert_secret_absent(core: str, **places: Any) -> None:
             text = "\n".join(texts)
         else:
             text = text_of(value)
-        assert core not in text, f"the key leaked into {where}: ...{text[max(0, text.index(core) - 200):][:300]!r}"
+        assert core not in text, (
+            f"the key leaked into {where}: ...{text[max(0, text.index(core) - 200) :][:300]!r}"
+        )
 
 
 def bounded(call: Callable[[], T], seconds: float = HANG) -> tuple[T | None, BaseException | None]:

@@ -22,7 +22,11 @@ settings.register_profile(
     database=None,
     deadline=None,
     # The module's shared emulator and pytest's monkeypatch/caplog are reset by each example itself.
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.data_too_large,
+    ],
     print_blob=True,
 )
 settings.register_profile("fuzz", parent=settings.get_profile("ci"), derandomize=False)

@@ -229,7 +229,14 @@ def test_connection_values(
         if type(error) is ValueError:
             assert sent == 0, f"{path}: refused after {sent} request(s): {error}"
             message = str(error).lower()
-            names = [CONN_ID, "password", "key", "host", "url", *(name.replace("_", " ") for name in STRING_FIELDS)]
+            names = [
+                CONN_ID,
+                "password",
+                "key",
+                "host",
+                "url",
+                *(name.replace("_", " ") for name in STRING_FIELDS),
+            ]
             names += ["timeout", "max_retries", "extra", "openai_client_kwargs"]
             assert any(name.lower() in message for name in names), f"{path}: names nothing: {error}"
         emulator.clear_requests()
