@@ -109,7 +109,7 @@ def _must_refuse(name: str, value: Any) -> str | None:
         if name == "api_type" and value.lower() not in ("openai", "azure"):
             return f"api_type {value!r}"
         return None
-    if isinstance(value, bool) or isinstance(value, list | dict):
+    if isinstance(value, bool | list | dict):
         return f"{name} is a {type(value).__name__}"
     try:
         number = float(value)

@@ -32,8 +32,8 @@ from airflow_provider_openai_batch.cancellation import CancellationEvent, valida
 from airflow_provider_openai_batch.hooks import _rate
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
 from airflow_provider_openai_batch.models import Batch, File
-from airflow_provider_openai_batch.testing import BatchAPIEmulator, Fault
 from airflow_provider_openai_batch.operators.openai_batch import OpenAICancelBatchOperator
+from airflow_provider_openai_batch.testing import BatchAPIEmulator, Fault
 from airflow_provider_openai_batch.triggers.openai_batch import OpenAIBatchCancellationTrigger
 from tests._guards import (  # noqa: F401 - fixtures: guard, and fast_backoff are autouse
     FAKE_API_KEY,
