@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint test-system test-compat demo bench clean
+.PHONY: install test lint fuzz test-system test-compat demo bench clean
 
 $(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m mypy airflow_provider_openai_batch
+
+# The fuzz suite alone (tests/fuzz, also part of `make test`) at ten times its examples, from a random seed.
+fuzz: install
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest tests/fuzz -p no:cacheprovider --hypothesis-show-statistics
 
 # A real Airflow deployment (scheduler, triggerer, dag-processor, API server) against the emulator.
 test-system: install
