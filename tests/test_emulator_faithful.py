@@ -212,6 +212,25 @@ def test_the_files_list_holds_the_files_of_batches_and_not_removed_ones(
 # --- Creating from an upload ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("path", "limit", "maximum"),
+    [("/batches", "0", 100), ("/batches", "101", 100), ("/batches", "ten", 100), ("/files", "10001", 10_000)],
+)
+def test_a_list_limit_out_of_range_is_a_400_naming_it(
+    client: httpx.Client, path: str, limit: str, maximum: int
+) -> None:
+    response = client.get(path, params={"limit": limit})
+
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "limit"
+    assert (
+        error["message"]
+        == f"Invalid 'limit': expected an integer between 1 and {maximum}, but got '{limit}'."
+    )
+    assert client.get(path, params={"limit": str(maximum)}).status_code == 200
+
+
 def test_create_counts_the_requests_of_its_input_file(client: httpx.Client) -> None:
     file_id = upload(client, jsonl(*(request_line(f"r{n}") for n in range(7)))).json()["id"]
     batch = create(client, file_id).json()

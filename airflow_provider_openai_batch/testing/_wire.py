@@ -56,6 +56,19 @@ class Reply(Exception):
         self.response = response
 
 
+def page_limit(query: Mapping[str, str], *, default: int, maximum: int) -> int:
+    """A list route's ``limit`` parameter; a :class:`Reply` with the API's 400 if it is not 1 to ``maximum``."""
+    raw_limit = query.get("limit", str(default))
+    try:
+        limit = int(raw_limit)
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= maximum:
+        message = f"Invalid 'limit': expected an integer between 1 and {maximum}, but got '{raw_limit}'."
+        raise Reply(error(400, message, param="limit"))
+    return limit
+
+
 def json_response(status: int, payload: Any, headers: Mapping[str, str] | None = None) -> Response:
     return Response(status, json.dumps(payload).encode(), headers=headers or {})
 

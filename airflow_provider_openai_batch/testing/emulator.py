@@ -46,6 +46,7 @@ from airflow_provider_openai_batch.testing._wire import (
     invalid_url,
     json_response,
     new_batch,
+    page_limit,
     upload_request,
 )
 
@@ -537,14 +538,7 @@ class BatchAPIEmulator:
         return invalid_url(request.method, request.path), None
 
     def _list(self, query: dict[str, str]) -> Response:
-        raw_limit = query.get("limit", "20")
-        try:
-            limit = int(raw_limit)
-        except ValueError:
-            limit = 0
-        if not 1 <= limit <= 100:
-            message = f"Invalid 'limit': expected an integer between 1 and 100, but got '{raw_limit}'."
-            return error(400, message, param="limit")
+        limit = page_limit(query, default=20, maximum=100)
         after = query.get("after")
         with self._lock:
             order = self._sorted_ids()
@@ -609,14 +603,7 @@ class BatchAPIEmulator:
 
     def _list_files(self, query: dict[str, str]) -> Response:
         """Answer ``GET /v1/files``: every file, newest first (``order=asc``: oldest first), ``after`` a cursor."""
-        raw_limit, order = query.get("limit", "10000"), query.get("order", "desc")
-        try:
-            limit = int(raw_limit)
-        except ValueError:
-            limit = 0
-        if not 1 <= limit <= 10_000:
-            message = f"Invalid 'limit': expected an integer between 1 and 10000, but got '{raw_limit}'."
-            return error(400, message, param="limit")
+        limit, order = page_limit(query, default=10_000, maximum=10_000), query.get("order", "desc")
         if order not in ("asc", "desc"):
             message = f"Invalid value: '{order}'. Supported values are: 'asc' and 'desc'."
             return error(400, message, param="order", code="invalid_value")
