@@ -22,7 +22,7 @@ from airflow_provider_openai_batch._compat import deadline_async_callback
 from airflow_provider_openai_batch._time import unix_time
 from airflow_provider_openai_batch.exceptions import BatchNotCancellableError, OpenAIBatchError
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
-from airflow_provider_openai_batch.ids import resolve_batch_id
+from airflow_provider_openai_batch.ids import DEFAULT_CONN_ID, resolve_batch_id
 from airflow_provider_openai_batch.models import Batch, check_metadata
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ def cancel_batch_on_failure(
     *,
     xcom_task_id: str | None = None,
     xcom_key: str = "return_value",
-    conn_id: str = OpenAIBatchHook.default_conn_name,
+    conn_id: str = DEFAULT_CONN_ID,
 ) -> Callable[[Context], None]:
     """Build an ``on_failure_callback`` (task or DAG level) that cancels a batch.
 
@@ -154,9 +154,7 @@ class cancel_run_batches:  # named as the function it is used as; a class, for t
     :param context: the run's context, which the triggerer passes to a deadline callback; not for DAG files.
     """
 
-    def __init__(
-        self, conn_id: str = OpenAIBatchHook.default_conn_name, *, context: Context | None = None
-    ) -> None:
+    def __init__(self, conn_id: str = DEFAULT_CONN_ID, *, context: Context | None = None) -> None:
         self.conn_id = _arguments.connection_id(conn_id)
         self.context = context
 

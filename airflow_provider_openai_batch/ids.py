@@ -1,5 +1,5 @@
 """Batch and file ids: what a well-formed one looks like, and how to find a batch id in what an upstream task
-handed over.
+handed over; and the default connection id.
 
 The hook, the operators and the callbacks all apply these rules. They live here, in a module that imports
 nothing of the provider, so that none of those has to import another only to share them (the callbacks run
@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import re
 from typing import Any
+
+#: The connection every hook, operator and callback uses unless told otherwise: the official provider's.
+DEFAULT_CONN_ID = "openai_default"
 
 _ID = re.compile(r"[A-Za-z0-9_-]{1,256}")
 

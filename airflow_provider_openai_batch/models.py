@@ -13,42 +13,17 @@ Three choices make them safe against a live, evolving API:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-
-class BatchStatus(StrEnum):
-    """The eight states of a batch's lifecycle."""
-
-    VALIDATING = "validating"
-    FAILED = "failed"
-    IN_PROGRESS = "in_progress"
-    FINALIZING = "finalizing"
-    COMPLETED = "completed"
-    EXPIRED = "expired"
-    CANCELLING = "cancelling"
-    CANCELLED = "cancelled"
-
-    @property
-    def is_terminal(self) -> bool:
-        """Whether the batch will never change state again."""
-        return self in TERMINAL_STATUSES
-
-    @property
-    def is_cancellable(self) -> bool:
-        """Whether ``POST /batches/{id}/cancel`` moves the batch to ``cancelling``."""
-        return self in CANCELLABLE_STATUSES
-
-
-TERMINAL_STATUSES = frozenset(
-    {BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.EXPIRED, BatchStatus.CANCELLED}
+# Re-exported: the statuses live in a module without pydantic, which DAG files import at every parse.
+from airflow_provider_openai_batch.statuses import (  # noqa: F401
+    CANCELLABLE_STATUSES,
+    FINISHED_STATUSES,
+    TERMINAL_STATUSES,
+    BatchStatus,
 )
-CANCELLABLE_STATUSES = frozenset({BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING})
-#: Final statuses a batch reaches on its own: a cancel arriving then is refused, and there is nothing to stop.
-FINISHED_STATUSES = TERMINAL_STATUSES - {BatchStatus.CANCELLED}
-
 
 #: The API's limits on a batch's ``metadata`` (its ``Metadata`` schema): pairs, characters per key and value.
 MAX_METADATA_KEYS = 16

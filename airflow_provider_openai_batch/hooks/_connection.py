@@ -16,14 +16,17 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 import httpx
 
+from airflow_provider_openai_batch.hooks._defaults import (
+    DEFAULT_BASE_URL,
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_TIMEOUT,
+)
+
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Connection
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BASE_URL = "https://api.openai.com/v1"
-DEFAULT_TIMEOUT = 60.0
-DEFAULT_MAX_RETRIES = 3
 #: Bounds of the numeric extras: finite, and small enough for every timer and retry loop they feed.
 MAX_TIMEOUT = 86_400.0
 MAX_RETRIES = 100

@@ -16,7 +16,7 @@ from time import time
 
 import httpx
 
-from airflow_provider_openai_batch.hooks._connection import DEFAULT_MAX_RETRIES
+from airflow_provider_openai_batch.hooks._defaults import DEFAULT_MAX_RETRIES
 
 RETRYABLE_STATUS_CODES = frozenset({408, 429})
 #: The longest wait, in seconds, a server's header is read as. A longer one, infinite or not a number

@@ -26,7 +26,7 @@ from airflow_provider_openai_batch.hooks._connection import ConnectionSettings
 from airflow_provider_openai_batch.hooks._rate import RateGovernor, governor_for
 from airflow_provider_openai_batch.hooks._retry import FAILURES, Attempts, Outcome, RetryPolicy
 from airflow_provider_openai_batch.hooks._transport import in_memory, read_whole
-from airflow_provider_openai_batch.ids import validate_batch_id, validate_file_id
+from airflow_provider_openai_batch.ids import DEFAULT_CONN_ID, validate_batch_id, validate_file_id
 from airflow_provider_openai_batch.models import Batch, BatchList, File
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ class OpenAIBatchHook(BaseHook):
     """
 
     conn_name_attr = "conn_id"
-    default_conn_name = "openai_default"
+    default_conn_name = DEFAULT_CONN_ID
     conn_type = "openai_batch"
     hook_name = "OpenAI Batch"
 

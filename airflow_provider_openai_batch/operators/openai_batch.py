@@ -18,34 +18,20 @@ from airflow.providers.common.compat.sdk import (
     conf,
 )
 
-from airflow_provider_openai_batch import _arguments, storage
+from airflow_provider_openai_batch import _arguments
 from airflow_provider_openai_batch._time import unix_time
-from airflow_provider_openai_batch.cancellation import (
-    CancellationEvent,
-    MultiCancellationEvent,
-    WaitStopped,
-    validated_event,
-)
-from airflow_provider_openai_batch.cleanup import CleanupSummary, cancel_all, is_stale
-from airflow_provider_openai_batch.exceptions import BatchNotCancellableError
-from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
-from airflow_provider_openai_batch.ids import resolve_batch_id
-from airflow_provider_openai_batch.models import (
-    CANCELLABLE_STATUSES,
-    FINISHED_STATUSES,
-    TERMINAL_STATUSES,
-    Batch,
-    BatchStatus,
-)
-from airflow_provider_openai_batch.results import save_results
-from airflow_provider_openai_batch.triggers.openai_batch import (
-    OpenAIBatchCancellationTrigger,
-    OpenAIMultiBatchCancellationTrigger,
-    wait_for_cancellations,
-)
+from airflow_provider_openai_batch.ids import DEFAULT_CONN_ID, resolve_batch_id
+from airflow_provider_openai_batch.statuses import CANCELLABLE_STATUSES, BatchStatus
 
+# A DAG file only constructs operators, at every parse: what running them needs (the hook, the triggers, the
+# cleanup, results and storage) is imported where they run, in execute and execute_complete.
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context, ObjectStoragePath, TaskInstanceKey
+
+    from airflow_provider_openai_batch.cancellation import CancellationEvent
+    from airflow_provider_openai_batch.cleanup import CleanupSummary
+    from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
+    from airflow_provider_openai_batch.storage import Target
 
     ResultsDestination = str | os.PathLike | ObjectStoragePath
 
@@ -80,13 +66,13 @@ class OpenAIBatchLink(BaseOperatorLink):
     def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
         from airflow.providers.common.compat.sdk import XCom
 
+        from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
+
         batch_id = XCom.get_value(ti_key=ti_key, key=XCOM_BATCH_ID_KEY)
         if not batch_id:
             return ""
         try:
-            api_type = OpenAIBatchHook(
-                getattr(operator, "conn_id", OpenAIBatchHook.default_conn_name)
-            ).settings.api_type
+            api_type = OpenAIBatchHook(getattr(operator, "conn_id", DEFAULT_CONN_ID)).settings.api_type
         except Exception:  # noqa: BLE001 - the link is a convenience: a connection problem shows in the task, not here
             return ""
         return BATCH_URL.format(batch_id=batch_id) if api_type == "openai" else ""
@@ -135,7 +121,7 @@ class OpenAICancelBatchOperator(BaseOperator):
         self,
         *,
         batch_id: Any,
-        conn_id: str = OpenAIBatchHook.default_conn_name,
+        conn_id: str = DEFAULT_CONN_ID,
         wait_for_cancellation: bool = True,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         poll_interval: float = 30,
@@ -163,9 +149,18 @@ class OpenAICancelBatchOperator(BaseOperator):
 
     @cached_property
     def hook(self) -> OpenAIBatchHook:
+        from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
+
         return OpenAIBatchHook(self.conn_id)
 
     def execute(self, context: Context) -> dict[str, Any]:
+        from airflow_provider_openai_batch.cancellation import CancellationEvent
+        from airflow_provider_openai_batch.exceptions import BatchNotCancellableError
+        from airflow_provider_openai_batch.triggers.openai_batch import (
+            OpenAIBatchCancellationTrigger,
+            wait_for_cancellations,
+        )
+
         batch_id = resolve_batch_id(self.batch_id)
         if batch_id is None:
             reason = f"No batch id to cancel: batch_id rendered to {self.batch_id!r} (did the upstream submit one?)."
@@ -204,6 +199,8 @@ class OpenAICancelBatchOperator(BaseOperator):
 
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
         """Resume after the trigger fired: validate its event and report the outcome."""
+        from airflow_provider_openai_batch.cancellation import CancellationEvent, validated_event
+
         if event is None:
             raise AirflowException(
                 "The cancellation trigger fired no event payload; cannot tell the batch's fate."
@@ -218,6 +215,9 @@ class OpenAICancelBatchOperator(BaseOperator):
 
     def _finish(self, context: Context, batch_id: str, event: CancellationEvent) -> dict[str, Any]:
         """Apply the event: fail on timeout/error, apply ``if_finished``, else push XComs and return the batch."""
+        from airflow_provider_openai_batch.cancellation import WaitStopped
+        from airflow_provider_openai_batch.statuses import FINISHED_STATUSES
+
         _log_waits(self, [event])
         self.log.info("%s", event.message)
         if isinstance(event.status, WaitStopped):
@@ -234,6 +234,9 @@ class OpenAICancelBatchOperator(BaseOperator):
     def _report(self, context: Context, batch_id: str, batch: dict[str, Any]) -> dict[str, Any]:
         """Push the batch's status and file ids as XComs, save its results if asked (under the folder of
         ``batch_id``, the task's), and return the batch."""
+        from airflow_provider_openai_batch.models import Batch
+        from airflow_provider_openai_batch.results import save_results
+
         ti = context["ti"]
         for key in _BATCH_FIELD_KEYS:
             ti.xcom_push(key=key, value=batch.get(key))
@@ -243,7 +246,7 @@ class OpenAICancelBatchOperator(BaseOperator):
             ti.xcom_push(key=XCOM_RESULTS_KEY, value=manifest.to_xcom())
         return batch
 
-    def _results_root(self) -> storage.Target | None:
+    def _results_root(self) -> Target | None:
         return _results_root(self.save_results_to)
 
 
@@ -298,7 +301,7 @@ class OpenAICancelStaleBatchesOperator(BaseOperator):
         self,
         *,
         older_than: timedelta,
-        conn_id: str = OpenAIBatchHook.default_conn_name,
+        conn_id: str = DEFAULT_CONN_ID,
         statuses: Collection[str] = tuple(CANCELLABLE_STATUSES),
         metadata: dict[str, str] | None = None,
         endpoint: str | None = None,
@@ -339,6 +342,13 @@ class OpenAICancelStaleBatchesOperator(BaseOperator):
         self.save_results_to = save_results_to
 
     def execute(self, context: Context) -> dict[str, Any]:
+        from airflow_provider_openai_batch.cleanup import CleanupSummary, cancel_all, is_stale
+        from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
+        from airflow_provider_openai_batch.triggers.openai_batch import (
+            OpenAIMultiBatchCancellationTrigger,
+            wait_for_cancellations,
+        )
+
         if not isinstance(self.dry_run, bool):  # a value problem (what the template rendered), not a type one
             raise ValueError(  # noqa: TRY004
                 f"dry_run rendered to {self.dry_run!r}, not a boolean: template it in a DAG with "
@@ -391,6 +401,9 @@ class OpenAICancelStaleBatchesOperator(BaseOperator):
 
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
         """Resume after the trigger fired: merge each batch's outcome into the summary saved before deferring."""
+        from airflow_provider_openai_batch.cancellation import MultiCancellationEvent, validated_event
+        from airflow_provider_openai_batch.cleanup import CleanupSummary
+
         if event is None:
             raise AirflowException(
                 "The cancellation trigger fired no event payload; cannot tell the batches' fate."
@@ -407,6 +420,10 @@ class OpenAICancelStaleBatchesOperator(BaseOperator):
     def _with_results(self, summary: CleanupSummary) -> CleanupSummary:
         """Save the results of every cancelled batch that reached a final status, if asked; one failing to save
         is added to ``failed`` and does not stop the others."""
+        from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
+        from airflow_provider_openai_batch.results import save_results
+        from airflow_provider_openai_batch.statuses import TERMINAL_STATUSES
+
         root = _results_root(self.save_results_to)
         if root is None:
             return summary
@@ -458,8 +475,10 @@ def _check_saving(save_results_to: object, wait_for_cancellation: bool) -> None:
         )
 
 
-def _results_root(save_results_to: object) -> storage.Target | None:
+def _results_root(save_results_to: object) -> Target | None:
     """The directory results are saved under (checked), or None when none was asked for."""
+    from airflow_provider_openai_batch import storage
+
     return None if save_results_to is None else storage.directory(save_results_to, "save_results_to")
 
 
