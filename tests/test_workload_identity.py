@@ -25,7 +25,7 @@ import pytest
 from airflow_provider_openai_batch.exceptions import OpenAIBatchAuthenticationError
 from airflow_provider_openai_batch.hooks import _tokens
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
-from airflow_provider_openai_batch.testing import BatchAPIEmulator, Fault
+from airflow_provider_openai_batch.testing import BatchAPIEmulator, EmulatorControl, Fault
 from airflow_provider_openai_batch.triggers.openai_batch import OpenAIMultiBatchCancellationTrigger
 from tests._guards import (  # noqa: F401 - fixtures: guard and fast_backoff are autouse
     EXTRA_SECRETS,
@@ -248,14 +248,17 @@ def test_the_metadata_servers_default_to_the_platforms_own(
 def test_the_token_is_shared_and_refreshed_before_it_expires(
     emulator: BatchAPIEmulator, connect: Callable[..., None]
 ) -> None:
-    """Lifetime 1.2 s: refreshed at 1.2 - min(1200, 0.6) = 0.6 s, by sync and async hooks alike."""
-    emulator.token_exchange.lifetime = 1.2
+    """Lifetime 3 s with the default buffer: refreshed at 3 - min(1200, 3 / 2) = 1.5 s, by sync and async hooks
+    alike, all using the one token until then."""
+    emulator.token_exchange.lifetime = 3.0
     connect()
     batch_id = emulator.add_batch()["id"]
+    started = time.monotonic()
     for path in ("sync", "async", "sync", "async"):
         get_batch(path, batch_id)
+    assert time.monotonic() - started < 1.5, "too slow a machine for this test's timing"
     assert len(emulator.token_exchange.exchanges) == 1
-    time.sleep(0.7)
+    time.sleep(1.6 - (time.monotonic() - started))
     get_batch("async", batch_id)
     get_batch("sync", batch_id)
     assert len(emulator.token_exchange.exchanges) == 2
@@ -268,16 +271,17 @@ def test_the_token_is_shared_and_refreshed_before_it_expires(
 def test_refresh_buffer_seconds_sets_when_the_token_is_refreshed(
     emulator: BatchAPIEmulator, connect: Callable[..., None]
 ) -> None:
-    """Lifetime 100 s, buffer 99.5 s: min(99.5, 50) = 50, so refreshed at 50 s; buffer 99.99 of a 100 s token
-    is capped the same way, and a 0.2 s buffer on a 0.6 s token refreshes at 0.4 s."""
-    emulator.token_exchange.lifetime = 0.6
-    connect(refresh_buffer_seconds="0.2")
+    """Lifetime 2 s, buffer 0.4 s: refreshed at 1.6 s (not at 1 s, as half the lifetime would be)."""
+    emulator.token_exchange.lifetime = 2.0
+    connect(refresh_buffer_seconds="0.4")
     batch_id = emulator.add_batch()["id"]
+    started = time.monotonic()
     get_batch("sync", batch_id)
-    time.sleep(0.25)
+    time.sleep(1.2 - (time.monotonic() - started))
     get_batch("sync", batch_id)
-    assert len(emulator.token_exchange.exchanges) == 1  # 0.25 s < 0.4 s
-    time.sleep(0.2)
+    assert time.monotonic() - started < 1.6, "too slow a machine for this test's timing"
+    assert len(emulator.token_exchange.exchanges) == 1
+    time.sleep(1.7 - (time.monotonic() - started))
     get_batch("sync", batch_id)
     assert len(emulator.token_exchange.exchanges) == 2
 
@@ -488,3 +492,49 @@ def test_subject_and_access_tokens_are_masked_and_kept_out_of_reprs(
     guard.check(repr(hook.settings), "the settings' repr")
     guard.check(repr(_tokens.cache_for(hook.settings.workload_identity)), "the token cache's repr")  # type: ignore[arg-type]
     guard.check(repr(_tokens.cache_for(hook.settings.workload_identity).token), "the token's repr")  # type: ignore[arg-type]
+
+
+# -- the emulator's token exchange -------------------------------------------------------------------------------
+
+
+def test_issued_tokens_open_every_endpoint(emulator: BatchAPIEmulator, connect: Callable[..., None]) -> None:
+    connect()
+    batch = emulator.add_batch(status="completed", completed=2, failed=0)
+    with OpenAIBatchHook() as hook:
+        assert [b.id for b in hook.list_batches()] == [batch["id"]]
+        assert hook.get_file(batch["output_file_id"]).id == batch["output_file_id"]
+        assert b"".join(hook.iter_file_content(batch["output_file_id"]))
+        other = emulator.add_batch()["id"]
+        assert hook.cancel_batch(other).status == "cancelling"
+    assert {r.status for r in emulator.requests} == {200}
+    assert len(emulator.token_exchange.exchanges) == 1
+
+
+def test_the_emulator_refuses_an_expired_token_and_a_bad_exchange(emulator: BatchAPIEmulator) -> None:
+    import httpx
+
+    exchange = {
+        "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+        "subject_token": SUBJECT,
+        "subject_token_type": JWT,
+        **IDS,
+    }
+    emulator.token_exchange.lifetime = 0.05
+    with httpx.Client() as client:
+        issued = client.post(emulator.token_exchange_url, json=exchange).json()
+        assert issued["expires_in"] == 0.05
+        url = f"{emulator.base_url}/batches"
+        headers = {"Authorization": f"Bearer {issued['access_token']}"}
+        assert client.get(url, headers=headers).status_code == 200
+        time.sleep(0.06)
+        expired = client.get(url, headers=headers)
+        assert (expired.status_code, expired.json()["error"]["code"]) == (401, "token_expired")
+        refused = client.post(emulator.token_exchange_url, json={**exchange, "grant_type": "password"})
+        assert (refused.status_code, refused.json()["error"]) == (400, "unsupported_grant_type")
+        unverified = client.post(emulator.token_exchange_url, json={**exchange, "service_account_id": ""})
+        assert unverified.json() == {
+            "error": "invalid_request",
+            "error_description": "Missing service_account_id.",
+        }
+    control = EmulatorControl(emulator.base_url).token_exchanges()
+    assert [(e["status"], e["subject_token"]) for e in control] == [(200, None), (400, None), (400, None)]

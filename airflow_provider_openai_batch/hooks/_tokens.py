@@ -299,8 +299,6 @@ class TokenCache:
 
     identity: WorkloadIdentity
     token: Token | None = field(default=None, repr=False)
-    #: Exchanges started by this process for the identity (for tests and diagnostics).
-    exchanges: int = 0
 
     def __post_init__(self) -> None:
         self._sync_refresh = threading.Lock()
@@ -328,7 +326,6 @@ class TokenCache:
         try:
             if (value := self.current(refreshing=False)) is not None:
                 return value  # another thread refreshed it meanwhile
-            self.exchanges += 1
             token, subject = run_sync(exchange_flow(self.identity, policy), send)
             mask_secret(subject)
             mask_secret(token.value)
@@ -356,8 +353,12 @@ class TokenCache:
     async def _arefresh(
         self, send: Callable[[httpx.Request], Awaitable[httpx.Response]], policy: RetryPolicy
     ) -> Token:
-        self.exchanges += 1
-        token, subject = await run_async(exchange_flow(self.identity, policy), send)
+        try:
+            token, subject = await run_async(exchange_flow(self.identity, policy), send)
+        except RuntimeError as error:
+            # The client it went through was closed meanwhile (its last hook left): for the waiters of other
+            # hooks, a transient failure like a dropped connection, and the next request exchanges anew.
+            raise OpenAIBatchConnectionError(f"The token exchange was interrupted: {error}") from error
         await amask_secret(subject)
         await amask_secret(token.value)
         self.token = token

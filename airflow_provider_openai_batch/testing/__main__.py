@@ -25,6 +25,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", choices=["demo"], help="seed a small demo set of batches")
     parser.add_argument("--cancel-after-polls", type=int, default=2, help="GETs until a cancel completes")
     parser.add_argument("--cancel-after-seconds", type=float, help="or seconds until a cancel completes")
+    parser.add_argument(
+        "--token-lifetime", type=float, default=3600.0, help="seconds a workload identity token lasts"
+    )
     args = parser.parse_args(argv)
 
     stop = threading.Event()
@@ -37,6 +40,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         cancel_after_polls=args.cancel_after_polls,
         cancel_after_seconds=args.cancel_after_seconds,
     )
+    emulator.token_exchange.lifetime = args.token_lifetime
     with emulator:
         if args.seed == "demo":
             seed_demo(emulator)

@@ -8,6 +8,7 @@ expire, after ``lifetime`` seconds; an expired one gets a 401. Every exchange is
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 import threading
@@ -19,6 +20,9 @@ from airflow_provider_openai_batch.testing._http import Response
 from airflow_provider_openai_batch.testing._wire import error, json_response
 
 TOKEN_PATH = "/oauth/token"
+#: ``GET`` lists the exchanges (without their subject tokens), for tests whose clients run in other processes.
+CONTROL_PATH = "/_emulator/token_exchanges"
+PATHS = frozenset({TOKEN_PATH, CONTROL_PATH})
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
 SUBJECT_TOKEN_TYPES = frozenset(
     {"urn:ietf:params:oauth:token-type:jwt", "urn:ietf:params:oauth:token-type:id_token"}
@@ -75,8 +79,13 @@ class TokenExchange:
         with self._lock:
             self._issued = dict.fromkeys(self._issued, float("-inf"))
 
-    def respond(self, method: str, body: bytes) -> Response | None:
-        """Answer one request to :data:`TOKEN_PATH`; ``None`` drops the connection."""
+    def respond(self, method: str, path: str, body: bytes) -> Response | None:
+        """Answer one request to :data:`TOKEN_PATH` (``None`` drops the connection) or :data:`CONTROL_PATH`."""
+        if path == CONTROL_PATH:
+            described = [
+                dataclasses.asdict(exchange) | {"subject_token": None} for exchange in self.exchanges
+            ]
+            return json_response(200, described)
         try:
             request: Any = json.loads(body or b"null")
         except ValueError:

@@ -35,7 +35,7 @@ from airflow_provider_openai_batch.testing._files import (
     stored_file,
 )
 from airflow_provider_openai_batch.testing._http import THREAD_NAME, Response, Server
-from airflow_provider_openai_batch.testing._token_exchange import TOKEN_PATH, TokenExchange
+from airflow_provider_openai_batch.testing._token_exchange import PATHS, TOKEN_PATH, TokenExchange
 from airflow_provider_openai_batch.testing._wire import (
     TERMINAL,
     Entry,
@@ -415,8 +415,8 @@ class BatchAPIEmulator:
         """Answer one HTTP request, on its connection's thread; None drops the connection."""
         url = urlsplit(target)
         segments = [unquote(part) for part in url.path.split("/")[1:]]
-        if url.path == TOKEN_PATH:
-            return self.token_exchange.respond(method, body)
+        if url.path in PATHS:
+            return self.token_exchange.respond(method, url.path, body)
         if segments[:1] == ["_emulator"]:
             return self._control(method, segments[1:], body)
         query = dict(parse_qsl(url.query, keep_blank_values=True))
@@ -703,6 +703,10 @@ class EmulatorControl:
 
     def remove_file(self, file_id: str) -> None:
         self._call("DELETE", f"/files/{quote(file_id, safe='')}")
+
+    def token_exchanges(self) -> list[dict[str, Any]]:
+        """Recorded token exchanges as JSON, without their subject tokens."""
+        return self._call("GET", "/token_exchanges")
 
     def _call(self, method: str, path: str, payload: dict[str, Any] | None = None) -> Any:
         # Plain http on loopback: verify=False spares loading the CA bundle on every call.
