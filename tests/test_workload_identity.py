@@ -36,6 +36,7 @@ from tests._guards import (  # noqa: F401 - fixtures: guard and fast_backoff are
     run_trigger,
 )
 from tests.conftest import FAST_RETRIES
+from tests.test_e2e import dagbag, metadata_db, run_dag  # noqa: F401 - fixtures
 
 SUBJECT = "eyJhbGciOi.k8s-subject-SECRET-7c1e.sig"
 CUSTOM_SUBJECT = "custom-subject-SECRET-93ab"
@@ -538,3 +539,29 @@ def test_the_emulator_refuses_an_expired_token_and_a_bad_exchange(emulator: Batc
         }
     control = EmulatorControl(emulator.base_url).token_exchanges()
     assert [(e["status"], e["subject_token"]) for e in control] == [(200, None), (400, None), (400, None)]
+
+
+# -- a real DAG run ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("dag_id", ["e2e_cancel_deferrable", "e2e_cancel_blocking"])
+def test_a_dag_run_cancels_with_workload_identity(
+    dagbag: Any, emulator: BatchAPIEmulator, connect: Callable[..., None], guard: Guard, dag_id: str
+) -> None:
+    """``dag.test()`` runs the tasks and the trigger in this process: one exchange serves the operator's sync
+    cancel and the trigger's async polls, and no XCom, log file or output line holds a token."""
+    from airflow.configuration import conf
+
+    guard.unix_sockets_allowed = True  # dag.test()'s in-process supervisor keeps a socket pair open
+    connect()
+    batch_id = emulator.add_batch()["id"]
+    state, states, xcoms = run_dag(dagbag, dag_id, {"batch_id": batch_id})
+    assert state == "success", states
+    assert xcoms[("cancel", "status")] == "cancelled"
+    assert len(emulator.token_exchange.exchanges) == 1
+    assert_requests_carry_issued_tokens(emulator)
+    guard.check(xcoms, "an XCom of the DAG run")
+    for path in Path(conf.get("logging", "base_log_folder")).rglob("*"):
+        if path.is_file():
+            guard.check(path.read_text(errors="replace"), f"the log file {path}")
