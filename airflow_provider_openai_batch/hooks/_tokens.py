@@ -45,6 +45,8 @@ GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
 REQUEST_TIMEOUT = httpx.Timeout(10.0).as_dict()
 #: Refused exchanges quote the server's error text up to this length.
 MAX_ERROR_TEXT = 500
+#: What sending a request may raise instead of answering: retried like a dropped connection.
+_FAILURES = (httpx.TransportError, httpx.DecodingError)
 
 
 class Sleep(NamedTuple):
@@ -179,12 +181,13 @@ def _fetch(request: httpx.Request, policy: RetryPolicy, what: str) -> Generator[
     """Send ``request`` until it gets a final answer, retrying as any request of the hook is retried."""
     attempts = policy.attempts(patient=False, now=time.monotonic())
     while True:
-        outcome: httpx.Response | httpx.TransportError = yield request
-        retry = attempts.next_retry(outcome, time.monotonic())
+        outcome: httpx.Response | httpx.TransportError | httpx.DecodingError = yield request
+        # A DecodingError (an answer that cannot be read) is retried as a dropped connection is.
+        retry = attempts.next_retry(outcome, time.monotonic())  # type: ignore[arg-type]
         if retry is None:
             break
         yield Sleep(retry.delay)
-    if isinstance(outcome, httpx.TransportError):
+    if not isinstance(outcome, httpx.Response):
         detail = f"{type(outcome).__name__} ({outcome})" if str(outcome) else type(outcome).__name__
         raise OpenAIBatchConnectionError(f"No response from {what} at {_shown(request.url)}: {detail}.")
     return outcome
@@ -263,7 +266,7 @@ def run_sync(flow: Flow, send: Callable[[httpx.Request], httpx.Response]) -> tup
             else:
                 try:
                     reply = send(step)
-                except httpx.TransportError as error:
+                except _FAILURES as error:
                     reply = error
 
 
@@ -286,7 +289,7 @@ async def run_async(
             else:
                 try:
                     reply = await send(step)
-                except httpx.TransportError as error:
+                except _FAILURES as error:
                     reply = error
 
 
