@@ -149,7 +149,7 @@ def assert_no_key(value: Any, where: str) -> None:
         if marker in text:
             at = text.index(marker)
             raise AssertionError(
-                f"The API key leaked into {where}: ...{text[max(0, at - 200) : at + 60]!r}..."
+                f"The API key (or a token standing for it) leaked into {where}: ...{text[max(0, at - 200) : at + 60]!r}..."
             )
 
 
