@@ -22,7 +22,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 
-from airflow_provider_openai_batch.exceptions import OpenAIBatchAuthenticationError
+from airflow_provider_openai_batch.exceptions import OpenAIBatchAuthenticationError, OpenAIBatchError
 from airflow_provider_openai_batch.hooks import _tokens
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
 from airflow_provider_openai_batch.testing import BatchAPIEmulator, EmulatorControl, Fault
@@ -92,7 +92,7 @@ def connect(
 class FakeMetadata:
     """A metadata server (Azure IMDS or GCP) on loopback, recording what it was asked."""
 
-    def __init__(self, body: bytes, content_type: str) -> None:
+    def __init__(self, body: bytes, content_type: str, status: int = 200) -> None:
         self.requests: list[dict[str, Any]] = []
         fake = self
 
@@ -102,11 +102,13 @@ class FakeMetadata:
                 fake.requests.append(
                     {"path": url.path, "query": dict(parse_qsl(url.query)), "headers": dict(self.headers)}
                 )
-                self.send_response(200)
+                self.send_response(status)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+
+            do_POST = do_GET
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -453,6 +455,54 @@ def test_a_transient_exchange_failure_is_retried(
     emulator.token_exchange.fail(0)  # dropped without an answer
     assert get_batch(path, emulator.add_batch()["id"], retry_policy=FAST_RETRIES) == "in_progress"
     assert [exchange.status for exchange in emulator.token_exchange.exchanges] == [503, 0, 200]
+
+
+ANSWERS = {
+    "token_not_sendable": (
+        200,
+        {"access_token": "two words", "expires_in": 60},
+        "without a valid access_token",
+    ),
+    "no_token": (200, {"expires_in": 60}, "without a valid access_token"),
+    "lifetime_as_text": (200, {"access_token": "t", "expires_in": "60"}, "without a valid expires_in"),
+    "no_lifetime": (200, {"access_token": "t"}, "without a valid expires_in"),
+    "not_json": (200, "<html>", "without a valid access_token"),
+    "forbidden_as_text": (403, "denied by policy", r"\(HTTP 403\): denied by policy"),
+    "not_found": (404, {"error": "not_found"}, "failed with HTTP 404"),
+}
+
+
+@pytest.mark.parametrize("path", ["sync", "async"])
+@pytest.mark.parametrize("answer", ANSWERS)
+def test_an_exchange_answer_that_cannot_be_used_fails_before_any_api_request(
+    emulator: BatchAPIEmulator, connect: Callable[..., None], guard: Guard, path: str, answer: str
+) -> None:
+    status, body, message = ANSWERS[answer]
+    raw = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+    fake = FakeMetadata(raw, "text/plain" if isinstance(body, str) else "application/json", status)
+    try:
+        connect(token_exchange_url=fake.url)
+        with guard.raises(OpenAIBatchError, match=message):
+            get_batch(path, "batch_1", retry_policy=FAST_RETRIES)
+    finally:
+        fake.close()
+    assert len(fake.requests) == 1
+    assert emulator.requests == []
+
+
+@pytest.mark.parametrize("path", ["sync", "async"])
+def test_a_metadata_server_refusal_is_an_authentication_error(
+    emulator: BatchAPIEmulator, connect: Callable[..., None], guard: Guard, path: str
+) -> None:
+    fake = FakeMetadata(b'{"error": "invalid_request"}', "application/json", 400)
+    try:
+        connect(workload_identity_provider="azure", metadata_url=fake.url)
+        with guard.raises(OpenAIBatchAuthenticationError, match="Azure IMDS answered HTTP 400"):
+            get_batch(path, "batch_1", retry_policy=FAST_RETRIES)
+    finally:
+        fake.close()
+    assert emulator.token_exchange.exchanges == []
+    assert emulator.requests == []
 
 
 def test_a_wait_whose_exchange_is_rejected_ends_with_error_at_once(
