@@ -617,3 +617,15 @@ def test_a_dag_run_cancels_with_workload_identity(
     for path in Path(conf.get("logging", "base_log_folder")).rglob("*"):
         if path.is_file():
             guard.check(path.read_text(errors="replace"), f"the log file {path}")
+
+
+def test_an_exchange_over_plain_http_to_another_host_is_warned_about(
+    connect: Callable[..., None], caplog: pytest.LogCaptureFixture
+) -> None:
+    connect(token_exchange_url="http://auth.example.com/oauth/token")
+    _ = OpenAIBatchHook().settings
+    assert "identity token in clear text over http:// to auth.example.com" in caplog.text
+    caplog.clear()
+    connect()  # the emulator, on loopback
+    _ = OpenAIBatchHook().settings
+    assert "clear text" not in caplog.text

@@ -348,7 +348,15 @@ class _Reader:
         if auth_type is None or auth_type == "api_key":
             return None
         if auth_type == "workload_identity":
-            return _workload_identity.read(self)
+            identity = _workload_identity.read(self)
+            url = httpx.URL(identity.token_exchange_url)
+            if url.scheme == "http" and not _is_loopback(url.host):
+                log.warning(
+                    "Connection '%s' sends its identity token in clear text over http:// to %s; use https://.",
+                    self.conn_id,
+                    url.host,
+                )
+            return identity
         raise self.fail(field_name, f"must be one of {', '.join(map(repr, AUTH_TYPES))}, not {auth_type!r}.")
 
     def mapping(self, name: str, *, header: bool) -> tuple[tuple[str, str], ...]:
