@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import httpx
 
 from airflow_provider_openai_batch.hooks import _workload_identity
-from airflow_provider_openai_batch.hooks._workload_identity import WorkloadIdentity
+from airflow_provider_openai_batch.hooks._workload_identity import AUTH_TYPES, WorkloadIdentity
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Connection
@@ -54,8 +54,6 @@ CLIENT_KWARGS_READ = frozenset(
 #: Keys accepted and not used: they configure what this provider never calls (webhook signature checks, the
 #: Realtime API's websocket), so a connection shared with the official provider keeps working here.
 CLIENT_KWARGS_NOT_APPLICABLE = frozenset({"webhook_secret", "websocket_base_url"})
-#: ``auth_type`` values of the official provider.
-AUTH_TYPES = ("api_key", "workload_identity")
 #: Headers that carry a credential: set by the key, never by ``default_headers`` (which is neither masked nor
 #: checked as a secret).
 _CREDENTIAL_HEADERS = frozenset({"authorization", "api-key"})

@@ -12,12 +12,12 @@ from __future__ import annotations
 from typing import Any
 
 from airflow_provider_openai_batch.hooks._connection import (
-    AUTH_TYPES,
     DEFAULT_BASE_URL,
     DEFAULT_MAX_RETRIES,
     DEFAULT_TIMEOUT,
 )
 from airflow_provider_openai_batch.hooks._workload_identity import (
+    AUTH_TYPES,
     DEFAULT_TOKEN_EXCHANGE_URL,
     KUBERNETES_TOKEN_FILE,
     SOURCES,

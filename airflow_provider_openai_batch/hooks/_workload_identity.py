@@ -5,6 +5,8 @@ With ``auth_type: workload_identity`` no API key exists: a short-lived identity 
 Kubernetes service account token, an Azure managed identity token, a GCP identity token, or one a callable of
 yours returns) is exchanged for a short-lived API access token (RFC 8693), as the ``openai`` SDK does it in
 ``openai/auth/_workload.py``. This module only reads and checks the settings; ``_tokens`` does the exchange.
+It imports only the standard library: the connection form, which every Airflow process reads at start-up, quotes
+its defaults.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-
-import httpx
+from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
     from airflow_provider_openai_batch.hooks._connection import _Reader
 
+#: ``auth_type`` values of the official provider.
+AUTH_TYPES = ("api_key", "workload_identity")
 DEFAULT_TOKEN_EXCHANGE_URL = "https://auth.openai.com/oauth/token"
 DEFAULT_REFRESH_BUFFER_SECONDS = 1200.0
 KUBERNETES_TOKEN_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/token"
@@ -141,9 +144,10 @@ def _url(reader: _Reader, name: str) -> str | None:
     if value is None:
         return None
     try:
-        url = httpx.URL(value.strip())
-    except httpx.InvalidURL as error:
+        url = urlsplit(value.strip())
+        url.port  # noqa: B018 - parsed when read: an invalid port raises here
+    except ValueError as error:
         raise reader.fail(name, f"is not a valid URL: {error}.") from None
-    if url.scheme not in ("http", "https") or not url.host or url.userinfo:
+    if url.scheme not in ("http", "https") or not url.hostname or "@" in url.netloc or not value.isascii():
         raise reader.fail(name, f"must be an absolute http(s) URL without credentials, got {value!r}.")
-    return str(url)
+    return url.geturl()
