@@ -415,7 +415,7 @@ class OpenAIBatchHook(BaseHook):
         self,
         tokens: _tokens.TokenCache | None,
         token: str,
-        outcome: httpx.Response | httpx.TransportError,
+        outcome: httpx.Response | Exception,
     ) -> bool:
         """Whether the API refused (401) a workload identity token that was valid when sent: then it is
         dropped, and the request is sent again, once, with a new one (the token may have been revoked, or the
