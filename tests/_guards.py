@@ -24,7 +24,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +47,18 @@ T = TypeVar("T")
 
 #: The whole key, and its distinctive middle, which any copy of the key (even cut or re-prefixed) contains.
 KEY_MARKERS = (FAKE_API_KEY, FAKE_API_KEY[3:-4])
+#: Secrets standing for the key that a test adds (workload identity's subject and access tokens): strings, or
+#: callables returning the tokens issued so far. Looked for like the key; emptied after each test.
+EXTRA_SECRETS: list[str | Callable[[], Iterable[str]]] = []
+
+
+def secret_markers() -> list[str]:
+    markers = list(KEY_MARKERS)
+    for secret in EXTRA_SECRETS:
+        markers.extend([secret] if isinstance(secret, str) else secret())
+    return markers
+
+
 #: How long async code may run before the test calls it hung.
 ASYNC_TIMEOUT = 20.0
 
@@ -133,11 +145,11 @@ def text_of(value: Any) -> str:
 
 def assert_no_key(value: Any, where: str) -> None:
     text = text_of(value)
-    for marker in KEY_MARKERS:
+    for marker in secret_markers():
         if marker in text:
             at = text.index(marker)
             raise AssertionError(
-                f"The API key leaked into {where}: ...{text[max(0, at - 200) : at + 60]!r}..."
+                f"The API key (or a token standing for it) leaked into {where}: ...{text[max(0, at - 200) : at + 60]!r}..."
             )
 
 
@@ -272,7 +284,10 @@ def guard(
     checks = Guard(caplog, capfd)
     yield checks
     emulators = [value for value in request.node.funcargs.values() if isinstance(value, BatchAPIEmulator)]
-    checks.finish(emulators + checks.emulators)
+    try:
+        checks.finish(emulators + checks.emulators)
+    finally:
+        EXTRA_SECRETS.clear()
 
 
 def fast_policy(max_retries: int = 3) -> RetryPolicy:

@@ -10,6 +10,7 @@ and async, for both connection types. If either provider changes how it reads a 
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +19,8 @@ import pytest
 from airflow.providers.openai.hooks.openai import OpenAIHook
 from openai._models import FinalRequestOptions
 
+from airflow_provider_openai_batch.hooks import _tokens
+from airflow_provider_openai_batch.hooks._workload_identity import SUBJECT_TOKEN_TYPES
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
 from airflow_provider_openai_batch.testing import BatchAPIEmulator
 from tests.conftest import FAKE_API_KEY
@@ -250,3 +253,79 @@ def test_a_shared_connection_cancels_on_the_api_the_official_hook_uses(
         assert request.headers["authorization"] == f"Bearer {FAKE_API_KEY}"
         assert request.headers["x-gateway-route"] == "batch"
         assert request.query == {"tenant": "t1"}
+
+
+# -- workload identity -------------------------------------------------------------------------------------------
+
+WI_IDS = {"auth_type": "workload_identity", "identity_provider_id": "idp_1", "service_account_id": "sa_1"}
+#: Workload identity connections: the extras of each token source, with and without their optional keys.
+WI_SHAPES: dict[str, dict[str, Any]] = {
+    "kubernetes": {"workload_identity_provider": "kubernetes"},
+    "kubernetes_with_buffer": {"workload_identity_provider": "kubernetes", "refresh_buffer_seconds": 300},
+    "custom_jwt": {"workload_identity_provider": "custom", "token_provider": f"{__name__}.subject_token"},
+    "custom_id": {
+        "workload_identity_provider": "custom",
+        "token_provider": f"{__name__}.subject_token",
+        "token_type": "id",
+    },
+    "azure": {"workload_identity_provider": "azure"},
+    "azure_user_assigned": {
+        "workload_identity_provider": "azure",
+        "client_id": "mi-1",
+        "object_id": "obj-1",
+        "msi_res_id": "/subscriptions/x/mi",
+        "resource": "api://openai",
+        "api_version": "2019-08-01",
+    },
+    "gcp": {"workload_identity_provider": "gcp"},
+    "gcp_audience": {"workload_identity_provider": "gcp", "audience": "https://gateway.example/v1"},
+}
+SUBJECT_TOKEN = "subject-token-parity"
+
+
+def subject_token() -> str:
+    return SUBJECT_TOKEN
+
+
+@pytest.mark.parametrize("path", ["sync", "async"])
+@pytest.mark.parametrize("shape", WI_SHAPES)
+def test_a_workload_identity_connection_resolves_as_the_official_hook_resolves_it(
+    set_connection: Callable[..., None], tmp_path: Any, shape: str, path: str
+) -> None:
+    """The same API, headers and identity; the same subject token where it can be read here (a file, a
+    callable), and the same metadata request parameters where it cannot (the official provider's get_token
+    would call the real metadata servers)."""
+    token_file = tmp_path / "token"
+    token_file.write_text(SUBJECT_TOKEN)
+    extra = {**WI_IDS, **WI_SHAPES[shape], "openai_client_kwargs": {"default_headers": {"X-Team": "a"}}}
+    if shape.startswith("kubernetes"):
+        extra["token_file_path"] = str(token_file)
+    set_connection(conn_type="openai", host="https://gateway.example/v1", extra=extra)
+    here, there = ours(path), official(path)
+    assert there["headers"].pop("authorization") == "Bearer workload-identity-auth"  # the SDK's placeholder
+    here["timeout"] = there["timeout"] = here["max_retries"] = there["max_retries"] = None
+    assert here == there
+
+    identity = OpenAIBatchHook().settings.workload_identity
+    official_identity = OpenAIHook()._build_workload_identity(extra)
+    assert identity is not None
+    assert (identity.identity_provider_id, identity.service_account_id) == (
+        official_identity["identity_provider_id"],
+        official_identity["service_account_id"],
+    )
+    assert identity.refresh_buffer_seconds == official_identity.get("refresh_buffer_seconds", 1200)
+    provider = official_identity["provider"]
+    assert identity.subject_token_type == SUBJECT_TOKEN_TYPES[provider["token_type"]]
+    if identity.source == "kubernetes":
+        assert _tokens.read_token_file(identity.token_file_path) == provider["get_token"]() == SUBJECT_TOKEN
+    elif identity.source == "custom":
+        assert _tokens.call_token_provider(identity) == provider["get_token"]() == SUBJECT_TOKEN
+    else:
+        captured = inspect.getclosurevars(provider["get_token"]).nonlocals
+        official_query = (
+            {"audience": captured["audience"]}
+            if identity.source == "gcp"
+            else {"api-version": captured["api_version"], "resource": captured["resource"]}
+            | {name: captured[name] for name in ("object_id", "client_id", "msi_res_id") if captured[name]}
+        )
+        assert dict(identity.metadata_params) == official_query

@@ -127,6 +127,8 @@ def samples(schema: dict[str, Any]) -> tuple[list[Any], list[Any]]:
     just past its bounds, which it refuses."""
     if "enum" in schema:
         return [schema["enum"][-1]], [f"not-{schema['enum'][-1]}"]
+    if "examples" in schema:
+        return schema["examples"][:1], []
     if "exclusiveMinimum" in schema:
         bound = schema["exclusiveMinimum"]
         return [bound + 7, bound + (1 if "integer" in schema["type"] else 0.001)], [bound]
@@ -135,26 +137,48 @@ def samples(schema: dict[str, Any]) -> tuple[list[Any], list[Any]]:
     return ["value-7"], []
 
 
+#: A workload identity connection, less its ``auth_type``.
+IDENTITY = {
+    "identity_provider_id": "idp_1",
+    "service_account_id": "sa_1",
+    "workload_identity_provider": "kubernetes",
+}
+
+
+def base_extra(name: str) -> dict[str, Any]:
+    """The extras an extra of the form is tried with: a workload identity field in a workload identity
+    connection (with a custom source for the custom source's fields), ``auth_type`` in one without it."""
+    workload_identity = {**IDENTITY, "auth_type": "workload_identity"}
+    if name == "auth_type":
+        return IDENTITY
+    if name in ("token_provider", "token_type"):
+        return {**workload_identity, "workload_identity_provider": "custom", "token_provider": "pkg.get"}
+    if name in (*IDENTITY, "token_file_path", "refresh_buffer_seconds", "token_exchange_url"):
+        return workload_identity
+    return {}
+
+
 def test_every_form_extra_is_a_json_schema_and_is_read_by_the_hook(
     set_connection: Callable[..., None],
 ) -> None:
     """Each extra the connection form offers changes what the hook does, and the hook accepts exactly what the
     form's schema accepts, up to its bounds: what the schema refuses, the hook refuses too, before any
     request."""
-    set_connection(password=FAKE_API_KEY)
-    defaults = OpenAIBatchHook().settings
     for name, field in discovered_connection_type()["conn-fields"].items():
         schema = field["schema"]
         jsonschema.Draft202012Validator.check_schema(schema)
         accepted, refused = samples(schema)
+        base = base_extra(name)
+        set_connection(password=FAKE_API_KEY, extra=base)
+        defaults = OpenAIBatchHook().settings
         for value in accepted:
             jsonschema.validate(value, schema)
-            set_connection(password=FAKE_API_KEY, extra={name: value})
+            set_connection(password=FAKE_API_KEY, extra={**base, name: value})
             assert OpenAIBatchHook().settings != defaults, f"extra {name}={value!r} changes nothing"
         for value in refused:
             with pytest.raises(jsonschema.ValidationError):
                 jsonschema.validate(value, schema)
-            set_connection(password=FAKE_API_KEY, extra={name: value})
+            set_connection(password=FAKE_API_KEY, extra={**base, name: value})
             with pytest.raises(ValueError, match=name):
                 _ = OpenAIBatchHook().settings
 

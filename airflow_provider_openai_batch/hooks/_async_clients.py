@@ -77,7 +77,7 @@ async def acquire(settings: ConnectionSettings) -> SharedAsyncClient:
     if shared is None:
         transport = _transport_for(settings)
         client = httpx.AsyncClient(**settings.client_kwargs(), transport=transport)
-        governor = governor_for(settings.base_url, settings.api_key)
+        governor = governor_for(settings.base_url, settings.rate_key)
         shared = per_loop[settings] = SharedAsyncClient(client, transport, governor)
     shared.users += 1
     return shared

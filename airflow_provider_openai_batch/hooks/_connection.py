@@ -16,11 +16,13 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 import httpx
 
+from airflow_provider_openai_batch.hooks import _workload_identity
 from airflow_provider_openai_batch.hooks._defaults import (
     DEFAULT_BASE_URL,
     DEFAULT_MAX_RETRIES,
     DEFAULT_TIMEOUT,
 )
+from airflow_provider_openai_batch.hooks._workload_identity import AUTH_TYPES, WorkloadIdentity
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Connection
@@ -54,8 +56,6 @@ CLIENT_KWARGS_READ = frozenset(
 #: Keys accepted and not used: they configure what this provider never calls (webhook signature checks, the
 #: Realtime API's websocket), so a connection shared with the official provider keeps working here.
 CLIENT_KWARGS_NOT_APPLICABLE = frozenset({"webhook_secret", "websocket_base_url"})
-#: ``auth_type`` values of the official provider.
-AUTH_TYPES = ("api_key", "workload_identity")
 #: Headers that carry a credential: set by the key, never by ``default_headers`` (which is neither masked nor
 #: checked as a secret).
 _CREDENTIAL_HEADERS = frozenset({"authorization", "api-key"})
@@ -82,6 +82,9 @@ class ConnectionSettings:
     #: ``openai_client_kwargs.default_headers`` and ``default_query``, as pairs so that settings stay hashable.
     default_headers: tuple[tuple[str, str], ...] = ()
     default_query: tuple[tuple[str, str], ...] = ()
+    #: Set with ``auth_type: workload_identity``: then ``api_key`` is empty and each request carries the
+    #: identity's access token (``_tokens``).
+    workload_identity: WorkloadIdentity | None = None
 
     @classmethod
     def from_connection(cls, conn: Connection, extras: dict[str, Any] | None) -> ConnectionSettings:
@@ -92,13 +95,12 @@ class ConnectionSettings:
         """
         conn_id = conn.conn_id
         read = _Reader(conn_id, extras)
-        read.auth_type()
-        api_key = read.api_key(conn.password)
+        identity = read.auth_type()
+        api_key = "" if identity else read.api_key(conn.password)
         api_type = read.text("api_type") or "openai"
-        if api_type.lower() not in ("openai", "azure"):
-            raise ValueError(
-                f"Connection '{conn_id}': extra 'api_type' must be 'openai' or 'azure', not {api_type!r}."
-            )
+        if api_type.lower() not in ("openai", "azure") or (identity and api_type.lower() != "openai"):
+            allowed = "'openai' with workload identity" if identity else "'openai' or 'azure'"
+            raise ValueError(f"Connection '{conn_id}': extra 'api_type' must be {allowed}, not {api_type!r}.")
         return cls(
             conn_id=conn_id,
             api_key=api_key,
@@ -106,7 +108,8 @@ class ConnectionSettings:
             organization=read.header_value("organization"),
             project=read.header_value("project"),
             api_type=cast(Literal["openai", "azure"], api_type.lower()),
-            api_version=read.text("api_version"),
+            # With workload identity the top-level ``api_version`` is Azure IMDS's, as the official hook reads it.
+            api_version=None if identity else read.text("api_version"),
             timeout=read.number(
                 "timeout", DEFAULT_TIMEOUT, float, minimum=0, maximum=MAX_TIMEOUT, strict=True
             ),
@@ -114,13 +117,24 @@ class ConnectionSettings:
             ca_bundle=read.text("ca_bundle"),
             default_headers=read.mapping("default_headers", header=True),
             default_query=read.mapping("default_query", header=False),
+            workload_identity=identity,
         )
+
+    @property
+    def rate_key(self) -> str:
+        """What the API's rate limit is kept per: the key, or the workload identity."""
+        identity = self.workload_identity
+        if identity is None:
+            return self.api_key
+        return f"workload-identity {identity.identity_provider_id} {identity.service_account_id}"
 
     @property
     def headers(self) -> dict[str, str]:
         """Authentication and scoping headers sent with every request."""
         headers = (
-            {"api-key": self.api_key}
+            {}  # the access token is added to each request
+            if self.workload_identity
+            else {"api-key": self.api_key}
             if self.api_type == "azure"
             else {"Authorization": f"Bearer {self.api_key}"}
         )
@@ -327,13 +341,22 @@ class _Reader:
             raise self.fail(field_name, f"must be at most {maximum:g}, got {raw!r}.")
         return kind(value)
 
-    def auth_type(self) -> None:
-        """``auth_type``, as the official provider reads it: ``api_key`` (the default) or ``workload_identity``."""
+    def auth_type(self) -> WorkloadIdentity | None:
+        """``auth_type``, as the official provider reads it: ``api_key`` (the default) or ``workload_identity``,
+        whose settings are then read."""
         field_name, auth_type = "auth_type", self.extras.get("auth_type")
         if auth_type is None or auth_type == "api_key":
-            return
+            return None
         if auth_type == "workload_identity":
-            raise self.fail(field_name, "'workload_identity' is not supported by this provider yet.")
+            identity = _workload_identity.read(self)
+            url = httpx.URL(identity.token_exchange_url)
+            if url.scheme == "http" and not _is_loopback(url.host):
+                log.warning(
+                    "Connection '%s' sends its identity token in clear text over http:// to %s; use https://.",
+                    self.conn_id,
+                    url.host,
+                )
+            return identity
         raise self.fail(field_name, f"must be one of {', '.join(map(repr, AUTH_TYPES))}, not {auth_type!r}.")
 
     def mapping(self, name: str, *, header: bool) -> tuple[tuple[str, str], ...]:

@@ -16,6 +16,13 @@ from airflow_provider_openai_batch.hooks._defaults import (
     DEFAULT_MAX_RETRIES,
     DEFAULT_TIMEOUT,
 )
+from airflow_provider_openai_batch.hooks._workload_identity import (
+    AUTH_TYPES,
+    DEFAULT_TOKEN_EXCHANGE_URL,
+    KUBERNETES_TOKEN_FILE,
+    SOURCES,
+    SUBJECT_TOKEN_TYPES,
+)
 
 #: The standard fields: the key is the password, the base URL the host; the others mean nothing here.
 FIELD_BEHAVIOUR: dict[str, Any] = {
@@ -55,6 +62,54 @@ EXTRA_FIELDS: dict[str, dict[str, Any]] = {
         "label": "Max retries",
         "schema": {"type": ["integer", "null"], "minimum": 0},
         "description": f"Retries of a request that failed transiently (429, 5xx, network). Default: {DEFAULT_MAX_RETRIES}.",
+    },
+    "auth_type": {
+        "label": "Auth type",
+        "schema": {"type": ["string", "null"], "enum": list(AUTH_TYPES)},
+        "description": "'workload_identity' exchanges the platform's identity token for API access: no API key. "
+        "Empty means 'api_key'.",
+    },
+    "workload_identity_provider": {
+        "label": "Workload identity: token source",
+        # The source needing no other field last: the form test tries the last value alone.
+        "schema": {"type": ["string", "null"], "enum": sorted(SOURCES, key=lambda source: source == "gcp")},
+        "description": "Where the identity token comes from. Azure and GCP options: docs/connections.md.",
+    },
+    "identity_provider_id": {
+        "label": "Workload identity: identity provider id",
+        "schema": {"type": ["string", "null"]},
+        "description": "The identity provider set up in your OpenAI organization.",
+    },
+    "service_account_id": {
+        "label": "Workload identity: service account id",
+        "schema": {"type": ["string", "null"]},
+        "description": "The OpenAI service account the identity acts as.",
+    },
+    "token_file_path": {
+        "label": "Workload identity: token file (kubernetes)",
+        "schema": {"type": ["string", "null"]},
+        "description": f"Empty means {KUBERNETES_TOKEN_FILE}.",
+    },
+    "token_provider": {
+        "label": "Workload identity: token provider (custom)",
+        "schema": {"type": ["string", "null"], "examples": ["my_package.tokens.get_token"]},
+        "description": "Dotted path of a callable returning the identity token.",
+    },
+    "token_type": {
+        "label": "Workload identity: token type (custom)",
+        "schema": {"type": ["string", "null"], "enum": list(SUBJECT_TOKEN_TYPES)},
+        "description": "'jwt' or 'id' (an OpenID Connect ID token). Empty means 'jwt'.",
+    },
+    "refresh_buffer_seconds": {
+        "label": "Workload identity: refresh buffer (seconds)",
+        "schema": {"type": ["number", "null"], "minimum": 0},
+        "description": "Refresh the access token this long before it expires (at most half its lifetime). "
+        "Empty means 1200.",
+    },
+    "token_exchange_url": {
+        "label": "Workload identity: token exchange URL",
+        "schema": {"type": ["string", "null"], "examples": ["https://auth.example.com/oauth/token"]},
+        "description": f"Empty means {DEFAULT_TOKEN_EXCHANGE_URL}.",
     },
 }
 

@@ -21,7 +21,7 @@ from airflow_provider_openai_batch import storage
 from airflow_provider_openai_batch._compat import amask_secret
 from airflow_provider_openai_batch._time import unix_time
 from airflow_provider_openai_batch.exceptions import BatchNotCancellableError, OpenAIBatchError
-from airflow_provider_openai_batch.hooks import _async_clients, _connection_form, _download, _errors
+from airflow_provider_openai_batch.hooks import _async_clients, _connection_form, _download, _errors, _tokens
 from airflow_provider_openai_batch.hooks._connection import ConnectionSettings
 from airflow_provider_openai_batch.hooks._rate import RateGovernor, governor_for
 from airflow_provider_openai_batch.hooks._retry import FAILURES, Attempts, Outcome, RetryPolicy
@@ -94,7 +94,8 @@ class OpenAIBatchHook(BaseHook):
         if self._settings is None:
             conn = self.get_connection(self.conn_id)
             settings = ConnectionSettings.from_connection(conn, conn.extra_dejson)
-            mask_secret(settings.api_key)
+            if settings.api_key:  # none with workload identity: its tokens are masked as they come
+                mask_secret(settings.api_key)
             self._settings = settings
         return self._settings
 
@@ -104,7 +105,8 @@ class OpenAIBatchHook(BaseHook):
             # common-compat picks, per Airflow line, a lookup that cannot block or deadlock the loop.
             conn = await get_async_connection(self.conn_id, hook=self)
             settings = ConnectionSettings.from_connection(conn, await get_async_extra_dejson(conn))
-            await amask_secret(settings.api_key)
+            if settings.api_key:
+                await amask_secret(settings.api_key)
             self._settings = settings
         return self._settings
 
@@ -232,7 +234,7 @@ class OpenAIBatchHook(BaseHook):
 
     @cached_property
     def _governor(self) -> RateGovernor:
-        return governor_for(self.settings.base_url, self.settings.api_key)
+        return governor_for(self.settings.base_url, self.settings.rate_key)
 
     def _send(
         self,
@@ -254,14 +256,22 @@ class OpenAIBatchHook(BaseHook):
         request = self.client.build_request(method, path, params=params, headers=_CONTENT if stream else None)
         send = partial(_sent, self.client, stream=stream)
         attempts = self.retry_policy.attempts(patient=patient, now=time.monotonic())
+        tokens = self._token_cache()
+        credential, renewed = self.settings.api_key, False
         while True:
+            sent = request
+            if tokens is not None:
+                credential = tokens.get_sync(self.client.send, self.retry_policy)
+                sent = _tokens.authorized(request, credential)
             ticket = self._governor.wait_turn_sync()
             try:
-                outcome: Outcome = send(request)
+                outcome: Outcome = send(sent)
             except FAILURES as error:
                 outcome = error
+            if not renewed and (renewed := self._token_refused(tokens, credential, outcome)):
+                continue
             if (delay := self._retry_delay(request, attempts, outcome, self._governor, ticket)) is None:
-                return _errors.successful(outcome, self.settings.api_key, batch_id=batch_id, file_id=file_id)
+                return _errors.successful(outcome, credential, batch_id=batch_id, file_id=file_id)
             time.sleep(delay)
 
     def _content(self, path: str, file_id: str) -> Generator[bytes]:
@@ -367,18 +377,25 @@ class OpenAIBatchHook(BaseHook):
             request = streaming_client.build_request(method, path, params=params, headers=_CONTENT)
             send = partial(_astreamed, streaming_client)
         attempts = self.retry_policy.attempts(patient=patient, now=time.monotonic())
+        tokens = self._token_cache()
+        credential, renewed = (await self.asettings()).api_key, False
         while True:
+            sent = request
+            if tokens is not None:  # outside the gate: the exchange does not hold back the API's requests
+                credential = await tokens.get_async(shared.send, self.retry_policy)
+                sent = _tokens.authorized(request, credential)
             # The turn is taken inside the gate: requests queued behind it have not reserved a start yet, so
             # what the governor learns from the first answers applies to them (a cold burst stays small).
             async with shared.gate:
                 ticket = await shared.governor.wait_turn()
                 try:
-                    outcome: Outcome = await send(request)
+                    outcome: Outcome = await send(sent)
                 except FAILURES as error:
                     outcome = error
+            if not renewed and (renewed := self._token_refused(tokens, credential, outcome)):
+                continue
             if (delay := self._retry_delay(request, attempts, outcome, shared.governor, ticket)) is None:
-                api_key = (await self.asettings()).api_key
-                return _errors.successful(outcome, api_key, batch_id=batch_id, file_id=file_id)
+                return _errors.successful(outcome, credential, batch_id=batch_id, file_id=file_id)
             await asyncio.sleep(delay)
 
     async def _acontent(self, path: str, file_id: str) -> AsyncIterator[bytes]:
@@ -410,6 +427,26 @@ class OpenAIBatchHook(BaseHook):
         return request
 
     # -- shared by both paths ---------------------------------------------------------------------------------
+
+    def _token_cache(self) -> _tokens.TokenCache | None:
+        """The process's tokens of the connection's workload identity; ``None`` with an API key."""
+        identity = self._settings.workload_identity if self._settings else self.settings.workload_identity
+        return None if identity is None else _tokens.cache_for(identity)
+
+    def _token_refused(
+        self,
+        tokens: _tokens.TokenCache | None,
+        token: str,
+        outcome: httpx.Response | Exception,
+    ) -> bool:
+        """Whether the API refused (401) a workload identity token that was valid when sent: then it is
+        dropped, and the request is sent again, once, with a new one (the token may have been revoked, or the
+        clocks disagree on its expiry)."""
+        if tokens is None or not isinstance(outcome, httpx.Response) or outcome.status_code != 401:
+            return False
+        self.log.info("The API refused the workload identity token (HTTP 401); exchanging a new one.")
+        tokens.drop(token)
+        return True
 
     def _retry_delay(
         self,

@@ -34,6 +34,7 @@ processes (an Airflow scheduler, a triggerer), start the emulator with
 :class:`EmulatorControl`.
 """
 
+from airflow_provider_openai_batch.testing._token_exchange import RecordedExchange, TokenExchange
 from airflow_provider_openai_batch.testing.emulator import (
     DEFAULT_API_KEY,
     BatchAPIEmulator,
@@ -43,4 +44,13 @@ from airflow_provider_openai_batch.testing.emulator import (
     seed_demo,
 )
 
-__all__ = ["DEFAULT_API_KEY", "BatchAPIEmulator", "EmulatorControl", "Fault", "RecordedRequest", "seed_demo"]
+__all__ = [
+    "DEFAULT_API_KEY",
+    "BatchAPIEmulator",
+    "EmulatorControl",
+    "Fault",
+    "RecordedExchange",
+    "RecordedRequest",
+    "TokenExchange",
+    "seed_demo",
+]

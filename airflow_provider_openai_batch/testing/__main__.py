@@ -29,6 +29,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--step-after-polls", type=int, default=1, help="GETs per step of a created batch towards completed"
     )
     parser.add_argument("--step-after-seconds", type=float, help="or seconds per step")
+    parser.add_argument(
+        "--token-lifetime", type=float, default=3600.0, help="seconds a workload identity token lasts"
+    )
     args = parser.parse_args(argv)
 
     stop = threading.Event()
@@ -43,6 +46,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         step_after_polls=args.step_after_polls,
         step_after_seconds=args.step_after_seconds,
     )
+    emulator.token_exchange.lifetime = args.token_lifetime
     with emulator:
         if args.seed == "demo":
             seed_demo(emulator)

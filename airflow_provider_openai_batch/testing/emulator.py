@@ -36,6 +36,7 @@ from airflow_provider_openai_batch.testing._files import (
     stored_file,
 )
 from airflow_provider_openai_batch.testing._http import THREAD_NAME, Response, Server
+from airflow_provider_openai_batch.testing._token_exchange import PATHS, TOKEN_PATH, TokenExchange
 from airflow_provider_openai_batch.testing._wire import (
     TERMINAL,
     Entry,
@@ -241,6 +242,8 @@ class BatchAPIEmulator:
         self._stopping = threading.Event()  # cuts "delay" faults short when the server stops
         self._server: Server | None = None
         self._thread: threading.Thread | None = None
+        #: Workload identity's token exchange, served at :attr:`token_exchange_url` (``_token_exchange``).
+        self.token_exchange = TokenExchange()
 
     def __enter__(self) -> Self:
         return self.start()
@@ -280,6 +283,10 @@ class BatchAPIEmulator:
     @property
     def base_url(self) -> str:
         return f"http://{self._address[0]}:{self.port}/v1"
+
+    @property
+    def token_exchange_url(self) -> str:
+        return f"http://{self._address[0]}:{self.port}{TOKEN_PATH}"
 
     def add_batch(
         self,
@@ -447,6 +454,8 @@ class BatchAPIEmulator:
         """Answer one HTTP request, on its connection's thread; None drops the connection."""
         url = urlsplit(target)
         segments = [unquote(part) for part in url.path.split("/")[1:]]
+        if url.path in PATHS:
+            return self.token_exchange.respond(method, url.path, body)
         if segments[:1] == ["_emulator"]:
             return self._control(method, segments[1:], body)
         query = dict(parse_qsl(url.query, keep_blank_values=True))
@@ -512,6 +521,8 @@ class BatchAPIEmulator:
         if segments[:1] != ["v1"]:
             return invalid_url(request.method, request.path), None
         denied = authenticate(self.api_key, request.headers)
+        if denied is not None:
+            denied = self.token_exchange.authenticate(request.headers, denied)
         if denied is not None:
             return denied, None
         try:
@@ -827,6 +838,10 @@ class EmulatorControl:
 
     def remove_file(self, file_id: str) -> None:
         self._call("DELETE", f"/files/{quote(file_id, safe='')}")
+
+    def token_exchanges(self) -> list[dict[str, Any]]:
+        """Recorded token exchanges as JSON, without their subject tokens."""
+        return self._call("GET", "/token_exchanges")
 
     def _call(self, method: str, path: str, payload: dict[str, Any] | None = None) -> Any:
         # Plain http on loopback: verify=False spares loading the CA bundle on every call.
