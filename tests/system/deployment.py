@@ -316,6 +316,10 @@ class Deployment:
         self.processes: dict[str, ManagedProcess] = {}
         self.triggerer_generation = 0
         self.started_at = time.time()
+        #: The Kubernetes service account token of the workload identity connection: a secret, as the key is.
+        self.subject_token = "k8s-subject-SECRET-" + secrets.token_hex(8)
+        self.subject_token_file = home / "serviceaccount-token"
+        self.subject_token_file.write_text(self.subject_token)
         self.env = self._environment()
         self.http = httpx.Client(base_url=self.api_url, timeout=60)
 
@@ -375,6 +379,21 @@ class Deployment:
                 # The OpenAI Batch API: the emulator in the pytest process.
                 "AIRFLOW_CONN_OPENAI_DEFAULT": json.dumps(
                     {"conn_type": "openai_batch", "password": self.api_key, "host": self.emulator.base_url}
+                ),
+                # The same API without a key: workload identity with a Kubernetes token file (scenario 8).
+                "AIRFLOW_CONN_OPENAI_WORKLOAD_IDENTITY": json.dumps(
+                    {
+                        "conn_type": "openai_batch",
+                        "host": self.emulator.base_url,
+                        "extra": {
+                            "auth_type": "workload_identity",
+                            "identity_provider_id": "idp_system",
+                            "service_account_id": "sa_system",
+                            "workload_identity_provider": "kubernetes",
+                            "token_file_path": str(self.subject_token_file),
+                            "token_exchange_url": self.emulator.token_exchange_url,
+                        },
+                    }
                 ),
                 **self._backend_environment(),
             }

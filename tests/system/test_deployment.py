@@ -43,6 +43,11 @@ DEADLINE_DAG = "system_openai_batch_cancel_on_deadline"
 CALLBACK_PATH = "airflow_provider_openai_batch.callbacks.cancel_run_batches"
 CANCEL_ONE_DAG = "system_openai_batch_cancel_one"
 CANCEL_MANY_DAG = "system_openai_batch_cancel_many"
+CANCEL_MANY_WORKLOAD_IDENTITY_DAG = "system_openai_batch_cancel_many_workload_identity"
+#: Seconds a workload identity token lasts in scenario 8: it is refreshed after half, every 10 s.
+TOKEN_LIFETIME = 20.0
+#: Seconds during which scenario 8 counts the token exchanges of a triggerer polling 200 batches.
+TOKEN_WINDOW = 45
 #: A batch the test holds in ``cancelling`` until it calls ``set_status``.
 HOLD = {"cancel_after_polls": 10**9}
 #: The audit-log story of a task that deferred once, was resumed once, and succeeded.
@@ -341,6 +346,83 @@ def test_200_deferred_cancellations_in_one_triggerer(
     assert list(map(str, blocked_overall)) == []
     # Each trigger kept its pace (a poll every 2 s + 0.3 s answer): a saturated loop would starve some.
     assert laggards == [], f"{len(laggards)} triggers polled less than twice in {window:.0f}s"
+
+
+def test_200_deferred_cancellations_with_workload_identity(
+    deployment: Deployment, emulator: BatchAPIEmulator
+) -> None:
+    """Scenario 8: scenario 3's 200 deferred cancellations with a key-less connection (workload identity, a
+    Kubernetes token file) whose tokens expire every 20 s. All succeed, and the triggerer that polls for all 200
+    exchanges its token once per refresh: tokens are shared per process, not taken per trigger.
+    """
+    count = 200
+    prefix = f"batch_wi{int(time.time())}"
+    batch_ids = [held_batch(emulator, batch_id=f"{prefix}_{n:03d}") for n in range(count)]
+    emulator.token_exchange.lifetime = TOKEN_LIFETIME
+    try:
+        run_id = deployment.trigger_dag(CANCEL_MANY_WORKLOAD_IDENTITY_DAG, {"batch_ids": batch_ids})
+        wait_for(
+            lambda: (
+                set(deployment.ti_states(CANCEL_MANY_WORKLOAD_IDENTITY_DAG, run_id, "cancel").values())
+                == {"deferred"}
+            ),
+            timeout=600,
+            interval=2,
+            what=f"{count} cancellations deferred",
+        )
+        wait_for(
+            lambda: all(gets_of(emulator, b) for b in batch_ids), timeout=120, what="every trigger to poll"
+        )
+
+        # The window: nothing runs but the triggerer's 200 waits, each polling every 2 s with a token.
+        window_start = time.monotonic()
+        time.sleep(TOKEN_WINDOW)
+        window_end = time.monotonic()
+        exchanges = [e for e in emulator.token_exchange.exchanges if window_start <= e.at < window_end]
+        polls = [
+            r
+            for r in emulator.requests
+            if window_start <= r.at < window_end and r.path.startswith(f"/v1/batches/{prefix}")
+        ]
+
+        for batch_id in batch_ids:
+            emulator.set_status(batch_id, "cancelled")
+        assert (
+            deployment.wait_for_dag_run(CANCEL_MANY_WORKLOAD_IDENTITY_DAG, run_id, timeout=600) == "success"
+        )
+    finally:
+        emulator.token_exchange.lifetime = 3600.0
+    issued = emulator.token_exchange.issued
+    print(
+        f"\n{count} cancellations with workload identity: {len(polls)} polls and {len(exchanges)} token "
+        f"exchanges in {window_end - window_start:.0f}s of polling; {len(issued)} tokens issued in all."
+    )
+
+    # Key-less: every poll carried an issued token, every one was answered, and each batch got one cancel.
+    assert {r.headers["authorization"].removeprefix("Bearer ") in issued for r in polls} == {True}
+    assert {r.status for r in polls} == {200}
+    assert len(polls) >= 2 * count  # each wait polled at least twice in the window
+    assert {emulator.cancel_count(b) for b in batch_ids} == {1}
+    states = deployment.ti_states(CANCEL_MANY_WORKLOAD_IDENTITY_DAG, run_id, "cancel")
+    assert len(states) == count and set(states.values()) == {"success"}
+    outputs = deployment.query(
+        "SELECT value FROM xcom WHERE dag_id = ? AND run_id = ? AND task_id = 'cancel' AND key = 'output_file_id'",
+        (CANCEL_MANY_WORKLOAD_IDENTITY_DAG, run_id),
+    )
+    assert sorted(json.loads(row["value"]) for row in outputs) == sorted(
+        emulator.batch(b)["output_file_id"] for b in batch_ids
+    )
+    # One token per process, refreshed at half its life: the window spans two lifetimes, so the triggerer
+    # exchanged a few times (not once per trigger, which would be 200 and more).
+    assert 1 <= len(exchanges) <= TOKEN_WINDOW / (TOKEN_LIFETIME / 2) + 2, exchanges
+    assert {(e.identity_provider_id, e.service_account_id, e.subject_token, e.status) for e in exchanges} == {
+        ("idp_system", "sa_system", deployment.subject_token, 200)
+    }
+    # The subject token and the access tokens are secrets, as the key is: in no log, nowhere in the database.
+    database = deployment.db_bytes()
+    for secret in [deployment.subject_token, *issued]:
+        assert secret.encode() not in database
+        assert [str(path) for path in deployment.log_files() if secret.encode() in path.read_bytes()] == []
 
 
 def without_type_tags(value: Any) -> Any:

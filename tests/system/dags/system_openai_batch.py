@@ -72,23 +72,28 @@ with DAG(
 
     cancel_one >> report("{{ ti.xcom_pull(task_ids='cancel', key='output_file_id') }}")
 
-# Many deferred cancellations at once: one mapped task instance per batch id in conf.
-with DAG(
-    "system_openai_batch_cancel_many",
-    schedule=None,
-    catchup=False,
-    default_args=DEFAULT_ARGS,
-    max_active_tasks=256,
-    tags=["system-test"],
+# Many deferred cancellations at once: one mapped task instance per batch id in conf; with the key (scenario 3),
+# and with the workload identity connection (scenario 8).
+for dag_id, conn_id in (
+    ("system_openai_batch_cancel_many", "openai_default"),
+    ("system_openai_batch_cancel_many_workload_identity", "openai_workload_identity"),
 ):
+    with DAG(
+        dag_id,
+        schedule=None,
+        catchup=False,
+        default_args=DEFAULT_ARGS,
+        max_active_tasks=256,
+        tags=["system-test"],
+    ):
 
-    @task
-    def batch_ids(**context: Any) -> list[str]:
-        return list(context["dag_run"].conf["batch_ids"])
+        @task
+        def batch_ids(**context: Any) -> list[str]:
+            return list(context["dag_run"].conf["batch_ids"])
 
-    OpenAICancelBatchOperator.partial(task_id="cancel", deferrable=True, poll_interval=2, timeout=600).expand(
-        batch_id=batch_ids()
-    )
+        OpenAICancelBatchOperator.partial(
+            task_id="cancel", conn_id=conn_id, deferrable=True, poll_interval=2, timeout=600
+        ).expand(batch_id=batch_ids())
 
 # The distributed scenario: many deferred cancellations shared by two triggerers, polls spaced out so that 200
 # waits stay within an API limit of 10 requests/s, and every output file id handed to one downstream task.
