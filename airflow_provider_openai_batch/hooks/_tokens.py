@@ -37,7 +37,7 @@ from airflow_provider_openai_batch.exceptions import (
     OpenAIBatchAuthenticationError,
     OpenAIBatchConnectionError,
 )
-from airflow_provider_openai_batch.hooks._retry import RetryPolicy
+from airflow_provider_openai_batch.hooks._retry import FAILURES, RetryPolicy
 from airflow_provider_openai_batch.hooks._workload_identity import WorkloadIdentity
 
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
@@ -45,8 +45,6 @@ GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
 REQUEST_TIMEOUT = httpx.Timeout(10.0).as_dict()
 #: Refused exchanges quote the server's error text up to this length.
 MAX_ERROR_TEXT = 500
-#: What sending a request may raise instead of answering: retried like a dropped connection.
-_FAILURES = (httpx.TransportError, httpx.DecodingError)
 
 
 class Sleep(NamedTuple):
@@ -266,7 +264,7 @@ def run_sync(flow: Flow, send: Callable[[httpx.Request], httpx.Response]) -> tup
             else:
                 try:
                     reply = send(step)
-                except _FAILURES as error:
+                except FAILURES as error:
                     reply = error
 
 
@@ -289,7 +287,7 @@ async def run_async(
             else:
                 try:
                     reply = await send(step)
-                except _FAILURES as error:
+                except FAILURES as error:
                     reply = error
 
 
