@@ -248,45 +248,63 @@ def test_the_metadata_servers_default_to_the_platforms_own(
 # -- one token per identity, refreshed, single flight -------------------------------------------------------------
 
 
+class TokenClock:
+    """The token cache's clock, ``offset`` seconds ahead of the real one: a test moves past a refresh time
+    without sleeping, so nothing depends on how fast the machine is."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.offset
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        time.sleep(seconds)
+
+
+@pytest.fixture
+def token_clock(monkeypatch: pytest.MonkeyPatch) -> TokenClock:
+    clock = TokenClock()
+    monkeypatch.setattr(_tokens, "time", clock)
+    return clock
+
+
 def test_the_token_is_shared_and_refreshed_before_it_expires(
-    emulator: BatchAPIEmulator, connect: Callable[..., None]
+    emulator: BatchAPIEmulator, connect: Callable[..., None], token_clock: TokenClock
 ) -> None:
-    """Lifetime 3 s with the default buffer: refreshed at 3 - min(1200, 3 / 2) = 1.5 s, by sync and async hooks
-    alike, all using the one token until then."""
-    emulator.token_exchange.lifetime = 3.0
+    """Lifetime 3,000 s with the default buffer: refreshed at 3,000 - min(1,200, 3,000 / 2) = 1,800 s, by sync and
+    async hooks alike, all using the one token until then."""
+    emulator.token_exchange.lifetime = 3000.0
     connect()
     batch_id = emulator.add_batch()["id"]
-    started = time.monotonic()
     for path in ("sync", "async", "sync", "async"):
         get_batch(path, batch_id)
-    assert time.monotonic() - started < 1.5, "too slow a machine for this test's timing"
-    [first_exchange] = emulator.token_exchange.exchanges
-    # The hook's clock starts before the exchange arrives: 1.6 s after its arrival is past the refresh.
-    time.sleep(first_exchange.at + 1.6 - time.monotonic())
+    token_clock.offset = 1700.0
+    get_batch("sync", batch_id)
+    assert len(emulator.token_exchange.exchanges) == 1
+    token_clock.offset = 1810.0
     get_batch("async", batch_id)
     get_batch("sync", batch_id)
     assert len(emulator.token_exchange.exchanges) == 2
     first, second = emulator.token_exchange.issued
-    assert [r.headers["authorization"] for r in emulator.requests] == [f"Bearer {first}"] * 4 + [
+    assert [r.headers["authorization"] for r in emulator.requests] == [f"Bearer {first}"] * 5 + [
         f"Bearer {second}"
     ] * 2
 
 
 def test_refresh_buffer_seconds_sets_when_the_token_is_refreshed(
-    emulator: BatchAPIEmulator, connect: Callable[..., None]
+    emulator: BatchAPIEmulator, connect: Callable[..., None], token_clock: TokenClock
 ) -> None:
-    """Lifetime 2 s, buffer 0.4 s: refreshed at 1.6 s (not at 1 s, as half the lifetime would be)."""
-    emulator.token_exchange.lifetime = 2.0
-    connect(refresh_buffer_seconds="0.4")
+    """Lifetime 3,000 s, buffer 400 s: refreshed at 2,600 s (not at 1,500 s, as half the lifetime would be)."""
+    emulator.token_exchange.lifetime = 3000.0
+    connect(refresh_buffer_seconds="400")
     batch_id = emulator.add_batch()["id"]
-    started = time.monotonic()
     get_batch("sync", batch_id)
-    [first_exchange] = emulator.token_exchange.exchanges
-    time.sleep(first_exchange.at + 1.1 - time.monotonic())  # past half the lifetime
+    token_clock.offset = 2000.0  # past half the lifetime
     get_batch("sync", batch_id)
-    assert time.monotonic() - started < 1.6, "too slow a machine for this test's timing"
     assert len(emulator.token_exchange.exchanges) == 1
-    time.sleep(first_exchange.at + 1.7 - time.monotonic())
+    token_clock.offset = 2610.0
     get_batch("sync", batch_id)
     assert len(emulator.token_exchange.exchanges) == 2
 
@@ -572,16 +590,20 @@ def test_the_emulator_refuses_an_expired_token_and_a_bad_exchange(emulator: Batc
         "subject_token_type": JWT,
         **IDS,
     }
-    emulator.token_exchange.lifetime = 0.05
+    emulator.token_exchange.lifetime = 60
     with httpx.Client() as client:
         issued = client.post(emulator.token_exchange_url, json=exchange).json()
-        assert issued["expires_in"] == 0.05
+        assert issued["expires_in"] == 60
         url = f"{emulator.base_url}/batches"
         headers = {"Authorization": f"Bearer {issued['access_token']}"}
         assert client.get(url, headers=headers).status_code == 200
-        time.sleep(0.06)
+        emulator.token_exchange.expire_tokens()  # as if its 60 s were over
         expired = client.get(url, headers=headers)
         assert (expired.status_code, expired.json()["error"]["code"]) == (401, "token_expired")
+        emulator.token_exchange.lifetime = 0  # over as soon as issued: the lifetime is what expires a token
+        short_lived = client.post(emulator.token_exchange_url, json=exchange).json()["access_token"]
+        at_once = client.get(url, headers={"Authorization": f"Bearer {short_lived}"})
+        assert (at_once.status_code, at_once.json()["error"]["code"]) == (401, "token_expired")
         refused = client.post(emulator.token_exchange_url, json={**exchange, "grant_type": "password"})
         assert (refused.status_code, refused.json()["error"]) == (400, "unsupported_grant_type")
         unverified = client.post(emulator.token_exchange_url, json={**exchange, "service_account_id": ""})
@@ -590,7 +612,7 @@ def test_the_emulator_refuses_an_expired_token_and_a_bad_exchange(emulator: Batc
             "error_description": "Missing service_account_id.",
         }
     control = EmulatorControl(emulator.base_url).token_exchanges()
-    assert [(e["status"], e["subject_token"]) for e in control] == [(200, None), (400, None), (400, None)]
+    assert [(e["status"], e["subject_token"]) for e in control] == [(200, None)] * 2 + [(400, None)] * 2
 
 
 # -- a real DAG run ----------------------------------------------------------------------------------------------
