@@ -25,7 +25,7 @@ from collections import Counter
 from pathlib import Path
 from typing import IO, Any, Self
 
-from airflow_provider_openai_batch.testing.emulator import BatchAPIEmulator
+from airflow_provider_openai_batch.testing.emulator import BatchAPIEmulator, Fault
 
 
 def _stats(emulator: BatchAPIEmulator) -> dict[str, Any]:
@@ -84,6 +84,11 @@ def _execute(emulator: BatchAPIEmulator, command: dict[str, Any]) -> dict[str, A
             return {"statuses": _last_served(emulator, command["ids"])}
         case "limit_rate":
             emulator.limit_rate(command["requests"], per=command.get("per", 1.0))
+            return {}
+        case "latency":
+            # Every later GET answered after this many seconds, as a distant API would be (a "delay" fault that
+            # is never used up).
+            emulator.inject(Fault("delay", times=2**62, method="GET", delay=command["seconds"]))
             return {}
     return {"error": f"unknown command {command['cmd']!r}"}
 
