@@ -52,7 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -115,17 +115,15 @@ with create_session() as session:
 
 @dataclass
 class Triggerer:
-    """One ``airflow triggerer`` process group, its log file and its CPU so far."""
+    """One ``airflow triggerer`` process group and its log file."""
 
     name: str
     process: subprocess.Popen[bytes]
     log_path: Path
-    cpu_start: float = 0.0
     job_id: int | None = None
-    samples: list[dict[str, Any]] = field(default_factory=list)
 
     def tree(self) -> list[int]:
-        """The supervisor and its descendants (the trigger runner, the log server)."""
+        """The supervisor and its descendants (the trigger runner)."""
         pids, todo = [], [self.process.pid]
         while todo:
             pid = todo.pop()
@@ -160,10 +158,8 @@ class Triggerer:
         if self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                pass
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)  # whatever of the group is left
         if self.process.poll() is None:
@@ -337,12 +333,12 @@ def run(
             _stop(triggerers)  # before the emulator goes: its absence would make the triggers block anew
     finally:
         _stop(triggerers)
-    logs = {t.name: t.log_path.read_text(errors="replace") for t in triggerers}
-    if keep_logs is not None:
-        keep_logs.mkdir(parents=True, exist_ok=True)
-        for triggerer in triggerers:
-            shutil.copyfile(triggerer.log_path, keep_logs / triggerer.log_path.name)
-    shutil.rmtree(home, ignore_errors=True)
+        if keep_logs is not None:  # also after a failure: the logs say why
+            keep_logs.mkdir(parents=True, exist_ok=True)
+            for triggerer in triggerers:
+                shutil.copyfile(triggerer.log_path, keep_logs / triggerer.log_path.name)
+        logs = {t.name: t.log_path.read_text(errors="replace") for t in triggerers}
+        shutil.rmtree(home, ignore_errors=True)
     before_stop = {name: _until(log, stopped_at) for name, log in logs.items()}
     result = _result(waits, duration, poll_interval, wall, busy, requests, triggerers, timeline, all_held_at,
                      before_stop, final_ages, final_held)  # fmt: skip
