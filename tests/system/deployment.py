@@ -380,7 +380,7 @@ class Deployment:
                 "AIRFLOW_CONN_OPENAI_DEFAULT": json.dumps(
                     {"conn_type": "openai_batch", "password": self.api_key, "host": self.emulator.base_url}
                 ),
-                # The same API without a key: workload identity with a Kubernetes token file (scenario 8).
+                # The same API without a key: workload identity with a Kubernetes token file (scenario 9).
                 "AIRFLOW_CONN_OPENAI_WORKLOAD_IDENTITY": json.dumps(
                     {
                         "conn_type": "openai_batch",

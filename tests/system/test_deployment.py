@@ -44,9 +44,9 @@ CALLBACK_PATH = "airflow_provider_openai_batch.callbacks.cancel_run_batches"
 CANCEL_ONE_DAG = "system_openai_batch_cancel_one"
 CANCEL_MANY_DAG = "system_openai_batch_cancel_many"
 CANCEL_MANY_WORKLOAD_IDENTITY_DAG = "system_openai_batch_cancel_many_workload_identity"
-#: Seconds a workload identity token lasts in scenario 8: it is refreshed after half, every 10 s.
+#: Seconds a workload identity token lasts in scenario 9: it is refreshed after half, every 10 s.
 TOKEN_LIFETIME = 20.0
-#: Seconds during which scenario 8 counts the token exchanges of a triggerer polling 200 batches.
+#: Seconds during which scenario 9 counts the token exchanges of a triggerer polling 200 batches.
 TOKEN_WINDOW = 45
 #: A batch the test holds in ``cancelling`` until it calls ``set_status``.
 HOLD = {"cancel_after_polls": 10**9}
@@ -351,7 +351,7 @@ def test_200_deferred_cancellations_in_one_triggerer(
 def test_200_deferred_cancellations_with_workload_identity(
     deployment: Deployment, emulator: BatchAPIEmulator
 ) -> None:
-    """Scenario 8: scenario 3's 200 deferred cancellations with a key-less connection (workload identity, a
+    """Scenario 9: scenario 3's 200 deferred cancellations with a key-less connection (workload identity, a
     Kubernetes token file) whose tokens expire every 20 s. All succeed, and the triggerer that polls for all 200
     exchanges its token once per refresh: tokens are shared per process, not taken per trigger.
     """

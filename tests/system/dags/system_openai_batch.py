@@ -73,7 +73,7 @@ with DAG(
     cancel_one >> report("{{ ti.xcom_pull(task_ids='cancel', key='output_file_id') }}")
 
 # Many deferred cancellations at once: one mapped task instance per batch id in conf; with the key (scenario 3),
-# and with the workload identity connection (scenario 8).
+# and with the workload identity connection (scenario 9).
 for dag_id, conn_id in (
     ("system_openai_batch_cancel_many", "openai_default"),
     ("system_openai_batch_cancel_many_workload_identity", "openai_workload_identity"),
