@@ -663,15 +663,16 @@ def test_bad_connection_is_refused_before_any_request(
 def test_an_extra_that_is_a_json_list_is_refused(
     emulator: BatchAPIEmulator, set_connection: Any, guard: Guard, surface: str
 ) -> None:
-    """Regression (issue 24, defect 5): an extra that is a JSON list raised ``AttributeError``. Airflow 3.0
-    refuses to load such a connection itself, so there the lookup's own error is what the caller gets."""
+    """Regression (issue 24, defect 5): an extra that is a JSON list raised ``AttributeError``. Airflow 3.0 and
+    3.1 refuse to load such a connection themselves, so there the lookup's own error is what the caller gets."""
     set_connection(password=FAKE_API_KEY, host=emulator.base_url, extra=[{"organization": "org-1"}])
     batch_id = emulator.add_batch()["id"]
     error, message = use(surface, batch_id, guard)
     if error is not None:
         message = str(error)
-    if airflow_version.startswith("3.0."):
+    if airflow_version.startswith(("3.0.", "3.1.")):
         assert not isinstance(error, AttributeError), f"{surface}: {error!r}"
+        assert "The conn_id `openai_default` isn't defined" in str(message)
     else:
         assert isinstance(error, ValueError) or surface == "trigger", f"{surface}: {error!r}"
         assert "Connection 'openai_default': its extra must be a JSON object, not a list." in str(message)

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from airflow import __version__ as airflow_version
+from airflow.providers.common.compat.sdk import AirflowNotFoundException
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -181,6 +182,16 @@ def connections(draw: st.DrawFn) -> Drawn:
     return drawn
 
 
+def refused_by_airflow(error: BaseException | None, drawn: Drawn) -> bool:
+    """Whether Airflow itself would not load the connection: its extra is no JSON object, which some lines (3.0
+    for any list, 3.1 for some) refuse at lookup, before the provider sees it."""
+    return (
+        "the extra is not a JSON object" in drawn.refuse
+        and isinstance(error, AirflowNotFoundException)
+        and f"`{CONN_ID}`" in str(error)
+    )
+
+
 @pytest.fixture(scope="module")
 def api(shared_emulator: BatchAPIEmulator) -> Iterator[tuple[BatchAPIEmulator, str]]:
     batch_id = shared_emulator.add_batch()["id"]
@@ -218,6 +229,9 @@ def test_connection_values(
         sent = len(emulator.requests)
         if drawn.clean:
             assert error is None, f"{path}: a clean connection fails: {error!r}"
+        if refused_by_airflow(error, drawn):
+            assert sent == 0, f"{path}: refused after {sent} request(s): {error}"
+            continue
         if drawn.refuse:
             assert isinstance(error, ValueError), (
                 f"{path}: must be refused ({', '.join(drawn.refuse)}), got {result or error!r}"
