@@ -272,9 +272,11 @@ def _parsed(line: bytes, number: int, file_id: str) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise _unreadable(number, file_id) from None
     try:
-        # Nesting bounded first: json.loads recurses, and a line of "[" * 100_000 raised RecursionError.
-        _errors.json_value(text)
-        entry = json.loads(text, object_pairs_hook=_object)
+        entry = _errors.json_value(text)  # nesting bounded: a line of "[" * 100_000 is no object, no crash
+        if not _one_plain_custom_id(line):
+            # It may have two: the bounded parser keeps the last, so json.loads (its nesting now known to be
+            # bounded) tells them apart. Lines with one plain "custom_id", nearly all, are parsed once.
+            entry = json.loads(text, object_pairs_hook=_object)
     except ValueError:
         entry = None
     if not isinstance(entry, dict):
