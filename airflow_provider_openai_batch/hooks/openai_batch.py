@@ -256,7 +256,7 @@ class OpenAIBatchHook(BaseHook):
         request = self.client.build_request(method, path, params=params, headers=_CONTENT if stream else None)
         send = partial(_sent, self.client, stream=stream)
         attempts = self.retry_policy.attempts(patient=patient, now=time.monotonic())
-        tokens = self._token_cache()
+        tokens = _token_cache(self.settings)
         credential, renewed = self.settings.api_key, False
         while True:
             sent = request
@@ -377,8 +377,9 @@ class OpenAIBatchHook(BaseHook):
             request = streaming_client.build_request(method, path, params=params, headers=_CONTENT)
             send = partial(_astreamed, streaming_client)
         attempts = self.retry_policy.attempts(patient=patient, now=time.monotonic())
-        tokens = self._token_cache()
-        credential, renewed = (await self.asettings()).api_key, False
+        settings = await self.asettings()
+        tokens = _token_cache(settings)
+        credential, renewed = settings.api_key, False
         while True:
             sent = request
             if tokens is not None:  # outside the gate: the exchange does not hold back the API's requests
@@ -427,11 +428,6 @@ class OpenAIBatchHook(BaseHook):
         return request
 
     # -- shared by both paths ---------------------------------------------------------------------------------
-
-    def _token_cache(self) -> _tokens.TokenCache | None:
-        """The process's tokens of the connection's workload identity; ``None`` with an API key."""
-        identity = self._settings.workload_identity if self._settings else self.settings.workload_identity
-        return None if identity is None else _tokens.cache_for(identity)
 
     def _token_refused(
         self,
@@ -489,6 +485,12 @@ def _batch_path(batch_id: str, action: str | None = None) -> str:
 
 def _file_path(file_id: str, action: str | None = None) -> str:
     return _path("files", validate_file_id(file_id), action)
+
+
+def _token_cache(settings: ConnectionSettings) -> _tokens.TokenCache | None:
+    """The process's tokens of the connection's workload identity; ``None`` with an API key."""
+    identity = settings.workload_identity
+    return None if identity is None else _tokens.cache_for(identity)
 
 
 def _path(collection: str, resource_id: str, action: str | None) -> str:
