@@ -196,9 +196,8 @@ async def _poll(hook: OpenAIBatchHook, watch: CancellationWatch) -> Cancellation
         return watch.on_batch(await hook.aget_batch(watch.batch_id))
     except OpenAIBatchError as error:
         return watch.on_error(error)
-    except (
-        ValueError
-    ) as error:  # the last guard of "one batch's trouble ends its wait only, the others go on"
+    # The last guard of "one batch's trouble ends its wait only, the others go on".
+    except ValueError as error:
         return CancellationEvent.without_batch(watch.batch_id, WaitStopped.ERROR, str(error))
 
 
