@@ -26,9 +26,13 @@ log = logging.getLogger(__name__)
 
 #: Consecutive failed polls (each already retried by the hook) after which a wait gives up.
 MAX_CONSECUTIVE_FAILURES = 5
-#: Each sleep between polls is the poll interval times a random factor in this range, so that waits deferred in
-#: the same second drift apart instead of polling (and hitting a shared rate limit) in lockstep.
+#: The latest a wait's next poll may run is the poll interval times a random factor in this range, so that the
+#: waits of different processes (triggerers, workers) deferred in the same second drift apart instead of polling
+#: (and hitting a shared rate limit) in lockstep. Within one event loop they share rounds (``status_board``).
 POLL_JITTER = (0.9, 1.1)
+#: The earliest a wait's next poll may run, as a share of the poll interval. A round that polls for waits due now
+#: also serves the waits whose window has opened: waits deferred seconds apart come to share one round.
+EARLIEST_POLL = 0.5
 
 
 class WaitStopped(StrEnum):
@@ -181,10 +185,15 @@ class CancellationWatch:
         )
         return self._timeout_if_due()
 
-    def seconds_to_next_poll(self, poll_interval: float) -> float:
-        """Sleep before the next poll: the poll interval with jitter, shortened so the last poll lands on the
-        deadline."""
-        return max(0.0, min(poll_interval * random.uniform(*POLL_JITTER), self.deadline - time.time()))
+    def poll_window(self, poll_interval: float) -> tuple[float, float]:
+        """Seconds from now between which the next poll may run: from :data:`EARLIEST_POLL` of the interval to
+        the interval with jitter, both cut at the deadline so that the last poll lands on it. The status board
+        polls in the first round inside the window."""
+        to_deadline = max(0.0, self.deadline - time.time())
+        return (
+            min(poll_interval * EARLIEST_POLL, to_deadline),
+            min(poll_interval * random.uniform(*POLL_JITTER), to_deadline),
+        )
 
     def _timeout_if_due(self) -> CancellationEvent | None:
         if time.time() < self.deadline:

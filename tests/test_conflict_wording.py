@@ -146,7 +146,8 @@ def test_cleanup_files_a_reworded_refusal_under_the_real_status(
 ) -> None:
     """The batch finishes between the listing and the cancel: the refusal is filed under its real status."""
     old = int(time.time()) - 3 * 86_400
-    batch_id = emulator_connection.add_batch(created_at=old, finish_after_polls=1)["id"]
+    # Its first look is the listing's, its second the GET after the refusal: it completes in between.
+    batch_id = emulator_connection.add_batch(created_at=old, finish_after_polls=2)["id"]
     emulator_connection.inject(
         Fault(kind="body", status=409, method="POST", path=r"/cancel$", body=AZURE_CONFLICT)
     )

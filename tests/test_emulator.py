@@ -197,7 +197,11 @@ def test_create_answers_a_validating_batch_that_lists_and_cancels(
     assert (created["status"], created["input_file_id"]) == ("validating", "file-abc123")
     assert created["metadata"] == {"airflow_run_id": "manual__1"}
     assert emulator.batch(created["id"]) == created
-    assert client.get("/batches").json()["data"][0] == created, "newest first"
+    listed = client.get("/batches").json()["data"][0]
+    assert listed["id"] == created["id"], "newest first"
+    assert listed["status"] == "in_progress", (
+        "a list page is a look at the batch: it moves a created batch on"
+    )
     assert client.post(f"/batches/{created['id']}/cancel").json()["status"] == "cancelling"
     first = emulator.requests[0]
     assert (first.method, first.path, first.status) == ("POST", "/v1/batches", 200)
@@ -269,14 +273,24 @@ def test_cancel_becomes_final_on_the_nth_get(
     assert final["request_counts"] == {"total": 100, "completed": 33, "failed": 1}
 
 
-def test_only_gets_by_id_count_as_polls(emulator: BatchAPIEmulator, client: httpx.Client) -> None:
-    emulator.add_batch("batch_l", cancel_after_polls=1)
+def test_a_list_page_is_a_look_at_the_batches_it_shows(
+    emulator: BatchAPIEmulator, client: httpx.Client
+) -> None:
+    """A client learns a status from a GET or from a list page: either moves the batch on, a page that does not
+    show it does not."""
+    emulator.add_batch("batch_l", cancel_after_polls=2, created_at=int(time.time()) - 10)
+    emulator.add_batch("batch_newer")
     client.post("/batches/batch_l/cancel")
-    for _ in range(5):
-        assert client.get("/batches").json()["data"][0]["status"] == "cancelling"
+    for _ in range(3):
+        assert [b["id"] for b in client.get("/batches", params={"limit": 1}).json()["data"]] == [
+            "batch_newer"
+        ]
     assert emulator.batch("batch_l")["status"] == "cancelling"
 
-    assert client.get("/batches/batch_l").json()["status"] == "cancelled"
+    assert [client.get("/batches").json()["data"][1]["status"] for _ in range(2)] == [
+        "cancelling",
+        "cancelled",
+    ]
 
 
 def test_cancel_can_complete_after_a_delay_instead_of_polls(
@@ -391,12 +405,11 @@ def test_batch_finishes_by_itself_on_its_kth_get(
     assert (final["request_counts"], final["errors"]) == (twin["request_counts"], twin["errors"])
 
 
-def test_finishing_batch_completes_by_default_and_only_gets_by_id_count(
+def test_finishing_batch_completes_by_default_and_every_look_counts(
     emulator: BatchAPIEmulator, client: httpx.Client
 ) -> None:
-    emulator.add_batch("batch_d", status="validating", finish_after_polls=2)
-    for _ in range(3):
-        assert client.get("/batches").json()["data"][0]["status"] == "validating"
+    emulator.add_batch("batch_d", status="validating", finish_after_polls=3)
+    assert client.get("/batches").json()["data"][0]["status"] == "validating"
 
     statuses = [client.get("/batches/batch_d").json()["status"] for _ in range(2)]
 
@@ -1027,7 +1040,7 @@ def test_control_client_seeds_batches_that_finish_by_themselves(
         control.add_batch(finish_after_polls=-1)
     assert caught.value.response.status_code == 400
     message = envelope(caught.value.response)["message"]
-    assert message == "finish_after_polls must be at least 1 (1: the first GET), not -1."
+    assert message == "finish_after_polls must be at least 1 (1: the first look), not -1."
 
 
 def test_control_endpoint_errors(emulator: BatchAPIEmulator) -> None:
@@ -1114,7 +1127,7 @@ def test_many_concurrent_keep_alive_clients(emulator: BatchAPIEmulator) -> None:
                 assert http.post(f"/batches/{batch_id}/cancel").status_code == 200
                 statuses = [http.get(f"/batches/{batch_id}").json()["status"] for _ in range(5)]
                 assert statuses == ["cancelling", "cancelling", "cancelled", "cancelled", "cancelled"]
-                assert http.get("/batches", params={"limit": 100}).status_code == 200
+                assert http.get("/files").status_code == 200  # not a list of batches: a look at all of them
         except BaseException as exc:  # noqa: BLE001 - reported below, from the test's thread
             failures.append(exc)
 

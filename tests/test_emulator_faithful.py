@@ -304,7 +304,7 @@ def test_a_created_batch_runs_to_completed_one_step_per_n_polls(step_after_polls
         assert sorted(line["custom_id"] for line in output) == custom_ids, "one answer per request line"
         assert all(line["response"]["status_code"] == 200 for line in output)
         assert http.get("/batches").json()["data"][0]["status"] == "completed", (
-            "lists show it, never advance it"
+            "a look at a completed batch changes nothing"
         )
 
 

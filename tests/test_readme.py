@@ -118,11 +118,11 @@ def api(emulator_connection: BatchAPIEmulator) -> BatchAPIEmulator:
 def fast_polls(monkeypatch: pytest.MonkeyPatch) -> None:
     """The snippets poll every 30 s, as they should in production; here each wait between polls is a
     hundredth of that. What is waited for, and how many polls it takes, are unchanged."""
-    wait = cancellation.CancellationWatch.seconds_to_next_poll
+    window = cancellation.CancellationWatch.poll_window
     monkeypatch.setattr(
         cancellation.CancellationWatch,
-        "seconds_to_next_poll",
-        lambda self, poll_interval: wait(self, poll_interval / 100),
+        "poll_window",
+        lambda self, poll_interval: window(self, poll_interval / 100),
     )
 
 

@@ -313,7 +313,9 @@ def test_a_batch_that_finished_meanwhile_is_reported_not_failed(
     api: BatchAPIEmulator, form: str, refusal: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Listed in progress, completed by the time its cancel arrives: the API answers 409."""
-    racing = seed_run_batch(api, finish_after_polls=1)  # completes on its first GET: the one after the 409
+    racing = seed_run_batch(
+        api, finish_after_polls=2
+    )  # looked at by the listing, completes at the GET after the 409
     other = seed_run_batch(api)
     api.inject(Fault(kind="body", status=409, path=f"{racing}/cancel$", body=refusal))
     with caplog.at_level(logging.INFO, logger="airflow_provider_openai_batch.callbacks"):

@@ -535,7 +535,8 @@ def test_a_wait_whose_exchange_is_rejected_ends_with_error_at_once(
     assert time.monotonic() - started < 5
     assert {event["status"] for event in payload["events"]} == {"error"}
     assert "invalid_grant" in payload["events"][0]["message"]
-    assert len(emulator.token_exchange.exchanges) == 1  # twenty polls, one exchange
+    # One for the list page (refused: the round falls back to GETs), one shared by the twenty GETs.
+    assert len(emulator.token_exchange.exchanges) == 2
     assert trigger.serialize()[1] == {
         "batch_ids": batch_ids,
         "conn_id": "openai_default",

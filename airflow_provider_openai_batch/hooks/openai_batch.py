@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator, Iterator
+from contextlib import aclosing, closing
 from datetime import datetime
 from functools import cached_property, partial
 from types import TracebackType
@@ -110,6 +111,13 @@ class OpenAIBatchHook(BaseHook):
             self._settings = settings
         return self._settings
 
+    def sibling(self) -> OpenAIBatchHook:
+        """A new hook on this hook's connection, with the settings this one already looked up: for a user that
+        outlives this hook (the status board, serving every wait on the connection) without a second lookup."""
+        sibling = type(self)(self.conn_id, retry_policy=self._retry_policy)
+        sibling._settings = self._settings
+        return sibling
+
     @property
     def retry_policy(self) -> RetryPolicy:
         if self._retry_policy is None:
@@ -169,14 +177,28 @@ class OpenAIBatchHook(BaseHook):
         A next-page cursor that is not a batch id, or that this listing already sent (a server ignoring
         ``after``), raises :class:`OpenAIBatchResponseError` rather than reading the same pages for ever.
         """
-        params = _list_params(after, limit)
         cutoff = _cutoff(created_after)
+        with closing(self.list_batch_pages(after=after, limit=limit)) as pages:
+            for page in pages:
+                batches, older_follow = _created_since(page, cutoff)
+                yield from batches
+                if older_follow:
+                    return
+
+    def list_batch_pages(
+        self, *, after: str | None = None, limit: int = MAX_PAGE_SIZE
+    ) -> Generator[BatchList]:
+        """Iterate over the pages of the organization's batches, one request each, fetched as consumed.
+
+        A next-page cursor that is not a batch id, or that this listing already sent (a server ignoring
+        ``after``), raises :class:`OpenAIBatchResponseError` rather than reading the same pages for ever.
+        """
+        params = _list_params(after, limit)
         sent = _cursors(params)
         while True:
             page = _errors.parse(self._send("GET", "/batches", params=params), BatchList, None)
-            batches, cursor = _page_batches(page, cutoff)
-            yield from batches
-            if cursor is None:
+            yield page
+            if (cursor := _next_cursor(page)) is None:
                 return
             params = {**params, "after": _errors.advancing(cursor, sent)}
 
@@ -312,15 +334,25 @@ class OpenAIBatchHook(BaseHook):
         created_after: datetime | float | None = None,
     ) -> AsyncIterator[Batch]:
         """Async :meth:`list_batches`, with the same early stop at ``created_after``."""
-        params = _list_params(after, limit)
         cutoff = _cutoff(created_after)
+        async with aclosing(self.alist_batch_pages(after=after, limit=limit)) as pages:
+            async for page in pages:
+                batches, older_follow = _created_since(page, cutoff)
+                for batch in batches:
+                    yield batch
+                if older_follow:
+                    return
+
+    async def alist_batch_pages(
+        self, *, after: str | None = None, limit: int = MAX_PAGE_SIZE
+    ) -> AsyncGenerator[BatchList]:
+        """Async :meth:`list_batch_pages`."""
+        params = _list_params(after, limit)
         sent = _cursors(params)
         while True:
             page = _errors.parse(await self._asend("GET", "/batches", params=params), BatchList, None)
-            batches, cursor = _page_batches(page, cutoff)
-            for batch in batches:
-                yield batch
-            if cursor is None:
+            yield page
+            if (cursor := _next_cursor(page)) is None:
                 return
             params = {**params, "after": _errors.advancing(cursor, sent)}
 
@@ -554,14 +586,14 @@ def _cutoff(created_after: datetime | float | None) -> float | None:
     return None if created_after is None else unix_time(created_after, "created_after")
 
 
-def _page_batches(page: BatchList, cutoff: float | None) -> tuple[list[Batch], str | None]:
-    """The page's batches created at or after ``cutoff`` (UNIX seconds), and the cursor of the next page to
-    read: ``None`` at the last page, or once a batch older than ``cutoff`` shows the rest is older too."""
+def _created_since(page: BatchList, cutoff: float | None) -> tuple[list[Batch], bool]:
+    """The page's batches created at or after ``cutoff`` (UNIX seconds), and whether a batch older than
+    ``cutoff`` showed that the rest of the list is older too."""
     if cutoff is not None:
         for index, batch in enumerate(page.data):
             if batch.created_at < cutoff:
-                return page.data[:index], None
-    return page.data, _next_cursor(page)
+                return page.data[:index], True
+    return page.data, False
 
 
 def _next_cursor(page: BatchList) -> str | None:

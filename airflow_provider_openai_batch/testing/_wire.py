@@ -242,7 +242,7 @@ class Entry:
     #: (polls, seconds) after which it takes each step of :data:`NEXT_STEP` by itself (a created batch's run);
     #: None holds it where it is (a seeded batch).
     step_after: tuple[int, float | None] | None = None
-    polls: int = 0  #: GETs of this batch by id, ever
+    polls: int = 0  #: looks at this batch, ever: GETs of it and list pages showing it
     polls_at_move: int = 0  #: ``polls`` when its status last changed
     moved_at: float = 0.0  #: ``time.monotonic()`` when its status last changed, finer than the timestamps
 
@@ -265,8 +265,9 @@ class Entry:
         _settle(self.batch, status, self.results)
 
     def poll(self) -> None:
-        """Count a GET; a cancelling batch turns final on the Nth GET since the cancel, or after the delay, and
-        a running one with ``step_after`` takes its next step likewise. One change per GET at most."""
+        """Count a look (a GET, or a list page showing it); a cancelling batch turns final on the Nth look since
+        the cancel, or after the delay, and a running one with ``step_after`` takes its next step likewise. One
+        change per look at most."""
         self.polls += 1
         status = self.batch["status"]
         if status == "cancelling" and self._due(self.cancel_after_polls, self.cancel_after_seconds):
@@ -277,6 +278,6 @@ class Entry:
             self.move_to(NEXT_STEP[status], int(time.time()))
 
     def _due(self, polls: int, seconds: float | None) -> bool:
-        """Whether ``polls`` GETs were made, or ``seconds`` passed, since the status last changed."""
+        """Whether ``polls`` looks were taken, or ``seconds`` passed, since the status last changed."""
         timed_out = seconds is not None and time.monotonic() - self.moved_at >= seconds
         return timed_out or self.polls - self.polls_at_move >= polls

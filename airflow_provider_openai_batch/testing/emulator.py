@@ -172,21 +172,25 @@ def _fault_response(fault: Fault) -> Response:
 class BatchAPIEmulator:
     """An OpenAI Batch API server on loopback; use it as a context manager or with :meth:`start`/:meth:`stop`.
 
+    A batch moves on when it is *looked at*: a GET of it, or a list page that shows it, which is how a client
+    learns its status (the real API moves it with time; ``*_after_seconds`` emulate that too). Below, "look"
+    means either.
+
     Cancellation: ``POST .../cancel`` makes a batch ``cancelling``; it becomes its ``finish_as`` status
-    (normally ``cancelled``) at the first GET of that batch where either ``cancel_after_polls`` GETs have been
-    made since the cancel (so 0 and 1 both mean the first GET, 2 the second), or ``cancel_after_seconds`` (if
-    not None) have passed since it. Only GETs of the batch itself count: list responses never advance it.
-    Pass ``cancel_after_polls=10**9`` to hold a batch in ``cancelling``, or to make it purely time-based.
+    (normally ``cancelled``) at the first look at that batch where either ``cancel_after_polls`` looks have been
+    taken since the cancel (so 0 and 1 both mean the first look, 2 the second), or ``cancel_after_seconds`` (if
+    not None) have passed since it. Pass ``cancel_after_polls=10**9`` to hold a batch in ``cancelling``, or to
+    make it purely time-based.
 
     Finishing without a cancel: a batch seeded with ``finish_after_polls=K`` becomes its ``finish_as`` status
-    (then ``completed`` by default) on its K-th GET since seeding (so 1 means the first GET), with the
+    (then ``completed`` by default) on its K-th look since seeding (so 1 means the first look), with the
     timestamps and results :meth:`set_status` gives that status. A cancellation ends it too, as the same
-    ``finish_as``, if it takes effect first. Only GETs of the batch itself count, and only the K-th: a batch
-    already final by then stays as it is, and so does one that :meth:`set_status` puts back to running later.
+    ``finish_as``, if it takes effect first. Only the K-th look counts: a batch already final by then stays as
+    it is, and so does one that :meth:`set_status` puts back to running later.
 
     Running: a batch created with ``POST /v1/batches`` runs by itself, from ``validating`` to ``in_progress``,
-    ``finalizing`` and ``completed``, one step at the first GET of that batch where either ``step_after_polls``
-    GETs have been made since the previous step, or ``step_after_seconds`` (if not None) have passed since it.
+    ``finalizing`` and ``completed``, one step at the first look at that batch where either ``step_after_polls``
+    looks have been taken since the previous step, or ``step_after_seconds`` (if not None) have passed since it.
     Pass ``step_after_polls=10**9`` to hold created batches in ``validating``. Completed, its output file holds
     an answer for each request line of its input file, with the same ``custom_id``; cancelled on the way, its
     output and error files hold the requests that ran, and the others are in neither. Seeded batches
@@ -234,7 +238,9 @@ class BatchAPIEmulator:
         self._faults: list[Fault] = []
         self._requests: list[RecordedRequest] = []
         self._cancels: dict[str, int] = {}
-        self._finish_on_poll: dict[str, int] = {}  # batch id -> the GET that ends it (``finish_after_polls``)
+        self._finish_on_poll: dict[
+            str, int
+        ] = {}  # batch id -> the look that ends it (``finish_after_polls``)
         self._rate_limit: _RateWindow | None = None
         self._files: dict[str, StoredFile] = {}  # seeded with add_file; they win over a batch's own
         self._removed_files: set[str] = set()
@@ -309,7 +315,7 @@ class BatchAPIEmulator:
         """Seed a batch, its timestamps consistent with ``status``; ``fields`` then override any field.
 
         ``created_at`` defaults to now; ``cancel_after_*`` default to the emulator's. ``finish_after_polls``
-        (at least 1) makes a running batch final by itself on its ``finish_after_polls``-th GET.
+        (at least 1) makes a running batch final by itself on its ``finish_after_polls``-th look (GET or list).
         ``finish_as`` is the final status it ends in, by a cancellation or by ``finish_after_polls``: by
         default ``cancelled`` without ``finish_after_polls``, ``completed`` with it;
         ``completed``/``failed``/``expired`` after a cancel emulate a batch that finished before the cancel
@@ -324,7 +330,7 @@ class BatchAPIEmulator:
         if finish_after_polls is not None:
             if finish_after_polls < 1:
                 raise ValueError(
-                    f"finish_after_polls must be at least 1 (1: the first GET), not {finish_after_polls!r}."
+                    f"finish_after_polls must be at least 1 (1: the first look), not {finish_after_polls!r}."
                 )
             if status in TERMINAL:
                 raise ValueError(f"finish_after_polls needs a running batch, but status {status!r} is final.")
@@ -555,6 +561,8 @@ class BatchAPIEmulator:
             order = self._sorted_ids()
             start = self._positions.get(after, len(order)) + 1 if after else 0  # unknown cursor: empty page
             page = order[start : start + limit]
+            for batch_id in page:
+                self._look_at(batch_id, self._entries[batch_id])
             body = {
                 "object": "list",
                 "data": [self._entries[batch_id].batch for batch_id in page],
@@ -679,12 +687,16 @@ class BatchAPIEmulator:
         """Answer a GET, which first advances the batch: a cancel or ``finish_after_polls`` may end it."""
         with self._lock:
             entry = self._entry_or_404(batch_id)
-            entry.poll()
-            if self._finish_on_poll.get(batch_id) == entry.polls:
-                del self._finish_on_poll[batch_id]
-                if entry.batch["status"] not in TERMINAL:
-                    entry.move_to(entry.finish_as, int(time.time()))
+            self._look_at(batch_id, entry)
             return json_response(200, entry.batch), entry.batch["status"]
+
+    def _look_at(self, batch_id: str, entry: Entry) -> None:
+        """Count a look at the batch (a GET, or a list page showing it), which may move it on. Holds the lock."""
+        entry.poll()
+        if self._finish_on_poll.get(batch_id) == entry.polls:
+            del self._finish_on_poll[batch_id]
+            if entry.batch["status"] not in TERMINAL:
+                entry.move_to(entry.finish_as, int(time.time()))
 
     def _cancel(self, batch_id: str) -> tuple[Response, str]:
         with self._lock:

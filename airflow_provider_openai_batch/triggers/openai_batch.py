@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import warnings
 from collections.abc import AsyncIterator, Sequence
 from itertools import repeat
@@ -11,7 +10,7 @@ from typing import Any, ClassVar
 from airflow.providers.common.compat.sdk import AirflowNotFoundException
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from airflow_provider_openai_batch import _arguments
+from airflow_provider_openai_batch import _arguments, status_board
 from airflow_provider_openai_batch.cancellation import (
     CancellationEvent,
     CancellationWatch,
@@ -20,6 +19,7 @@ from airflow_provider_openai_batch.cancellation import (
 from airflow_provider_openai_batch.exceptions import OpenAIBatchError
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
 from airflow_provider_openai_batch.ids import validate_batch_id
+from airflow_provider_openai_batch.models import Batch
 
 #: What can go wrong before the first poll: a missing or invalid connection, or an unreachable API.
 _SETUP_ERRORS = (OpenAIBatchError, ValueError, AirflowNotFoundException)
@@ -110,9 +110,10 @@ async def wait_for_cancellations(
     for a malformed argument: a bad ``conn_id``, ``poll_interval`` or ``deadline`` ends every wait with an
     ``error`` event naming it, a malformed id ends its own wait only, before any request.
 
-    Polls all pending batches every ``poll_interval`` seconds. It sleeps before the first round: the batches were
-    just seen in ``cancelling``, and after a triggerer restart one interval's delay is cheaper than a wasted
-    request per resumed trigger.
+    Polls all pending batches every ``poll_interval`` seconds, through the status board of the event loop and
+    connection, which serves the waits due together with list pages or GETs (``status_board``). The first poll
+    comes one interval after the start: the batches were just seen in ``cancelling``, and after a triggerer
+    restart one interval's delay is cheaper than a wasted request per resumed trigger.
 
     A triggerer holds a thousand of these frames between polls, and every full garbage collection walks what they
     keep alive, so they keep little: no comprehension over a local (it would make the local a cell object), no
@@ -129,10 +130,11 @@ async def wait_for_cancellations(
     pending = [wait for wait in waits if isinstance(wait, CancellationWatch)]
     try:
         if pending:  # else every id was malformed: no connection to look up
-            async with OpenAIBatchHook(conn_id) as hook:
+            async with OpenAIBatchHook(conn_id) as hook, status_board.joined(hook) as board:
                 while pending:
-                    await asyncio.sleep(pending[0].seconds_to_next_poll(poll_interval))
-                    pending = _still_pending(pending, await _poll_all(hook, pending), finished)
+                    pending = _still_pending(
+                        pending, await _poll_all(board, pending, poll_interval), finished
+                    )
     except _SETUP_ERRORS as error:
         return list(map(_unpolled, waits, repeat(error)))
     return list(map(_outcome, waits, repeat(finished)))
@@ -163,12 +165,12 @@ def _shown(batch_id: Any) -> str:
 
 
 async def _poll_all(
-    hook: OpenAIBatchHook, watches: list[CancellationWatch]
+    board: status_board.StatusBoard, watches: list[CancellationWatch], poll_interval: float
 ) -> list[CancellationEvent | None]:
-    """Poll the batches concurrently; a single batch (the single-batch trigger) needs no task of its own."""
-    if len(watches) == 1:
-        return [await _poll(hook, watches[0])]
-    return await asyncio.gather(*map(_poll, repeat(hook), watches))
+    """Poll the batches in one round of the board, at most one interval from now: they share a deadline, so
+    the first one's window is every one's."""
+    results = await board.poll([watch.batch_id for watch in watches], *watches[0].poll_window(poll_interval))
+    return list(map(_outcome_of_poll, watches, results))
 
 
 def _still_pending(
@@ -191,14 +193,13 @@ def _setup_failed(batch_id: Any, error: Exception) -> CancellationEvent:
     return CancellationEvent.without_batch(_shown(batch_id), WaitStopped.ERROR, message)
 
 
-async def _poll(hook: OpenAIBatchHook, watch: CancellationWatch) -> CancellationEvent | None:
-    try:
-        return watch.on_batch(await hook.aget_batch(watch.batch_id))
-    except OpenAIBatchError as error:
-        return watch.on_error(error)
+def _outcome_of_poll(watch: CancellationWatch, result: status_board.PollResult) -> CancellationEvent | None:
+    if isinstance(result, Batch):
+        return watch.on_batch(result)
+    if isinstance(result, OpenAIBatchError):
+        return watch.on_error(result)
     # The last guard of "one batch's trouble ends its wait only, the others go on".
-    except ValueError as error:
-        return CancellationEvent.without_batch(watch.batch_id, WaitStopped.ERROR, str(error))
+    return CancellationEvent.without_batch(watch.batch_id, WaitStopped.ERROR, str(result))
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,229 @@
+"""One status board per event loop and connection: the waits that are due share each round's requests.
+
+Each wait polling its batch with its own ``GET /batches/{id}`` costs N requests per interval for N waits, and
+under an organisation's rate limit that floor is what makes a thousand waits slow. ``GET /batches?limit=100``
+answers for up to a hundred batches at once. Every wait on one event loop and connection (the triggers, and the
+operators' blocking waits, which run the same coroutine) asks the loop's board for its batch instead of sending
+its own GET, and the board serves the waits that are due together, in one *round*, by whichever is cheaper:
+
+* (a) one GET per due batch, or
+* (b) a walk of the list's pages until every due batch has been seen.
+
+It estimates (b) from its last walk (the pages it took to see every batch it looked for) and walks only when
+that is fewer requests than (a), so a few waits stay on GETs. A walk is bounded: once it has cost as many pages
+as (a) would have requests, it stops, and every due batch it did not see gets its own GET in the same round, as
+does every due batch when a page fails after the hook's retries. Nothing depends on the list's order. Pages and
+GETs go through the hook, hence the shared client's gate and the API key's rate governor.
+
+A wait gets the Batch a GET would have given it (the list's items are the same ``Batch`` objects, validated by
+the same model) or the error its own GET raised, so its outcome, status history, deadline and error budget are
+what they were before the board. Boards are per connection settings: waits on different connections never share
+a walk.
+
+When a wait asks is up to it: the window from the earliest to the latest moment its next poll may run (see
+:meth:`~airflow_provider_openai_batch.cancellation.CancellationWatch.poll_window`). A round runs at the first
+latest moment of the queued waits and serves every wait whose window has opened, so waits due at nearly the same
+time (the jitter spreads them over a fifth of the interval) share one round, and keep sharing it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import weakref
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass, field
+
+from airflow_provider_openai_batch.exceptions import OpenAIBatchError
+from airflow_provider_openai_batch.hooks._connection import ConnectionSettings
+from airflow_provider_openai_batch.hooks.openai_batch import MAX_PAGE_SIZE, OpenAIBatchHook
+from airflow_provider_openai_batch.models import Batch
+
+log = logging.getLogger(__name__)
+
+#: What a poll gives a wait: its batch, or the error its GET raised (``ValueError``: an answer so malformed that
+#: it failed below the hook's error mapping; it ends that wait only).
+PollResult = Batch | OpenAIBatchError | ValueError
+
+#: Results handed out before the round yields to the event loop: each wakes a wait, and ten thousand waits woken
+#: in one turn of the loop would hold it for a tenth of a second.
+DELIVERY_SLICE = 200
+
+
+@dataclass(slots=True, eq=False)
+class _Ask:
+    """One wait's request for its batch's next status: the window (event loop time) in which to poll it."""
+
+    opens: float
+    closes: float
+    answer: asyncio.Future[PollResult]
+
+
+@dataclass(eq=False)
+class StatusBoard:
+    """The waits of one event loop and connection, and the rounds that poll for them.
+
+    :param hook: the hook the rounds send through; the board owns it, and closes it when the last wait leaves.
+    """
+
+    hook: OpenAIBatchHook
+    waits: int = 0
+    #: Pages the last complete walk took to see every batch it looked for; for an incomplete walk, what its
+    #: round cost (pages and GETs). ``None`` before the first walk: then a walk is assumed to find a hundred
+    #: due batches a page.
+    last_walk_cost: int | None = None
+    _queued: dict[str, list[_Ask]] = field(default_factory=dict)
+    _timer: asyncio.TimerHandle | None = None
+    _rounds: set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def poll(self, batch_ids: Sequence[str], opens_in: float, closes_in: float) -> list[PollResult]:
+        """Each batch's next status, from the first round that runs between ``opens_in`` and ``closes_in``
+        seconds from now, in the order of ``batch_ids``."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        asks = [_Ask(now + opens_in, now + closes_in, loop.create_future()) for _ in batch_ids]
+        for batch_id, ask in zip(batch_ids, asks, strict=True):
+            self._queued.setdefault(batch_id, []).append(ask)
+        self._run_round_by(now + closes_in)
+        try:
+            if len(asks) == 1:
+                return [await asks[0].answer]
+            return list(await asyncio.gather(*(ask.answer for ask in asks)))
+        except asyncio.CancelledError:
+            self._withdraw(batch_ids, asks)
+            raise
+
+    def walk_pays(self, due: int) -> bool:
+        """Whether walking the list is estimated to cost fewer requests than ``due`` GETs."""
+        estimate = math.ceil(due / MAX_PAGE_SIZE) if self.last_walk_cost is None else self.last_walk_cost
+        return estimate < due
+
+    async def close(self) -> None:
+        """Stop every round and release the hook: the last wait has left."""
+        if self._timer is not None:
+            self._timer.cancel()
+        for task in self._rounds:
+            task.cancel()
+        await asyncio.gather(*self._rounds, return_exceptions=True)
+        await self.hook.aclose()
+
+    def _run_round_by(self, at: float) -> None:
+        """Make sure a round starts by ``at`` (event loop time)."""
+        if self._timer is None or at < self._timer.when():
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = asyncio.get_running_loop().call_at(at, self._start_round)
+
+    def _start_round(self) -> None:
+        """Take every batch with a wait whose window has opened into a new round; schedule the next round for
+        the rest."""
+        self._timer = None
+        now = asyncio.get_running_loop().time()
+        due: dict[str, list[_Ask]] = {}
+        next_round = math.inf
+        for batch_id, asks in list(self._queued.items()):
+            ready = [ask for ask in asks if ask.opens <= now]
+            waiting = [ask for ask in asks if ask.opens > now]
+            if ready:
+                due[batch_id] = ready
+            if waiting:
+                self._queued[batch_id] = waiting
+                next_round = min(next_round, *(ask.closes for ask in waiting))
+            else:
+                del self._queued[batch_id]
+        if due:
+            task = asyncio.get_running_loop().create_task(self._round(due))
+            self._rounds.add(task)
+            task.add_done_callback(self._rounds.discard)
+        if next_round < math.inf:
+            self._run_round_by(next_round)
+
+    async def _round(self, due: dict[str, list[_Ask]]) -> None:
+        unseen = set(due)
+        if self.walk_pays(len(due)):
+            await self._walk(due, unseen)
+        if unseen:
+            await asyncio.gather(*(self._get(batch_id, due[batch_id]) for batch_id in unseen))
+
+    async def _walk(self, due: dict[str, list[_Ask]], unseen: set[str]) -> None:
+        """Answer the due batches the list's pages show, removing them from ``unseen``; stop when none is left,
+        at the list's end, or once the pages cost what GETs for all would have."""
+        pages = delivered = 0
+        try:
+            async with aclosing(self.hook.alist_batch_pages(limit=MAX_PAGE_SIZE)) as listing:
+                async for page in listing:
+                    pages += 1
+                    for batch in page.data:
+                        if batch.id in unseen:
+                            unseen.discard(batch.id)
+                            delivered += _answer(due[batch.id], batch)
+                            if delivered >= DELIVERY_SLICE:
+                                delivered = 0
+                                await asyncio.sleep(0)
+                    if not unseen or pages >= len(due):
+                        break
+        except (OpenAIBatchError, ValueError) as error:
+            log.info(
+                "A page of the batch list failed; %d batch(es) not seen yet are polled one by one: %s",
+                len(unseen),
+                error,
+            )
+            return
+        self.last_walk_cost = pages + len(unseen)
+
+    async def _get(self, batch_id: str, asks: list[_Ask]) -> None:
+        result: PollResult
+        try:
+            result = await self.hook.aget_batch(batch_id)
+        except (OpenAIBatchError, ValueError) as error:
+            result = error
+        _answer(asks, result)
+
+    def _withdraw(self, batch_ids: Sequence[str], asks: list[_Ask]) -> None:
+        """Forget the asks of a wait that was cancelled (its task cleared, killed or reassigned)."""
+        for batch_id, ask in zip(batch_ids, asks, strict=True):
+            ask.answer.cancel()
+            queued = self._queued.get(batch_id)
+            if queued is not None and ask in queued:
+                queued.remove(ask)
+                if not queued:
+                    del self._queued[batch_id]
+
+
+def _answer(asks: list[_Ask], result: PollResult) -> int:
+    """Give ``result`` to every ask still waiting for it; return how many."""
+    answered = 0
+    for ask in asks:
+        if not ask.answer.done():
+            ask.answer.set_result(result)
+            answered += 1
+    return answered
+
+
+_boards: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[ConnectionSettings, StatusBoard]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+@asynccontextmanager
+async def joined(hook: OpenAIBatchHook) -> AsyncIterator[StatusBoard]:
+    """The board of the running loop and ``hook``'s connection, which the caller uses until it leaves.
+
+    ``hook`` must have looked its connection up (``async with hook``). The first wait's arrival creates the
+    board, with a hook of its own; the last one's departure, even by cancellation, closes it.
+    """
+    settings = await hook.asettings()
+    boards = _boards.setdefault(asyncio.get_running_loop(), {})
+    board = boards.get(settings)
+    if board is None:
+        board = boards[settings] = StatusBoard(hook.sibling())
+    board.waits += 1
+    try:
+        yield board
+    finally:
+        board.waits -= 1
+        if board.waits == 0:
+            del boards[settings]
+            await board.close()
