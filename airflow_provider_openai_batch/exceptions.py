@@ -120,6 +120,14 @@ class OpenAIBatchResponseError(OpenAIBatchError):
     transient = True
 
 
+class OpenAIBatchPollingError(OpenAIBatchError):
+    """A polling round of the status board broke for a reason of its own, not the API's (a bug: please report
+    it, with the triggerer's log). Transient: the next round polls again, and a wait gives up only after several
+    in a row."""
+
+    transient = True
+
+
 class OpenAIFileDownloadError(OpenAIBatchError):
     """A file's content did not arrive whole: the connection was lost in the middle of it, or the bytes received
     do not add up to the file's size (``File.bytes``).

@@ -9,11 +9,13 @@ its own GET, and the board serves the waits that are due together, in one *round
 * (a) one GET per due batch, or
 * (b) a walk of the list's pages until every due batch has been seen.
 
-It estimates (b) from its last walk (the pages it took to see every batch it looked for) and walks only when
-that is fewer requests than (a), so a few waits stay on GETs. A walk is bounded: once it has cost as many pages
-as (a) would have requests, it stops, and every due batch it did not see gets its own GET in the same round, as
-does every due batch when a page fails after the hook's retries. Nothing depends on the list's order. Pages and
-GETs go through the hook, hence the shared client's gate and the API key's rate governor.
+It estimates (b) from its last walk (the page it saw each due batch on) and walks only when that is fewer
+requests than (a), so a few waits stay on GETs. A walk is bounded: once it has cost as many pages as (a) would
+have requests, it stops, and every due batch it did not see gets its own GET in the same round, as does every
+due batch not seen yet when a page fails after the hook's retries. A page refused for the rate limit is
+backpressure, not a failure: the waits it leaves unseen are told so, as their GETs would have been, and poll
+again next round. Nothing depends on the list's order. Pages and GETs go through the hook, hence the shared
+client's gate and the API key's rate governor.
 
 A wait gets the Batch a GET would have given it (the list's items are the same ``Batch`` objects, validated by
 the same model) or the error its own GET raised, so its outcome, status history, deadline and error budget are
@@ -32,11 +34,15 @@ import asyncio
 import logging
 import math
 import weakref
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 
-from airflow_provider_openai_batch.exceptions import OpenAIBatchError
+from airflow_provider_openai_batch.exceptions import (
+    OpenAIBatchError,
+    OpenAIBatchPollingError,
+    OpenAIBatchRateLimitError,
+)
 from airflow_provider_openai_batch.hooks._connection import ConnectionSettings
 from airflow_provider_openai_batch.hooks.openai_batch import MAX_PAGE_SIZE, OpenAIBatchHook
 from airflow_provider_openai_batch.models import Batch
@@ -48,7 +54,8 @@ log = logging.getLogger(__name__)
 PollResult = Batch | OpenAIBatchError | ValueError
 
 #: Results handed out before the round yields to the event loop: each wakes a wait, and ten thousand waits woken
-#: in one turn of the loop would hold it for a tenth of a second.
+#: in one turn of the loop would hold it for a tenth of a second. A page holds at most a hundred batches when
+#: the API keeps to ``limit``; nothing holds it to that.
 DELIVERY_SLICE = 200
 
 
@@ -70,10 +77,10 @@ class StatusBoard:
 
     hook: OpenAIBatchHook
     waits: int = 0
-    #: Pages the last complete walk took to see every batch it looked for; for an incomplete walk, what its
-    #: round cost (pages and GETs). ``None`` before the first walk: then a walk is assumed to find a hundred
-    #: due batches a page.
-    last_walk_cost: int | None = None
+    #: The page on which the last walk saw each batch it looked for; ``inf`` for one it did not see. A batch it
+    #: did not look for (a wait that joined since) is assumed to be found a hundred a page: new batches are the
+    #: newest, which the list shows first.
+    page_of: dict[str, float] = field(default_factory=dict)
     _queued: dict[str, list[_Ask]] = field(default_factory=dict)
     _timer: asyncio.TimerHandle | None = None
     _rounds: set[asyncio.Task[None]] = field(default_factory=set)
@@ -95,10 +102,15 @@ class StatusBoard:
             self._withdraw(batch_ids, asks)
             raise
 
-    def walk_pays(self, due: int) -> bool:
-        """Whether walking the list is estimated to cost fewer requests than ``due`` GETs."""
-        estimate = math.ceil(due / MAX_PAGE_SIZE) if self.last_walk_cost is None else self.last_walk_cost
-        return estimate < due
+    def walk_pays(self, due: Collection[str]) -> bool:
+        """Whether a round for the ``due`` batches is estimated to cost fewer requests walking the list than with
+        a GET each: the pages down to the deepest one the last walk saw them on, plus a GET for each it did not
+        see."""
+        unknown = math.ceil(len(due) / MAX_PAGE_SIZE)
+        pages = [self.page_of.get(batch_id, unknown) for batch_id in due]
+        unseen = pages.count(math.inf)
+        deepest = max((page for page in pages if page < math.inf), default=0)
+        return deepest + unseen < len(due)
 
     async def close(self) -> None:
         """Stop every round and release the hook: the last wait has left."""
@@ -122,48 +134,64 @@ class StatusBoard:
         self._timer = None
         now = asyncio.get_running_loop().time()
         due: dict[str, list[_Ask]] = {}
+        queued: dict[str, list[_Ask]] = {}
         next_round = math.inf
-        for batch_id, asks in list(self._queued.items()):
-            ready = [ask for ask in asks if ask.opens <= now]
-            waiting = [ask for ask in asks if ask.opens > now]
-            if ready:
-                due[batch_id] = ready
-            if waiting:
-                self._queued[batch_id] = waiting
-                next_round = min(next_round, *(ask.closes for ask in waiting))
-            else:
-                del self._queued[batch_id]
+        for batch_id, asks in self._queued.items():
+            for ask in asks:
+                if ask.opens <= now:
+                    due.setdefault(batch_id, []).append(ask)
+                else:
+                    queued.setdefault(batch_id, []).append(ask)
+                    next_round = min(next_round, ask.closes)
+        self._queued = queued
         if due:
             task = asyncio.get_running_loop().create_task(self._round(due))
             self._rounds.add(task)
             task.add_done_callback(self._rounds.discard)
-        if next_round < math.inf:
+        if queued:
             self._run_round_by(next_round)
 
     async def _round(self, due: dict[str, list[_Ask]]) -> None:
         unseen = set(due)
-        if self.walk_pays(len(due)):
-            await self._walk(due, unseen)
-        if unseen:
-            await asyncio.gather(*(self._get(batch_id, due[batch_id]) for batch_id in unseen))
+        try:
+            if self.walk_pays(due):
+                await self._walk(due, unseen)
+            if unseen:
+                await asyncio.gather(*(self._get(batch_id, due[batch_id]) for batch_id in unseen))
+        except Exception as error:  # the last guard: no wait may be left without its answer
+            log.exception("A polling round failed; its waits poll again next round.")
+            failure = OpenAIBatchPollingError(
+                f"A polling round failed ({type(error).__name__}); see the log."
+            )
+            for asks in due.values():
+                _answer(asks, failure)
 
     async def _walk(self, due: dict[str, list[_Ask]], unseen: set[str]) -> None:
         """Answer the due batches the list's pages show, removing them from ``unseen``; stop when none is left,
         at the list's end, or once the pages cost what GETs for all would have."""
         pages = delivered = 0
+        page_of: dict[str, float] = dict.fromkeys(due, math.inf)
         try:
-            async with aclosing(self.hook.alist_batch_pages(limit=MAX_PAGE_SIZE)) as listing:
+            listing_pages = self.hook.alist_batch_pages(limit=MAX_PAGE_SIZE, patient=False)
+            async with aclosing(listing_pages) as listing:
                 async for page in listing:
                     pages += 1
                     for batch in page.data:
                         if batch.id in unseen:
                             unseen.discard(batch.id)
+                            page_of[batch.id] = pages
                             delivered += _answer(due[batch.id], batch)
                             if delivered >= DELIVERY_SLICE:
                                 delivered = 0
                                 await asyncio.sleep(0)
                     if not unseen or pages >= len(due):
                         break
+        except OpenAIBatchRateLimitError as error:
+            # Backpressure, not a failure, and what their GETs would have been told: they poll again next round.
+            for batch_id in unseen:
+                _answer(due[batch_id], error)
+            unseen.clear()
+            return
         except (OpenAIBatchError, ValueError) as error:
             log.info(
                 "A page of the batch list failed; %d batch(es) not seen yet are polled one by one: %s",
@@ -171,7 +199,10 @@ class StatusBoard:
                 error,
             )
             return
-        self.last_walk_cost = pages + len(unseen)
+        except Exception:  # a walk only saves requests: whatever breaks it, the GETs remain
+            log.exception("Walking the batch list failed; %d batch(es) are polled one by one.", len(unseen))
+            return
+        self.page_of = page_of
 
     async def _get(self, batch_id: str, asks: list[_Ask]) -> None:
         result: PollResult

@@ -8,13 +8,15 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 
 from airflow_provider_openai_batch import status_board
+from airflow_provider_openai_batch.cancellation import MAX_CONSECUTIVE_FAILURES
 from airflow_provider_openai_batch.hooks import _async_clients
+from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
 from airflow_provider_openai_batch.models import Batch
 from airflow_provider_openai_batch.testing import BatchAPIEmulator, Fault
 from airflow_provider_openai_batch.triggers.openai_batch import (
@@ -250,8 +252,9 @@ async def test_a_cancelled_multi_batch_trigger_frees_everything(api: BatchAPIEmu
 
 
 async def test_rate_limited_pages_are_ridden_out_not_failed(api: BatchAPIEmulator) -> None:
-    """A page refused with 429 is backpressure, not a failure, even with no retries allowed: the walk waits its
-    turn (the key's rate governor, as for every request) and the round needs no GET."""
+    """A page refused with 429 is backpressure, not a failure, even with no retries allowed: the waits are told
+    what their GETs would have been told, and poll again next round (the key's rate governor paces every
+    request): no GET is sent, and every wait ends ``cancelled``."""
     ids = cancelling(api, 150, cancel_after_polls=2)
     api.inject(Fault.rate_limited(2, retry_after=0.1, method="GET", path=f"{LIST}$"))
     events = await wait_for_cancellations("openai_default", ids, INTERVAL, time.time() + 60)
@@ -261,3 +264,36 @@ async def test_rate_limited_pages_are_ridden_out_not_failed(api: BatchAPIEmulato
         (LIST, 429),
         *[(LIST, 200)] * 4,
     ]
+
+
+async def test_a_walk_that_breaks_for_any_reason_falls_back_to_gets(
+    api: BatchAPIEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A walk only saves requests: broken by something no error mapping foresaw, its round polls by GETs."""
+
+    async def broken_pages(self: OpenAIBatchHook, **kwargs: Any) -> AsyncIterator[Any]:
+        raise RuntimeError("a bug in the walk")
+        yield  # an async generator, as the real one
+
+    monkeypatch.setattr(OpenAIBatchHook, "alist_batch_pages", broken_pages)
+    ids = cancelling(api, 3, cancel_after_polls=2)
+    events = await wait_for_cancellations("openai_default", ids, INTERVAL / 4, time.time() + 60)
+    assert [event.status for event in events] == ["cancelled"] * 3
+    assert pages_and_gets(api) == (0, 6)
+
+
+async def test_a_round_that_breaks_leaves_no_wait_hanging(
+    api: BatchAPIEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Broken beyond the walk, a round still answers each of its waits: a transient failure, so a wait gives up
+    only after several rounds in a row, with an ``error`` event that says so, long before its deadline."""
+
+    async def broken_get(self: OpenAIBatchHook, batch_id: str) -> Batch:
+        raise RuntimeError("a bug in a poll")
+
+    monkeypatch.setattr(OpenAIBatchHook, "aget_batch", broken_get)
+    [batch_id] = cancelling(api, 1)
+    [event] = await wait_for_cancellations("openai_default", [batch_id], 0.05, time.time() + 60)
+    assert event.status == "error"
+    assert f"after {MAX_CONSECUTIVE_FAILURES} failed polls in a row" in event.message
+    assert "A polling round failed (RuntimeError)" in event.message

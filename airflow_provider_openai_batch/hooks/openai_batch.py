@@ -186,17 +186,21 @@ class OpenAIBatchHook(BaseHook):
                     return
 
     def list_batch_pages(
-        self, *, after: str | None = None, limit: int = MAX_PAGE_SIZE
+        self, *, after: str | None = None, limit: int = MAX_PAGE_SIZE, patient: bool = True
     ) -> Generator[BatchList]:
         """Iterate over the pages of the organization's batches, one request each, fetched as consumed.
 
         A next-page cursor that is not a batch id, or that this listing already sent (a server ignoring
         ``after``), raises :class:`OpenAIBatchResponseError` rather than reading the same pages for ever.
+
+        :param patient: ride out rate limiting for the retry policy's ``rate_limit_patience``. A poll is not
+            patient: refused, it raises :class:`OpenAIBatchRateLimitError` at once, backpressure for its wait.
         """
         params = _list_params(after, limit)
         sent = _cursors(params)
         while True:
-            page = _errors.parse(self._send("GET", "/batches", params=params), BatchList, None)
+            response = self._send("GET", "/batches", params=params, patient=patient)
+            page = _errors.parse(response, BatchList, None)
             yield page
             if (cursor := _next_cursor(page)) is None:
                 return
@@ -344,13 +348,14 @@ class OpenAIBatchHook(BaseHook):
                     return
 
     async def alist_batch_pages(
-        self, *, after: str | None = None, limit: int = MAX_PAGE_SIZE
+        self, *, after: str | None = None, limit: int = MAX_PAGE_SIZE, patient: bool = True
     ) -> AsyncGenerator[BatchList]:
         """Async :meth:`list_batch_pages`."""
         params = _list_params(after, limit)
         sent = _cursors(params)
         while True:
-            page = _errors.parse(await self._asend("GET", "/batches", params=params), BatchList, None)
+            response = await self._asend("GET", "/batches", params=params, patient=patient)
+            page = _errors.parse(response, BatchList, None)
             yield page
             if (cursor := _next_cursor(page)) is None:
                 return

@@ -28,13 +28,20 @@ from airflow.providers.common.compat.sdk import AirflowException
 from hypothesis import given
 from hypothesis import strategies as st
 
-from airflow_provider_openai_batch.cancellation import CancellationEvent, validated_event
+from airflow_provider_openai_batch.cancellation import (
+    CancellationEvent,
+    MultiCancellationEvent,
+    validated_event,
+)
 from airflow_provider_openai_batch.hooks import _rate
 from airflow_provider_openai_batch.hooks.openai_batch import OpenAIBatchHook
 from airflow_provider_openai_batch.models import Batch, File
 from airflow_provider_openai_batch.operators.openai_batch import OpenAICancelBatchOperator
 from airflow_provider_openai_batch.testing import BatchAPIEmulator, Fault
-from airflow_provider_openai_batch.triggers.openai_batch import OpenAIBatchCancellationTrigger
+from airflow_provider_openai_batch.triggers.openai_batch import (
+    OpenAIBatchCancellationTrigger,
+    OpenAIMultiBatchCancellationTrigger,
+)
 from tests._guards import (  # noqa: F401 - fixtures: guard, and fast_backoff are autouse
     FAKE_API_KEY,
     Guard,
@@ -170,8 +177,9 @@ def answers(draw: st.DrawFn, batch: dict[str, Any], file: dict[str, Any], prefer
 @pytest.fixture(scope="module")
 def api(shared_emulator: BatchAPIEmulator) -> Iterator[dict[str, Any]]:
     batch = shared_emulator.add_batch(status="cancelling", cancel_after_polls=10**9)
+    other_batch = shared_emulator.add_batch(status="cancelling", cancel_after_polls=10**9)
     file = shared_emulator.add_file('{"custom_id": "a"}\n')
-    yield {"emulator": shared_emulator, "batch": batch, "file": file}
+    yield {"emulator": shared_emulator, "batch": batch, "other_batch": other_batch, "file": file}
     shared_emulator.clear_faults()
 
 
@@ -350,3 +358,36 @@ def test_trigger_yields_its_event_whatever_the_answers(
         ) from error
     guard.check(payload, "the trigger event")
     validated_event(CancellationEvent, payload)
+
+
+@budget(12)
+@given(data=st.data())
+def test_a_hostile_list_page_never_fails_a_wait(
+    data: st.DataObject, connection: dict[str, Any], guard: Guard
+) -> None:
+    """Two waits in one multi-batch trigger: the status board walks the list, whose pages get the hostile answer,
+    while the batches' own GETs are healthy (both batches held ``cancelling``). Whatever a page says, the trigger
+    yields one valid event, and no wait ends with ``error``: a page that fails falls back to the GETs, a refused
+    one is backpressure, and a page that parses is taken at its word (a timeout, or the status it claims)."""
+    api = connection
+    page = data.draw(answers(api["batch"], api["file"], "page"), label="list page answer")
+    emulator: BatchAPIEmulator = api["emulator"]
+    emulator.clear_faults()
+    emulator.clear_requests()
+    _rate._governors.clear()
+    emulator.inject(Fault(**{**vars(page), "method": "GET", "path": r"/batches$"}))
+    ids = [api["batch"]["id"], api["other_batch"]["id"]]
+    trigger = OpenAIMultiBatchCancellationTrigger(
+        ids, CONN_ID, poll_interval=0.05, deadline=time.time() + 1.5
+    )
+    payload, error = bounded(lambda: run_async(first_event(rebuild(trigger, guard)), timeout=8))
+    if error is not None:
+        guard.check_exception(error)
+        raise AssertionError(
+            f"the trigger's run() raised instead of yielding its event: {error!r}"
+        ) from error
+    guard.check(payload, "the trigger event")
+    events = validated_event(MultiCancellationEvent, payload).events
+    assert [event.batch_id for event in events] == ids
+    assert [event.status for event in events if event.status == "error"] == [], [e.message for e in events]
+    assert "/v1/batches" in [request.path for request in emulator.requests], "the round walked the list"
