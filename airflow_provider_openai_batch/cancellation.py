@@ -31,8 +31,10 @@ MAX_CONSECUTIVE_FAILURES = 5
 #: (and hitting a shared rate limit) in lockstep. Within one event loop they share rounds (``status_board``).
 POLL_JITTER = (0.9, 1.1)
 #: The earliest a wait's next poll may run, as a share of the poll interval. A round that polls for waits due now
-#: also serves the waits whose window has opened: waits deferred seconds apart come to share one round.
-EARLIEST_POLL = 0.5
+#: also serves the waits whose window has opened, so waits deferred seconds apart come to share one round. Under
+#: 0.45, two groups of waits always merge: their rounds, at most 0.9 of an interval apart (the waits of a group
+#: are due at the earliest of their jittered intervals), cannot each fall within this share of the other's.
+EARLIEST_POLL = 0.4
 
 
 class WaitStopped(StrEnum):

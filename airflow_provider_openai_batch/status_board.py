@@ -106,11 +106,15 @@ class StatusBoard:
         """Whether a round for the ``due`` batches is estimated to cost fewer requests walking the list than with
         a GET each: the pages down to the deepest one the last walk saw them on, plus a GET for each it did not
         see."""
+        depth, unseen = self._expected_walk(due)
+        return depth + unseen < len(due)
+
+    def _expected_walk(self, due: Collection[str]) -> tuple[int, int]:
+        """The page down to which a walk should see the ``due`` batches it can, and how many it cannot (the last
+        walk did not see them)."""
         unknown = math.ceil(len(due) / MAX_PAGE_SIZE)
         pages = [self.page_of.get(batch_id, unknown) for batch_id in due]
-        unseen = pages.count(math.inf)
-        deepest = max((page for page in pages if page < math.inf), default=0)
-        return deepest + unseen < len(due)
+        return int(max((page for page in pages if page < math.inf), default=0)), pages.count(math.inf)
 
     async def close(self) -> None:
         """Stop every round and release the hook: the last wait has left."""
@@ -167,8 +171,11 @@ class StatusBoard:
                 _answer(asks, failure)
 
     async def _walk(self, due: dict[str, list[_Ask]], unseen: set[str]) -> None:
-        """Answer the due batches the list's pages show, removing them from ``unseen``; stop when none is left,
-        at the list's end, or once the pages cost what GETs for all would have."""
+        """Answer the due batches the list's pages show, removing them from ``unseen``. Stop when none is left,
+        at the list's end, once the pages cost what GETs for all would have, or at the first page past the
+        expected depth that shows none of them: the rest are older than the list's busy head, and fewer GETs
+        than the pages it would take to find them."""
+        depth, _ = self._expected_walk(due)
         pages = delivered = 0
         page_of: dict[str, float] = dict.fromkeys(due, math.inf)
         try:
@@ -176,15 +183,17 @@ class StatusBoard:
             async with aclosing(listing_pages) as listing:
                 async for page in listing:
                     pages += 1
+                    found = False
                     for batch in page.data:
                         if batch.id in unseen:
                             unseen.discard(batch.id)
                             page_of[batch.id] = pages
+                            found = True
                             delivered += _answer(due[batch.id], batch)
                             if delivered >= DELIVERY_SLICE:
                                 delivered = 0
                                 await asyncio.sleep(0)
-                    if not unseen or pages >= len(due):
+                    if not unseen or pages >= len(due) or (pages > depth and not found):
                         break
         except OpenAIBatchRateLimitError as error:
             # Backpressure, not a failure, and what their GETs would have been told: they poll again next round.

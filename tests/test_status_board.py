@@ -83,17 +83,31 @@ async def test_a_crowd_of_single_waits_is_served_by_list_pages_only(api: BatchAP
 
 
 async def test_a_few_waits_stay_on_gets_once_a_walk_proved_dearer(api: BatchAPIEmulator) -> None:
-    """Three waits whose batches sit under 500 newer ones. The first round's walk stops after three pages (what
-    three GETs cost), and the three batches it did not see get their GETs in the same round; from then on the
-    board knows a walk costs more, and polls with three GETs a round."""
+    """Three waits whose batches sit under 500 newer ones. The first round's walk expects them on the first page;
+    the second page, past that, shows none either, so it stops, and the three get their GETs in the same round.
+    From then on the board knows a walk costs more, and polls with three GETs a round."""
     ids = cancelling(api, 3, created_at=int(time.time()) - 3600, cancel_after_polls=3)
     api.add_batches(500)
     events = await each_alone("openai_default", ids)
     assert [event["status"] for event in events] == ["cancelled"] * 3
     seen = paths(api)
-    assert seen[:3] == [LIST] * 3, "a walk bounded at the cost of the GETs"
-    assert sorted(seen[3:6]) == sorted(f"{LIST}/{batch_id}" for batch_id in ids), "the unseen, in one round"
-    assert pages_and_gets(api) == (3, 9), "then GETs only: two more rounds of three"
+    assert seen[:2] == [LIST] * 2, "a walk stopped at the first page past its depth that shows none due"
+    assert sorted(seen[2:5]) == sorted(f"{LIST}/{batch_id}" for batch_id in ids), "the unseen, in one round"
+    assert pages_and_gets(api) == (2, 9), "then GETs only: two more rounds of three"
+
+
+async def test_a_walk_stops_at_a_page_past_its_depth_that_shows_none_due(api: BatchAPIEmulator) -> None:
+    """150 waits on the newest batches (pages 1 and 2) and 3 on batches under 500 others (page 7). A walk expects
+    the due batches on 2 pages; the third, past that, shows none of them: it stops there, and the 3 get GETs.
+    Cheaper than walking to page 7, and far cheaper than the bound (153 pages) when a few are buried deep."""
+    old = cancelling(api, 3, created_at=int(time.time()) - 3600, cancel_after_polls=2)
+    api.add_batches(500, created_at=int(time.time()) - 60)
+    new = cancelling(api, 150, cancel_after_polls=2)
+    events = await wait_for_cancellations("openai_default", [*old, *new], INTERVAL, time.time() + 60)
+    assert [event.status for event in events] == ["cancelled"] * 153
+    seen = paths(api)
+    one_round = (LIST, LIST, LIST, *sorted(f"{LIST}/{batch_id}" for batch_id in old))
+    assert [*seen[:3], *sorted(seen[3:6]), *seen[6:9], *sorted(seen[9:])] == [*one_round, *one_round]
 
 
 async def test_a_batch_missing_from_the_list_gets_its_own_get(api: BatchAPIEmulator) -> None:
