@@ -92,6 +92,9 @@ def run_part(part: str, mode: str, n: int, cap: float, quiet_wait: float) -> dic
         "lag_max_s": run["lag_max_s"],
         "lag_spikes": run["lag_spikes"],
         "gc_pause_max_s": run["gc_pause_max_s"],
+        "gc_collections": run["gc_collections"],
+        "gc_gen2": run["gc_gen2"],  # (pause s, objects freed) of each full collection, the first 20
+        "frozen_objects": run["frozen_objects"],
         "peak_rss": run["peak_rss"],
         "emulator_busy": run["emulator_busy"],
         "other_load_cores": run["other_load_cores"],
