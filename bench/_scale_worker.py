@@ -233,9 +233,14 @@ async def probe(run: Run, stop: asyncio.Event) -> None:
 
 def _apply_experiments() -> None:
     """Diagnosis only: ``BENCH_POOL_SIZE`` overrides this provider's shared-client pool size and request gate;
-    ``BENCH_GC_FREEZE=1`` moves everything allocated before the measured run out of the cyclic GC's reach."""
+    ``BENCH_GC_FREEZE=1`` moves everything allocated before the measured run out of the cyclic GC's reach;
+    ``BENCH_GC_NO_FULL=1`` keeps the collector from ever running a full (generation 2) collection, to see what
+    the loop's lag is without them."""
     if os.environ.get("BENCH_GC_FREEZE") == "1":
         gc.freeze()
+    if os.environ.get("BENCH_GC_NO_FULL") == "1":
+        young, middle, _ = gc.get_threshold()
+        gc.set_threshold(young, middle, 2**30)
     if pool_size := os.environ.get("BENCH_POOL_SIZE"):
         from airflow_provider_openai_batch.hooks import _async_clients
 
