@@ -42,7 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, peak_rss_bytes, percentile, reset_peak_rss, rss_bytes
 
 PROBE_INTERVAL = 0.010  #: the lag probe sleeps this long and records how late it wakes up
-SPIKE = 0.1  #: lags above this are also reported with the time they started at, to find their cause
+#: Lags above this (seconds; ``BENCH_LAG_SPIKE`` to diagnose smaller ones) are also reported with the time they
+#: started at, to find their cause.
+SPIKE = float(os.environ.get("BENCH_LAG_SPIKE", "0.1"))
 LOCAL_SETTINGS = ROOT / "docs" / "recipes" / "airflow_local_settings.py"
 
 
