@@ -1,7 +1,7 @@
 """Coalesced polling (issue 22): the status board against one GET per wait and round, side by side in one run.
 
 Usage: .venv/bin/python bench/board_vs_get.py [--parts storm,unlimited,large] [--n 1000] [--large-n 10000]
-       [--repeats 1] [--large-per-get] [--wait-quiet 300] [--json FILE]
+       [--repeats 1] [--large-per-get] [--wait-quiet 300] [--profile DIR] [--json FILE]
 
 Every part runs this provider's single-batch ``OpenAIBatchCancellationTrigger``s in one event loop, in a fresh
 worker process against an emulator process (bench/trigger_scale.py's ``run_once``), once per mode:
@@ -53,8 +53,11 @@ MAX_LAG_S = 0.050
 REQUESTS_PER_ROUND_FACTOR = 1.1  #: times N / 100
 
 
-def run_part(part: str, mode: str, n: int, cap: float, quiet_wait: float) -> dict[str, Any]:
-    """One measured run of ``part`` in ``mode``, with the figures its targets need."""
+def run_part(
+    part: str, mode: str, n: int, cap: float, quiet_wait: float, profile_dir: Path | None = None
+) -> dict[str, Any]:
+    """One measured run of ``part`` in ``mode``, with the figures its targets need; with ``profile_dir``, py-spy's
+    raw stacks of the worker (diagnosis: it perturbs the numbers)."""
     options: dict[str, Any] = {"per_get": mode == "per-GET", "unrelated": UNRELATED, "quiet_wait": quiet_wait}
     if part == "storm":
         poll_interval, polls = STORM_POLL_S, POLLS
@@ -67,7 +70,8 @@ def run_part(part: str, mode: str, n: int, cap: float, quiet_wait: float) -> dic
         poll_interval, polls = trigger_scale.default_poll_interval(n), POLLS
         options["local_settings"] = part == "large"
     print(f"  {part} N={n} {mode} (poll {poll_interval:g} s)", file=sys.stderr, flush=True)
-    run = trigger_scale.quiet_run("ours", n, poll_interval, polls, cap, 1, None, **options)
+    profile_to = profile_dir / f"{part}-{mode}-n{n}.raw" if profile_dir else None
+    run = trigger_scale.quiet_run("ours", n, poll_interval, polls, cap, 1, profile_to, **options)
     codes = run["status_codes"]
     wait_rounds = run["wait_rounds"]
     return {
@@ -111,6 +115,7 @@ def measure(
     large_per_get: bool = False,
     cap: float = 900.0,
     quiet_wait: float = 300.0,
+    profile_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Every part in both modes (``large``: the board only, unless ``large_per_get``), modes alternating; per
     part and mode, the run with the median wall time of ``repeats``."""
@@ -127,7 +132,8 @@ def measure(
         runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
         for _repeat in range(repeats if part != "large" else 1):
             for mode in modes:
-                runs[mode].append(run_part(part, mode, large_n if part == "large" else n, cap, quiet_wait))
+                size = large_n if part == "large" else n
+                runs[mode].append(run_part(part, mode, size, cap, quiet_wait, profile_dir))
         result["parts"][part] = {mode: _median_run(runs[mode]) for mode in modes}
         result["parts"][part]["all_runs"] = runs
     return result
@@ -235,13 +241,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--wait-quiet", type=float, default=300.0, help="wait up to this long for a quiet machine per run"
     )
+    parser.add_argument(
+        "--profile", type=Path, help="attach py-spy to each worker, raw stacks in this directory"
+    )
     parser.add_argument("--json", type=Path, help="write the full result here")
     args = parser.parse_args(argv)
     parts = tuple(part for part in args.parts.split(",") if part)
     if unknown := set(parts) - set(PARTS):
         parser.error(f"unknown part(s) {sorted(unknown)}; choose from {', '.join(PARTS)}")
     ensure_official_venv()
-    result = measure(parts, args.n, args.large_n, args.repeats, args.large_per_get, args.cap, args.wait_quiet)
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+    result = measure(
+        parts, args.n, args.large_n, args.repeats, args.large_per_get, args.cap, args.wait_quiet, args.profile
+    )
     report(format_table(result), result, args.json)
     return result
 
