@@ -27,14 +27,24 @@ from typing import IO, Any, Self
 
 from airflow_provider_openai_batch.testing.emulator import BatchAPIEmulator, Fault
 
+LIST_PATH = "/v1/batches"  #: the batch list; a GET of one batch is below it
+
 
 def _stats(emulator: BatchAPIEmulator) -> dict[str, Any]:
-    """Requests received so far (control traffic excluded), by method, and by answered status code."""
+    """Requests received so far (control traffic excluded), by method, by answered status code, and the list
+    pages (``GET /v1/batches``) and GETs of one batch among them."""
     requests = emulator.requests
+    reads = Counter(
+        "pages" if request.path == LIST_PATH else "gets"
+        for request in requests
+        if request.method == "GET" and request.path.startswith(LIST_PATH)
+    )
     return {
         "requests": len(requests),
         "by_method": dict(Counter(request.method for request in requests)),
         "by_status": {str(code): count for code, count in Counter(r.status for r in requests).items()},
+        "pages": reads["pages"],
+        "gets": reads["gets"],
     }
 
 
@@ -82,6 +92,12 @@ def _execute(emulator: BatchAPIEmulator, command: dict[str, Any]) -> dict[str, A
             return {"per_batch": dict(per_batch)}
         case "last_served":
             return {"statuses": _last_served(emulator, command["ids"])}
+        case "restart_cancels":
+            # The batches are cancelled now: a cancelling batch's ``cancel_after_seconds`` count from here, so a
+            # time-based cancellation starts with the measured run, not at seeding.
+            for batch_id in command["ids"]:
+                emulator.set_status(batch_id, "cancelling")
+            return {}
         case "limit_rate":
             emulator.limit_rate(command["requests"], per=command.get("per", 1.0))
             return {}

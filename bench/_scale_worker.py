@@ -1,7 +1,7 @@
 """One trigger-scale measurement in a fresh process: N triggers of one provider in one event loop.
 
 Usage: .bench-venv/bin/python bench/_scale_worker.py --provider ours|official --ids-file F --poll-interval P
-       [--cold] [--local-settings]
+       [--cold] [--local-settings] [--per-get]
 (started by bench/trigger_scale.py, which seeds the emulator, sets ``AIRFLOW_CONN_*`` and samples this process)
 
 Like the triggerer, it runs every trigger's ``run()`` async generator as its own asyncio task and consumes its
@@ -15,6 +15,11 @@ never notice the cap.
 With ``--local-settings`` it plays a triggerer deployed with docs/recipes/airflow_local_settings.py: it imports
 Airflow, loads that file as ``airflow triggerer`` would, and forks; the child, whose pid the ``ready`` line gives,
 runs the triggers as the triggerer's trigger runner does, with the heap it inherited frozen.
+
+This provider's waits share each round's requests through the event loop's status board; the worker counts the
+board's rounds and the wait-rounds (one wait's batch served in one round) it served. ``--per-get`` polls as
+before the board, for comparison: the board never walks the list, so every due wait gets its own GET. That is
+an option of this bench only; the provider has no such knob.
 """
 
 from __future__ import annotations
@@ -37,7 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, peak_rss_bytes, percentile, reset_peak_rss, rss_bytes
 
 PROBE_INTERVAL = 0.010  #: the lag probe sleeps this long and records how late it wakes up
-SPIKE = 0.1  #: lags above this are also reported with the time they started at, to find their cause
+#: Lags above this (seconds; ``BENCH_LAG_SPIKE`` to diagnose smaller ones) are also reported with the time they
+#: started at, to find their cause.
+SPIKE = float(os.environ.get("BENCH_LAG_SPIKE", "0.1"))
 LOCAL_SETTINGS = ROOT / "docs" / "recipes" / "airflow_local_settings.py"
 
 
@@ -74,6 +81,10 @@ class Run:
         self.last_event = 0.0
         self.baseline_rss = 0
         self.pool_size: int | None = None
+        self.wait_rounds = (
+            0  #: batches the status board was asked for: one per wait and round it took part in
+        )
+        self.board_rounds = 0
         self.tracked_objects_baseline = 0
         self.full_collect_baseline_s = 0.0
         self.hwm_reset = False
@@ -124,6 +135,8 @@ class Run:
             "end_rss": rss_bytes(),
             "hwm_reset": self.hwm_reset,
             "pool_size": self.pool_size,
+            "wait_rounds": self.wait_rounds,
+            "board_rounds": self.board_rounds,
             "frozen_objects": gc.get_freeze_count(),
         }
 
@@ -160,6 +173,27 @@ def _counting(init: Any, counts: Counter[str], key: str) -> Any:
         init(self, *args, **kwargs)
 
     return counting_init
+
+
+def count_board_use(run: Run, per_get: bool) -> None:
+    """Count the status board's rounds and the batches waits asked it for; with ``per_get``, keep it from ever
+    walking the list, as waits polled before it: one GET per due wait and round."""
+    from airflow_provider_openai_batch.status_board import StatusBoard
+
+    poll, round_ = StatusBoard.poll, StatusBoard._round
+
+    async def counted_poll(self: StatusBoard, batch_ids: Any, *args: Any) -> Any:
+        run.wait_rounds += len(batch_ids)
+        return await poll(self, batch_ids, *args)
+
+    async def counted_round(self: StatusBoard, due: Any) -> None:
+        run.board_rounds += 1
+        await round_(self, due)
+
+    StatusBoard.poll = counted_poll  # type: ignore[method-assign]
+    StatusBoard._round = counted_round  # type: ignore[method-assign]
+    if per_get:
+        StatusBoard.walk_pays = lambda self, due: False  # type: ignore[method-assign]
 
 
 def emit(payload: dict[str, Any]) -> None:
@@ -201,9 +235,14 @@ async def probe(run: Run, stop: asyncio.Event) -> None:
 
 def _apply_experiments() -> None:
     """Diagnosis only: ``BENCH_POOL_SIZE`` overrides this provider's shared-client pool size and request gate;
-    ``BENCH_GC_FREEZE=1`` moves everything allocated before the measured run out of the cyclic GC's reach."""
+    ``BENCH_GC_FREEZE=1`` moves everything allocated before the measured run out of the cyclic GC's reach;
+    ``BENCH_GC_NO_FULL=1`` keeps the collector from ever running a full (generation 2) collection, to see what
+    the loop's lag is without them."""
     if os.environ.get("BENCH_GC_FREEZE") == "1":
         gc.freeze()
+    if os.environ.get("BENCH_GC_NO_FULL") == "1":
+        young, middle, _ = gc.get_threshold()
+        gc.set_threshold(young, middle, 2**30)
     if pool_size := os.environ.get("BENCH_POOL_SIZE"):
         from airflow_provider_openai_batch.hooks import _async_clients
 
@@ -213,6 +252,9 @@ def _apply_experiments() -> None:
 async def main_async(args: argparse.Namespace) -> None:
     targets: list[list[str]] = json.loads(Path(args.ids_file).read_text())
     warmup_conn, warmup_batch = targets.pop(0)
+    run = Run(len(targets))
+    if args.provider == "ours":
+        count_board_use(run, args.per_get)
     if args.cold:
         make_trigger(args.provider, warmup_conn, warmup_batch, 1.0, 1.0)  # imports only: nothing runs
     else:
@@ -222,7 +264,7 @@ async def main_async(args: argparse.Namespace) -> None:
     gc.collect()
     full_collect_s = time.perf_counter() - collect_started
     _apply_experiments()
-    run = Run(len(targets))
+    run.wait_rounds = run.board_rounds = 0  # the warm-up's
     if args.provider == "ours":
         from airflow_provider_openai_batch.hooks import _async_clients
 
@@ -277,6 +319,11 @@ def main(argv: list[str] | None = None) -> None:
         "--local-settings",
         action="store_true",
         help="fork from a triggerer-like parent that loaded docs/recipes/airflow_local_settings.py",
+    )
+    parser.add_argument(
+        "--per-get",
+        action="store_true",
+        help="this provider polls one GET per wait and round, as before the status board",
     )
     args = parser.parse_args(argv)
     if args.local_settings:

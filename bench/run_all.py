@@ -1,12 +1,13 @@
 """Run every benchmark against the official OpenAI provider and write a report; what ``make bench`` runs.
 
 Usage: .venv/bin/python bench/run_all.py [--quick] [--n 100,1000,5000] [--repeats 3]
-       [--skip scale,settings,parse,requests,download]
+       [--skip scale,settings,parse,requests,download,storm,board] [--only board,parse]
 
 Creates ``.bench-venv`` (official provider 2.2.0) on first use, then runs bench/parse_cost.py,
 bench/requests_per_cancel.py, bench/download_split.py (saving a 50,000-request batch's results, against a plain
 httpx download) and bench/trigger_scale.py (for every N as Airflow runs triggers by default, and at
-N = 1,000 again as a triggerer deployed with docs/recipes/airflow_local_settings.py), and writes
+N = 1,000 again as a triggerer deployed with docs/recipes/airflow_local_settings.py), bench/rate_limit_storm.py
+and bench/board_vs_get.py (the status board against one GET per wait and round), and writes
 ``bench/results/latest.json`` (every run's raw numbers) and ``bench/results/latest.md`` (machine, tables,
 targets), also printed at the end. ``--quick`` is a smoke run of a minute or two (N=100 once, fewer samples); the
 full run takes about 20 minutes on 2 cores.
@@ -24,6 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import board_vs_get
 import download_split
 import parse_cost
 import rate_limit_storm
@@ -48,6 +50,17 @@ TARGET_LAG_MAX_S = 0.050
 TARGET_RSS_PER_TRIGGER = 50_000  # bytes: "50 KB"
 TARGET_CPU_PER_POLL_S = 0.001
 TARGET_PARSE_RATIO = 0.1
+TARGET_IMPORT_S = 0.015  #: the operator module's import on top of airflow.sdk (issue 22)
+#: What ``--skip`` and ``--only`` name, and each part's key in the results.
+PARTS = {
+    "parse": "parse_cost",
+    "requests": "requests_per_cancel",
+    "download": "download_split",
+    "scale": "trigger_scale",
+    "settings": "trigger_scale_local_settings",
+    "storm": "rate_limit_storm",
+    "board": "board_vs_get",
+}
 
 
 def source_state() -> dict[str, Any]:
@@ -143,8 +156,19 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             ">= 0.5x",
             download["targets"]["throughput_ratio"],
         )
+    board = results.get("board_vs_get")
+    if board:
+        for name, value, threshold, met in board_vs_get.targets(board):
+            add(f"status board: {name}", value, threshold, met)
     parse = results.get("parse_cost")
     if parse:
+        ours_parse = parse["providers"]["ours"]
+        add(
+            "operator module import on top of airflow.sdk (median of fresh interpreters)",
+            f"{1000 * ours_parse['import_seconds']:.1f} ms (RSS +{ours_parse['rss_bytes'] / 2**20:.2f} MiB)",
+            f"<= {1000 * TARGET_IMPORT_S:.0f} ms",
+            ours_parse["import_seconds"] <= TARGET_IMPORT_S,
+        )
         ratio = parse["ratios"]["import_seconds"]
         add("parse cost (import time) vs official", f"{ratio:.3f}x", "<= 0.1x", ratio <= TARGET_PARSE_RATIO)
         mem_ratio = parse["ratios"]["rss_bytes"]
@@ -224,6 +248,20 @@ def format_report(results: dict[str, Any]) -> str:
             "",
             rate_limit_storm.format_table(storm),
         ]
+    if "board_vs_get" in results:
+        board = results["board_vs_get"]
+        lines += [
+            "",
+            "## Status board against one GET per wait and round",
+            "",
+            (
+                f"Each organisation's list also holds {board['unrelated']} unrelated batches, first on its pages. "
+                f"Storm: {board['rate']} requests/s, batches cancelled {board['cancel_after_s']:.0f} s after their "
+                f"cancel; unlimited and large: cancelled at look {board['polls']} (a GET, or a list page showing them)."
+            ),
+            "",
+            board_vs_get.format_table(board),
+        ]
     if "download_split" in results:
         lines += [
             "",
@@ -261,9 +299,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=300.0,
         help="wall-time cap of one trigger-scale run, seconds (default 300: keeps the run near 20 min)",
     )
-    parser.add_argument(
-        "--skip", default="", help="comma-separated: scale, settings, parse, requests, download, storm"
-    )
+    parser.add_argument("--skip", default="", help=f"comma-separated, of: {', '.join(PARTS)}")
+    parser.add_argument("--only", default="", help="comma-separated: run these parts only (see --skip)")
     parser.add_argument("--reuse", type=Path, help="take the skipped parts' results from this earlier JSON")
     parser.add_argument(
         "--wait-quiet",
@@ -273,6 +310,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     args = parser.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
+    if args.only:
+        skip |= set(PARTS) - set(args.only.split(","))
+    if unknown := (skip | set(filter(None, args.only.split(",")))) - set(PARTS):
+        parser.error(f"unknown part(s) {sorted(unknown)}; choose from {', '.join(PARTS)}")
     ns = [int(n) for n in (args.n or ("100" if args.quick else "100,1000,5000")).split(",")]
     repeats = args.repeats or (1 if args.quick else 3)
 
@@ -306,18 +347,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     if args.reuse:
         earlier = json.loads(args.reuse.read_text())
-        keys = {
-            "parse": "parse_cost",
-            "requests": "requests_per_cancel",
-            "download": "download_split",
-            "scale": "trigger_scale",
-            "settings": "trigger_scale_local_settings",
-            "storm": "rate_limit_storm",
-        }
         for part in skip:
-            if keys[part] in earlier:
-                results[keys[part]] = earlier[keys[part]]
-                results.setdefault("reused", {})[keys[part]] = earlier.get("started")
+            if PARTS[part] in earlier:
+                results[PARTS[part]] = earlier[PARTS[part]]
+                results.setdefault("reused", {})[PARTS[part]] = earlier.get("started")
                 results.setdefault("reused_source", earlier.get("source"))
     if "scale" not in skip:
         results["other_load_at_start"]["trigger_scale"] = wait_until_quiet(args.wait_quiet)
@@ -341,6 +374,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("rate-limit storm ...", file=sys.stderr, flush=True)
         results["rate_limit_storm"] = rate_limit_storm.main(
             ["--n", "100" if args.quick else str(rate_limit_storm.N)]
+        )
+    if "board" not in skip:
+        results["other_load_at_start"]["board_vs_get"] = wait_until_quiet(args.wait_quiet)
+        print("status board against one GET per wait and round ...", file=sys.stderr, flush=True)
+        results["board_vs_get"] = board_vs_get.measure(
+            n=100 if args.quick else board_vs_get.N,
+            large_n=1000 if args.quick else board_vs_get.LARGE_N,
+            quiet_wait=args.wait_quiet,
         )
     results["targets"] = evaluate_targets(results)
     results["duration_s"] = time.time() - started

@@ -122,21 +122,35 @@ def _line_reader(stream: IO[str]) -> queue.Queue[str]:
     return lines
 
 
-def seed(emulators: list[EmulatorProcess], provider: str, n: int, polls: int) -> list[list[str]]:
+def seed(
+    emulators: list[EmulatorProcess],
+    provider: str,
+    n: int,
+    polls: int,
+    cancelling: dict[str, Any] | None = None,
+    unrelated: int = 0,
+) -> list[list[str]]:
     """Seed one warm-up batch (final on its first poll) and N measured ones, round-robin over the emulators.
+
+    ``cancelling`` overrides how this provider's measured batches end (``add_batch`` arguments, e.g.
+    ``cancel_after_seconds``). ``unrelated`` batches that no wait asks for are then seeded in each emulator, in
+    progress: the rest of an organisation's list, newest, hence first on its pages.
 
     Returns ``[conn_id, batch_id]`` pairs, the warm-up first.
     """
 
-    def batches(emulator: EmulatorProcess, count: int, k: int) -> list[str]:
+    def batches(emulator: EmulatorProcess, count: int, k: int, **kwargs: Any) -> list[str]:
         if provider == "ours":
-            return emulator.seed(count, status="cancelling", cancel_after_polls=k)
+            return emulator.seed(count, status="cancelling", **{"cancel_after_polls": k, **kwargs})
         return emulator.seed(count, finish_after_polls=k)
 
     targets = [["bench_0", batches(emulators[0], 1, 1)[0]]]
     for index, emulator in enumerate(emulators):
         count = n // len(emulators) + (1 if index < n % len(emulators) else 0)
-        targets.extend([f"bench_{index}", batch_id] for batch_id in batches(emulator, count, polls))
+        measured = batches(emulator, count, polls, **(cancelling or {}))
+        targets.extend([f"bench_{index}", batch_id] for batch_id in measured)
+        if unrelated:
+            emulator.seed(unrelated, status="in_progress")
     return targets
 
 
@@ -151,10 +165,17 @@ def run_once(
     cold: bool = False,
     local_settings: bool = False,
     rate_limit: int | None = None,
+    per_get: bool = False,
+    cancelling: dict[str, Any] | None = None,
+    unrelated: int = 0,
+    cancel_at_go: bool = False,
 ) -> dict[str, Any]:
     """One measured run of N triggers of ``provider``; returns the worker's report plus the external samples.
 
     With ``rate_limit``, each emulator serves that many requests a second, and answers OpenAI's 429 beyond it.
+    ``per_get`` polls as before the status board, one GET per wait and round (see bench/_scale_worker.py);
+    ``cancelling`` and ``unrelated`` are :func:`seed`'s; ``cancel_at_go`` puts the measured batches back to
+    ``cancelling`` just before the run starts, so that a ``cancel_after_seconds`` counts from the start.
 
     With ``profile_to``, ``py-spy record`` attaches to the worker for the measured window only (wall-clock samples
     of every thread, idle included, written there as raw collapsed stacks): for diagnosis, as it perturbs numbers.
@@ -163,7 +184,7 @@ def run_once(
     worker: subprocess.Popen[str] | None = None
     try:
         with tempfile.TemporaryFile(mode="w+") as stderr:
-            targets = seed(emulators, provider, n, polls)
+            targets = seed(emulators, provider, n, polls, cancelling, unrelated)
             if rate_limit is not None:
                 for emulator in emulators:
                     emulator.call("limit_rate", requests=rate_limit)
@@ -189,6 +210,7 @@ def run_once(
                     str(cap),
                     *(["--cold"] if cold else []),
                     *(["--local-settings"] if local_settings else []),
+                    *(["--per-get"] if per_get else []),
                 ],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
@@ -200,7 +222,10 @@ def run_once(
             lines = _line_reader(worker.stdout)
             ready = _expect(lines, "ready", 300, worker, stderr)
             pid = ready["pid"]  # with --local-settings, the forked child: the trigger runner
-            requests_before = [emulator.stats()["requests"] for emulator in emulators]
+            if cancel_at_go:
+                for index, emulator in enumerate(emulators):
+                    emulator.call("restart_cancels", ids=[b for c, b in targets[1:] if c == f"bench_{index}"])
+            stats_before = [emulator.stats() for emulator in emulators]
             emulator_cpu_before = [cpu_seconds(emulator.pid) for emulator in emulators]
             profiler = _attach_profiler(pid, profile_to) if profile_to else None
             sampler = Sampler(pid)
@@ -222,7 +247,10 @@ def run_once(
                 cpu_seconds(e.pid) - before for e, before in zip(emulators, emulator_cpu_before)
             )
             stats = [emulator.stats() for emulator in emulators]
-            requests = sum(s["requests"] - before for s, before in zip(stats, requests_before))
+            requests, pages, gets = (
+                sum(s[key] - before[key] for s, before in zip(stats, stats_before))
+                for key in ("requests", "pages", "gets")
+            )
             worker.stdin.close()
             worker.wait(timeout=60)
             if profiler is not None:
@@ -245,6 +273,8 @@ def run_once(
         "peak_rss": peak_rss,
         "rss_per_trigger": (peak_rss - ready["baseline_rss"]) / n,
         "requests": requests,
+        "pages": pages,
+        "gets": gets,
         "requests_per_trigger": requests / n,
         "cpu_per_request_s": done["cpu_s"] / requests if requests else None,
         "sockets_peak": sampler.max_sockets,
@@ -253,6 +283,7 @@ def run_once(
         "emulator_cpu_s": emulator_cpu,
         "emulator_busy": emulator_cpu / elapsed / emulator_count,
         "emulator_status_codes": [s["by_status"] for s in stats],
+        "status_codes": _counts_since(stats, stats_before, "by_status"),
         # CPU the rest of the machine used meanwhile (other processes), in cores: near 0 on a quiet machine.
         "other_load_cores": max(0.0, busy - worker_cpu - emulator_cpu - own) / elapsed,
         "load_average_before": load_before,
@@ -260,7 +291,18 @@ def run_once(
         "cold": cold,
         "local_settings": local_settings,
         "rate_limit": rate_limit,
+        "per_get": per_get,
+        "unrelated": unrelated,
     }
+
+
+def _counts_since(stats: list[dict[str, Any]], before: list[dict[str, Any]], key: str) -> dict[str, int]:
+    """A per-emulator count (``by_status``, ``by_method``) of the measured run: summed, warm-up excluded."""
+    total: dict[str, int] = {}
+    for now, then in zip(stats, before, strict=True):
+        for name, count in now[key].items():
+            total[name] = total.get(name, 0) + count - then[key].get(name, 0)
+    return {name: count for name, count in total.items() if count}
 
 
 def _expect(
@@ -335,7 +377,7 @@ def measure(
                     flush=True,
                 )
                 profile_to = profile_dir / f"{provider}-n{n}-run{repeat + 1}.raw" if profile_dir else None
-                run = _quiet_run(
+                run = quiet_run(
                     provider, n, poll_interval, polls, cap, emulator_count, profile_to, cold, local_settings
                 )
                 runs[provider].append(run)
@@ -353,7 +395,7 @@ def measure(
     return result
 
 
-def _quiet_run(
+def quiet_run(
     provider: str,
     n: int,
     poll_interval: float,
@@ -363,14 +405,26 @@ def _quiet_run(
     profile_to: Path | None,
     cold: bool = False,
     local_settings: bool = False,
+    quiet_wait: float = 300.0,
+    **options: Any,
 ) -> dict[str, Any]:
     """:func:`run_once` on a quiet machine: wait for other processes to calm down first, and run again (once) if
-    they used more than ``NOISY`` CPUs during the run, keeping the quieter of the two."""
+    they used more than ``NOISY`` CPUs during the run, keeping the quieter of the two. ``quiet_wait`` bounds
+    each wait for calm, in seconds; ``options`` are :func:`run_once`'s."""
     best: dict[str, Any] | None = None
     for _attempt in range(2):
-        wait_until_quiet(300)
+        wait_until_quiet(quiet_wait)
         run = run_once(
-            provider, n, poll_interval, polls, cap, emulator_count, profile_to, cold, local_settings
+            provider,
+            n,
+            poll_interval,
+            polls,
+            cap,
+            emulator_count,
+            profile_to,
+            cold,
+            local_settings,
+            **options,
         )
         print(f"    {_one_line(run)}", file=sys.stderr, flush=True)
         if best is None or run["other_load_cores"] < best["other_load_cores"]:
