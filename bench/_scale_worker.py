@@ -34,6 +34,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -210,16 +211,17 @@ async def consume(trigger: Any, run: Run) -> None:
         run.event_times.append(run.last_event - run.started)
 
 
-async def start_all(triggers: list[Any], run: Run) -> list[asyncio.Task[None]]:
-    """Start one task per trigger the way the triggerer's ``create_triggers`` does: yielding to the loop twice
-    per trigger (after loading its class and before creating its task), so earlier triggers start running while
-    later ones are created."""
+async def start_all(triggers: Iterator[Any], run: Run) -> list[asyncio.Task[None]]:
+    """Build and start one task per trigger the way the triggerer's ``create_triggers`` does: yielding to the loop
+    twice per trigger (after loading its class, then after building it and creating its task), so earlier
+    triggers start running while later ones are built."""
     tasks = []
-    for trigger in triggers:
+    while True:
         await asyncio.sleep(0)
+        if (trigger := next(triggers, None)) is None:
+            return tasks
         await asyncio.sleep(0)
         tasks.append(asyncio.create_task(consume(trigger, run)))
-    return tasks
 
 
 async def probe(run: Run, stop: asyncio.Event) -> None:
@@ -285,9 +287,9 @@ async def main_async(args: argparse.Namespace) -> None:
     gc.callbacks.append(run.on_gc)
     stop = asyncio.Event()
     prober = asyncio.create_task(probe(run, stop))
-    triggers = [
+    triggers = (
         make_trigger(args.provider, conn, batch, args.poll_interval, args.cap + 60) for conn, batch in targets
-    ]
+    )
     await asyncio.gather(*await start_all(triggers, run))
     stop.set()
     await prober

@@ -73,3 +73,64 @@ def test_other_airflow_processes_are_left_alone(command: tuple[str, ...]) -> Non
 
     assert counts["parent"] == counts["child"] == counts["at_start"]
     assert not counts["imported_in_child"]
+
+
+#: ``python -c COLLECT_IN_CHILD RECIPE``: in the triggerer's forked child, what the recipe's collection hook does
+#: with objects that outlive a generation-1 collection, with garbage, and at a thaw.
+COLLECT_IN_CHILD = """
+import gc, json, os, runpy, sys, weakref
+recipe, sys.argv = sys.argv[1], ["airflow", "triggerer"]
+runpy.run_path(recipe)
+read, write = os.pipe()
+pid = os.fork()
+if pid == 0:
+    class State:
+        pass
+    hook = gc.callbacks[-1]
+    report = {}
+    gc.collect(1)
+    base = gc.get_freeze_count()
+    kept = [State() for _ in range(1_000)]
+    gc.collect(1)
+    report["frozen_survivors"] = gc.get_freeze_count() - base
+    del kept
+    report["left_after_release"] = gc.get_freeze_count() - base
+    cycle = State()
+    cycle.self = cycle
+    alive = weakref.ref(cycle)
+    gc.collect(1)
+    del cycle
+    gc.collect(2)
+    report["frozen_cycle_after_full_collection"] = alive() is not None
+    hook.next_thaw = 0
+    gc.collect(1)
+    report["thawed"] = gc.get_freeze_count() == 0
+    gc.collect(2)
+    report["cycle_after_thaw_and_full_collection"] = alive() is not None
+    gc.collect(1)
+    report["frozen_again"] = gc.get_freeze_count() > 0
+    os.write(write, json.dumps(report).encode())
+    os._exit(0)
+os.waitpid(pid, 0)
+print(os.read(read, 4096).decode())
+"""
+
+
+def test_the_trigger_runner_freezes_what_outlives_young_collections_and_thaws_on_schedule() -> None:
+    """Waits' long-lived state is frozen, so full collections do not walk it; freed as usual once released; a
+    cycle formed in frozen objects waits for the next thaw, whose full collection frees it."""
+    done = subprocess.run(
+        [sys.executable, "-c", COLLECT_IN_CHILD, str(RECIPE)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    report = json.loads(done.stdout)
+
+    assert report["frozen_survivors"] >= 1_000
+    assert report["left_after_release"] < 100, "released objects are freed, frozen or not"
+    assert report["frozen_cycle_after_full_collection"], "a frozen cycle is not walked"
+    assert report["thawed"]
+    assert not report["cycle_after_thaw_and_full_collection"], "the thaw's full collection frees it"
+    assert report["frozen_again"]
