@@ -293,6 +293,21 @@ def test_a_list_page_is_a_look_at_the_batches_it_shows(
     ]
 
 
+def test_look_count_counts_gets_and_the_list_pages_that_show_the_batch(
+    emulator: BatchAPIEmulator, client: httpx.Client
+) -> None:
+    emulator.add_batch("batch_old", created_at=int(time.time()) - 10)
+    emulator.add_batch("batch_new")
+    client.get("/batches/batch_old")
+    client.get("/batches", params={"limit": 1})  # shows batch_new only
+    client.get("/batches")
+    client.post("/batches/batch_old/cancel")  # a cancel is not a look
+
+    assert emulator.look_count("batch_old") == 2
+    assert emulator.look_count("batch_new") == 2
+    assert emulator.look_count("batch_unknown") == 0
+
+
 def test_cancel_can_complete_after_a_delay_instead_of_polls(
     emulator: BatchAPIEmulator, client: httpx.Client
 ) -> None:

@@ -456,6 +456,12 @@ class BatchAPIEmulator:
         with self._lock:
             return self._cancels.get(batch_id, 0)
 
+    def look_count(self, batch_id: str) -> int:
+        """Looks at ``batch_id`` so far: GETs of it and list pages showing it (0 for an unknown batch)."""
+        with self._lock:
+            entry = self._entries.get(batch_id)
+            return entry.polls if entry else 0
+
     def _respond(self, method: str, target: str, headers: dict[str, str], body: bytes) -> Response | None:
         """Answer one HTTP request, on its connection's thread; None drops the connection."""
         url = urlsplit(target)
