@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import re
 from collections.abc import Callable
@@ -617,6 +618,97 @@ async def test_async_connection_lookup_happens_once_off_the_loop(
         for _ in range(3):
             await async_hook.aget_batch(batch_id)
     assert connection_lookups == ["openai_default"]
+
+
+async def test_hooks_starting_together_share_one_lookup_and_a_later_hook_looks_again(
+    emulator_connection: BatchAPIEmulator,
+    connection_lookups: list[str],
+    set_connection: Callable[..., None],
+) -> None:
+    """A triggerer starting many waits looks their connection up once; nothing is kept after it, so a hook
+    that starts after the connection changed sees the change."""
+    together = await asyncio.gather(*(hook().asettings() for _ in range(50)))
+    assert connection_lookups == ["openai_default"]
+    assert {settings.api_key for settings in together} == {FAKE_API_KEY}
+
+    set_connection(password="sk-rotated-key-0123456789", host=emulator_connection.base_url)
+    later = await hook().asettings()
+    assert connection_lookups == ["openai_default", "openai_default"]
+    assert later.api_key == "sk-rotated-key-0123456789"
+
+
+async def test_different_connections_are_looked_up_apart(
+    emulator_connection: BatchAPIEmulator,
+    connection_lookups: list[str],
+    set_connection: Callable[..., None],
+) -> None:
+    set_connection("other", password="sk-other-key-0123456789", host=emulator_connection.base_url)
+    default, other = await asyncio.gather(hook().asettings(), hook("other").asettings())
+    assert sorted(connection_lookups) == ["openai_default", "other"]
+    assert (default.api_key, other.api_key) == (FAKE_API_KEY, "sk-other-key-0123456789")
+
+
+@pytest.fixture
+def held_lookups(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """Connection lookups wait for the returned event before they start."""
+    from airflow_provider_openai_batch.hooks import openai_batch as hook_module
+
+    release = asyncio.Event()
+    lookup = hook_module.get_async_connection
+
+    async def held(conn_id: str, **kwargs: object) -> object:
+        await release.wait()
+        return await lookup(conn_id, **kwargs)
+
+    monkeypatch.setattr(hook_module, "get_async_connection", held)
+    return release
+
+
+async def test_a_hook_cancelled_during_a_shared_lookup_leaves_it_to_the_others(
+    emulator_connection: BatchAPIEmulator, held_lookups: asyncio.Event
+) -> None:
+    leaving = asyncio.create_task(hook().asettings())
+    staying = asyncio.create_task(hook().asettings())
+    await asyncio.sleep(0)
+    leaving.cancel()
+    held_lookups.set()
+    assert (await staying).api_key == FAKE_API_KEY
+    assert leaving.cancelled()
+
+
+async def test_a_failed_lookup_fails_every_hook_that_shared_it_and_is_not_kept(
+    emulator_connection: BatchAPIEmulator,
+    connection_lookups: list[str],
+    set_connection: Callable[..., None],
+) -> None:
+    outcomes = await asyncio.gather(*(hook("late").asettings() for _ in range(3)), return_exceptions=True)
+    assert connection_lookups == ["late"]
+    assert [type(outcome).__name__ for outcome in outcomes] == ["AirflowNotFoundException"] * 3
+
+    set_connection("late", password="sk-late-key-0123456789", host=emulator_connection.base_url)
+    assert (await hook("late").asettings()).api_key == "sk-late-key-0123456789"
+
+
+async def test_a_lookup_failing_after_its_every_hook_left_is_not_reported_as_unretrieved(
+    held_lookups: asyncio.Event,
+) -> None:
+    """asyncio reports a task's exception that nobody retrieved; a lookup whose triggers were all cleared
+    meanwhile has nobody left to retrieve it, and its failure is no error of the triggerer's."""
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    try:
+        leaving = asyncio.create_task(hook("missing").asettings())
+        await asyncio.sleep(0)
+        leaving.cancel()
+        held_lookups.set()
+        for _ in range(5):
+            await asyncio.sleep(0.01)
+        gc.collect()
+    finally:
+        loop.set_exception_handler(None)
+    assert leaving.cancelled()
+    assert reported == []
 
 
 # -- mocked transport (respx) -----------------------------------------------------------------------------------

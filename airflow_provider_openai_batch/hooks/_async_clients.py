@@ -25,6 +25,7 @@ from airflow_provider_openai_batch.hooks._connection import (
     has_ssl_context,
     shared_ssl_context,
 )
+from airflow_provider_openai_batch.hooks._flights import Flights
 from airflow_provider_openai_batch.hooks._rate import RateGovernor, governor_for
 from airflow_provider_openai_batch.hooks._transport import KeepAliveTransport, read_whole
 
@@ -64,9 +65,8 @@ class SharedAsyncClient:
 _clients: weakref.WeakKeyDictionary[
     asyncio.AbstractEventLoop, dict[ConnectionSettings, SharedAsyncClient]
 ] = weakref.WeakKeyDictionary()
-_tls_builds: weakref.WeakKeyDictionary[
-    asyncio.AbstractEventLoop, dict[str | None, asyncio.Future[object]]
-] = weakref.WeakKeyDictionary()
+#: The TLS context builds in flight, by CA bundle.
+_tls_builds: Flights[str | None, object] = Flights()
 
 
 async def acquire(settings: ConnectionSettings) -> SharedAsyncClient:
@@ -98,20 +98,9 @@ async def streaming_client(settings: ConnectionSettings) -> AsyncIterator[httpx.
 
 async def _tls_context_built(ca_bundle: str | None) -> None:
     """Build the process's TLS context for ``ca_bundle`` off the event loop (it reads the CA bundle from disk),
-    once.
-
-    Triggers that start together wait for the same build rather than each starting one; the build is shielded
-    so that a trigger cancelled meanwhile does not cancel it for the others.
-    """
-    if has_ssl_context(ca_bundle):
-        return
-    loop = asyncio.get_running_loop()
-    builds = _tls_builds.setdefault(loop, {})
-    build = builds.get(ca_bundle)
-    if build is None:
-        build = builds[ca_bundle] = asyncio.ensure_future(asyncio.to_thread(shared_ssl_context, ca_bundle))
-        build.add_done_callback(lambda _: builds.pop(ca_bundle, None))
-    await asyncio.shield(build)
+    once. Triggers that start together wait for the same build rather than each starting one."""
+    if not has_ssl_context(ca_bundle):
+        await _tls_builds.join(ca_bundle, lambda: asyncio.to_thread(shared_ssl_context, ca_bundle))
 
 
 def _transport_for(settings: ConnectionSettings) -> KeepAliveTransport | None:

@@ -24,6 +24,7 @@ from airflow_provider_openai_batch._time import unix_time
 from airflow_provider_openai_batch.exceptions import BatchNotCancellableError, OpenAIBatchError
 from airflow_provider_openai_batch.hooks import _async_clients, _connection_form, _download, _errors, _tokens
 from airflow_provider_openai_batch.hooks._connection import ConnectionSettings
+from airflow_provider_openai_batch.hooks._flights import Flights
 from airflow_provider_openai_batch.hooks._rate import RateGovernor, governor_for
 from airflow_provider_openai_batch.hooks._retry import FAILURES, Attempts, Outcome, RetryPolicy
 from airflow_provider_openai_batch.hooks._transport import in_memory, read_whole
@@ -38,6 +39,8 @@ MAX_PAGE_SIZE = 100
 #: ``Content-Encoding`` a CDN puts on a plain body is not taken at its word, and a body really encoded against
 #: this request fails the size check, a typed error, instead of a decoding error in the middle of the stream.
 _CONTENT = {"Accept-Encoding": "identity"}
+#: The connection lookups in flight, by hook class (it may override the lookup) and connection id.
+_settings_lookups: Flights[tuple[type[OpenAIBatchHook], str], ConnectionSettings] = Flights()
 
 
 class OpenAIBatchHook(BaseHook):
@@ -101,15 +104,23 @@ class OpenAIBatchHook(BaseHook):
         return self._settings
 
     async def asettings(self) -> ConnectionSettings:
-        """Settings of the connection, looked up once without blocking the event loop."""
+        """Settings of the connection, looked up once without blocking the event loop.
+
+        Hooks of one class on one loop that ask for the same connection at the same time (a triggerer starting
+        thousands of waits) share the lookup in flight (``_flights``): the start of each wait then costs the
+        loop no lookup, parse or masking of its own.
+        """
         if self._settings is None:
-            # common-compat picks, per Airflow line, a lookup that cannot block or deadlock the loop.
-            conn = await get_async_connection(self.conn_id, hook=self)
-            settings = ConnectionSettings.from_connection(conn, await get_async_extra_dejson(conn))
-            if settings.api_key:
-                await amask_secret(settings.api_key)
-            self._settings = settings
+            self._settings = await _settings_lookups.join((type(self), self.conn_id), self._alook_up)
         return self._settings
+
+    async def _alook_up(self) -> ConnectionSettings:
+        # common-compat picks, per Airflow line, a lookup that cannot block or deadlock the loop.
+        conn = await get_async_connection(self.conn_id, hook=self)
+        settings = ConnectionSettings.from_connection(conn, await get_async_extra_dejson(conn))
+        if settings.api_key:
+            await amask_secret(settings.api_key)
+        return settings
 
     def sibling(self) -> OpenAIBatchHook:
         """A new hook on this hook's connection, with the settings this one already looked up: for a user that
