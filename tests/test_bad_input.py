@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -416,10 +418,26 @@ def test_a_file_is_not_a_directory_to_save_results_under(
     assert_nothing_sent(api)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
-def test_an_unwritable_directory_is_refused(api: BatchAPIEmulator, guard: Guard, tmp_path: Path) -> None:
+@pytest.fixture
+def locked(tmp_path: Path) -> Iterator[Path]:
+    """A directory this process may not write in: read-only by its mode, and immutable as well when the tests run
+    as root (CI does), since root writes anywhere whatever the mode."""
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
+    if os.geteuid() != 0:
+        yield locked
+        return
+    if subprocess.run(["chattr", "+i", str(locked)], capture_output=True, check=False).returncode != 0:
+        pytest.skip(
+            "root may write anywhere, and this filesystem cannot make a directory immutable (chattr +i)"
+        )
+    try:
+        yield locked
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], check=True)
+
+
+def test_an_unwritable_directory_is_refused(api: BatchAPIEmulator, guard: Guard, locked: Path) -> None:
     operator = OpenAICancelBatchOperator(
         task_id="cancel",
         batch_id=api.untouched,
