@@ -37,6 +37,7 @@ from _common import (
     connection_json,
     ensure_official_venv,
     median,
+    percentile,
     report,
     wait_until_quiet,
 )
@@ -89,11 +90,8 @@ async def main():
     wall = time.perf_counter() - wall
     stop.set()
     await prober
-    lags.sort()
     print(json.dumps({
-        "mode": mode, "n": n, "lookups": lookups, "wall_s": wall,
-        "loop_cpu_per_start_ms": loop_cpu / n * 1000, "process_cpu_per_start_ms": process_cpu / n * 1000,
-        "lag_p99_ms": lags[int(len(lags) * 0.99)] * 1000, "lag_max_ms": lags[-1] * 1000,
+        "lookups": lookups, "wall_s": wall, "loop_cpu_s": loop_cpu, "process_cpu_s": process_cpu, "lags_s": lags,
     }))
 
 
@@ -108,7 +106,16 @@ def sample(mode: str, n: int) -> dict[str, Any]:
     done = subprocess.run(
         [str(BENCH_PYTHON), "-c", _CHILD, mode, str(n)], env=env, capture_output=True, text=True, check=True
     )
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    child = json.loads(done.stdout.strip().splitlines()[-1])
+    lags = child["lags_s"]
+    return {
+        "lookups": child["lookups"],
+        "wall_s": child["wall_s"],
+        "loop_cpu_per_start_ms": child["loop_cpu_s"] / n * 1000,
+        "process_cpu_per_start_ms": child["process_cpu_s"] / n * 1000,
+        "lag_p99_ms": percentile(lags, 99) * 1000,
+        "lag_max_ms": max(lags, default=0.0) * 1000,
+    }
 
 
 def run(n: int, runs: int) -> dict[str, Any]:
